@@ -1,0 +1,25 @@
+"""Device choice and mixed precision: CUDA with bf16 autocast when a GPU exists, CPU fp32 otherwise."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from rcdm.errors import UserError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda:0 if available else cpu; anything else is taken as a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} asked for CUDA but no GPU is visible; use device=auto or device=cpu")
+    return device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no GradScaler needed); a no-op on CPU, where fp32 is the fast path."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,49 @@
+"""Encoder trunks: torchvision's ResNet-50 and a small ResNet with the same parameter naming."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet50
+from torchvision.models.resnet import BasicBlock
+
+
+def _resnet50() -> tuple[nn.Module, int]:
+    net = resnet50(weights=None)
+    net.fc = nn.Identity()  # the trunk ends at global average pooling: 2048-d
+    return net, 2048
+
+
+class TinyResNet(nn.Module):
+    """A 4-stage BasicBlock ResNet for 32-64 px inputs, named like torchvision's (conv1, bn1, layerK)."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 128)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)  # no stem pooling at 32 px
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        layers, ch = [], widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or ch != w:
+                down = nn.Sequential(nn.Conv2d(ch, w, 1, stride=stride, bias=False), nn.BatchNorm2d(w))
+            layers.append(nn.Sequential(BasicBlock(ch, w, stride=stride, downsample=down)))
+            ch = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.out_dim = ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))  # [N, w0, H, W]
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # [N, w3, H/8, W/8]
+        return x.mean(dim=(2, 3))  # [N, w3]
+
+
+def _tiny() -> tuple[nn.Module, int]:
+    net = TinyResNet()
+    return net, net.out_dim
+
+
+# arch name -> factory returning (trunk, output dim)
+ARCHES: dict[str, Callable[[], tuple[nn.Module, int]]] = {"resnet50": _resnet50, "tiny": _tiny}

@@ -1,0 +1,167 @@
+"""The frozen SSL encoder zoo: each entry says what it is, its dims per level, its preprocessing and
+where its weights come from. Registry keys are the ``encoder=`` config choices."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rcdm.encoders.backbones import ARCHES
+from rcdm.encoders.layouts import LAYOUTS
+from rcdm.encoders.weights import fetch, load_file, sha256sum
+from rcdm.errors import UserError
+from rcdm.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+LEVELS = ("backbone", "projector")
+
+
+def _vicreg_head(d: int, wide: int) -> nn.Sequential:
+    # Linear-BN-ReLU twice, then a bias-free Linear (VICReg's "8192-8192-8192").
+    return nn.Sequential(nn.Linear(d, wide), nn.BatchNorm1d(wide), nn.ReLU(True),
+                         nn.Linear(wide, wide), nn.BatchNorm1d(wide), nn.ReLU(True),
+                         nn.Linear(wide, wide, bias=False))
+
+
+def _barlow_head(d: int, wide: int) -> nn.Sequential:
+    # As VICReg's but every Linear is bias-free (VISSL's Barlow Twins head).
+    return nn.Sequential(nn.Linear(d, wide, bias=False), nn.BatchNorm1d(wide), nn.ReLU(True),
+                         nn.Linear(wide, wide, bias=False), nn.BatchNorm1d(wide), nn.ReLU(True),
+                         nn.Linear(wide, wide, bias=False))
+
+
+def _dino_head(d: int, hidden: int, out: int) -> nn.Sequential:
+    # DINO's 2-layer MLP before its L2 bottleneck and weight-normed last layer (which RCDM does not use).
+    return nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def _simclr_head(d: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(True), nn.Linear(d, out))
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One method: its projector per arch, the release's file layout and URL."""
+
+    name: str
+    description: str
+    projector: dict[str, Callable[[int], nn.Module]]  # arch -> factory(trunk dim); empty = no projector
+    layout: str
+    url: str | None  # the released ResNet-50 weights
+    preprocess: Preprocess = Preprocess()
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "vicreg": EncoderSpec(
+        "vicreg", "VICReg ResNet-50 (Bardes et al. 2022), projector 8192",
+        {"resnet50": lambda d: _vicreg_head(d, 8192), "tiny": lambda d: _vicreg_head(d, 256)},
+        "vicreg", "https://dl.fbaipublicfiles.com/vicreg/resnet50_fullckpt.pth"),
+    "dino": EncoderSpec(
+        "dino", "DINO ResNet-50 (Caron et al. 2021), projector 256 (head MLP before the last layer)",
+        {"resnet50": lambda d: _dino_head(d, 4096, 256), "tiny": lambda d: _dino_head(d, 256, 64)},
+        "dino", "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/"
+                "dino_resnet50_pretrain_full_checkpoint.pth"),
+    "barlow": EncoderSpec(
+        "barlow", "Barlow Twins ResNet-50 (Zbontar et al. 2021, VISSL release), projector 8192",
+        {"resnet50": lambda d: _barlow_head(d, 8192), "tiny": lambda d: _barlow_head(d, 256)},
+        "vissl_barlow", "https://dl.fbaipublicfiles.com/vissl/model_zoo/barlow_twins/"
+                        "barlow_twins_32gpus_4node_imagenet1k_1000ep_resnet50.torch"),
+    "simclr": EncoderSpec(
+        "simclr", "SimCLR ResNet-50 (Chen et al. 2020, VISSL release), projector 128",
+        {"resnet50": lambda d: _simclr_head(d, 128), "tiny": lambda d: _simclr_head(d, 32)},
+        "vissl_simclr", "https://dl.fbaipublicfiles.com/vissl/model_zoo/"
+                        "simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/"
+                        "model_final_checkpoint_phase999.torch"),
+    "supervised": EncoderSpec(
+        "supervised", "torchvision ResNet-50 trained with labels (IMAGENET1K_V1); backbone level only",
+        {}, "torchvision", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+}
+
+# The tiny arch sees the small demo images as they are, scaled to [-1, 1] like the official input.
+ARCH_PREPROCESS = {"tiny": Preprocess(size=32)}
+
+
+class SSLEncoder(nn.Module):
+    """A frozen trunk plus its projector; one forward yields every level: {level: [N, dim]}."""
+
+    def __init__(self, name: str, arch: str, trunk: nn.Module, trunk_dim: int, projector: nn.Module | None,
+                 preprocess: Preprocess):
+        super().__init__()
+        self.name, self.arch, self.preprocess = name, arch, preprocess
+        self.backbone = trunk
+        self.projector = projector
+        self.dims = {"backbone": trunk_dim}
+        if projector is not None:
+            with torch.no_grad():
+                self.dims["projector"] = projector.eval()(torch.zeros(2, trunk_dim)).shape[1]
+        self.weights_source = "random"
+        self.weights_sha256: str | None = None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.backbone(x)  # [N, trunk_dim]
+        out = {"backbone": h}
+        if self.projector is not None:
+            out["projector"] = self.projector(h)  # [N, projector dim], reusing the trunk's output
+        return out
+
+    def describe(self) -> dict:
+        """What a manifest or checkpoint records about this encoder."""
+        return {"name": self.name, "arch": self.arch, "dims": dict(self.dims),
+                "preprocess": self.preprocess.to_dict(), "weights": self.weights_source,
+                "sha256": self.weights_sha256}
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise UserError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", download: bool = True,
+                  seed: int = 0) -> SSLEncoder:
+    """The frozen encoder ``name`` on ``arch`` in eval mode.
+
+    ``weights``: "released" (the method's published file, through the torch.hub cache), "random"
+    (initialised from ``seed``: an explicit choice, for tests), or a path / URL to a file in the
+    method's released layout.
+    """
+    spec = encoder_spec(name)
+    if arch not in ARCHES:
+        raise UserError(f"unknown encoder arch {arch!r}; choose one of {sorted(ARCHES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trunk, dim = ARCHES[arch]()
+        projector = spec.projector[arch](dim) if spec.projector else None
+    enc = SSLEncoder(name, arch, trunk, dim, projector, ARCH_PREPROCESS.get(arch, spec.preprocess))
+    if weights != "random":
+        if weights == "released":
+            if arch != "resnet50":
+                raise UserError(f"no released weights for arch={arch}; pass weights=<path> or weights=random")
+            path = fetch(spec.url, download=download)
+        elif "://" in weights:
+            path = fetch(weights, download=download)
+        else:
+            path = weights
+        load_released(enc, spec.layout, path)
+    return enc.eval().requires_grad_(False)
+
+
+def load_released(enc: SSLEncoder, layout: str, path) -> None:
+    """Load a file in ``layout`` strictly into ``enc``; the error names the file and what differs."""
+    try:
+        sd, dropped = LAYOUTS[layout](load_file(path))
+    except KeyError as e:
+        raise UserError(f"{path} is not a {layout}-layout checkpoint for encoder {enc.name}: {e}") from None
+    if dropped:
+        log.info("%s: ignoring %d unused entries (%s ...)", path, len(dropped), dropped[0])
+    try:
+        enc.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:400]
+        raise UserError(f"{path} does not fit encoder {enc.name} (arch {enc.arch}): {detail}; "
+                        f"is it the right method and architecture?") from None
+    enc.weights_source = str(path)
+    enc.weights_sha256 = sha256sum(path)
