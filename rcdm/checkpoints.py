@@ -13,7 +13,7 @@ from rcdm.presets import build_unet, preset_config
 from rcdm.unet import RCDMUNet
 
 RELEASE_URL = "https://dl.fbaipublicfiles.com/rcdm/"
-RELEASED_NAME = re.compile(r"^rcdm_ema_(?P<encoder>[a-z]+?)(?:_(?P<part>trunk|head))?\.pt$")
+RELEASED_NAME = re.compile(r"^rcdm_ema_(?P<encoder>[a-z0-9]+?)(?:_(?P<part>trunk|head))?\.pt$")
 PART_TO_LEVEL = {"trunk": "backbone", "head": "projector", None: "backbone"}
 
 
@@ -54,8 +54,8 @@ def resolve(ref: str, download: bool = True) -> Path:
 
 def load_released(ref: str, download: bool = True) -> LoadedRCDM:
     """A released RCDM file: adm128, linear schedule over 1000 steps, ResNet-50 encoder, released weights."""
+    encoder, level = parse_released_name(Path(ref).name)  # a bad name fails before any lookup
     path = resolve(ref, download)
-    encoder, level = parse_released_name(path.name)
     sd = load_file(path)
     if not isinstance(sd, dict) or "ssl_emb.weight" not in sd:
         raise UserError(f"{path} is not an RCDM state dict (no ssl_emb.weight)")

@@ -1,0 +1,109 @@
+"""launch/sample.py end to end: released-layout files in a temporary TORCH_HOME, offline."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from release_files import WRITERS
+
+from rcdm.checkpoints import LoadedRCDM, parse_released_name
+from rcdm.errors import UserError
+from rcdm.presets import build_unet
+from rcdm.preprocess import center_crop
+from rcdm.sampling import draw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_sample(args: list[str], torch_home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"TORCH_HOME": str(torch_home)}
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images" / "nested"
+    folder.mkdir(parents=True)
+    arr = rng.integers(0, 255, (300, 450, 3), dtype=np.uint8)
+    arr[100:200, 150:300] = (230, 30, 30)
+    path = folder / "photo.jpg"
+    Image.fromarray(arr).save(path, quality=95)
+    return path
+
+
+@pytest.mark.slow
+def test_sample_from_a_released_checkpoint_offline(tmp_path, photo):
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_unet("adm128", 2048)
+    for p in model.out.parameters():  # a non-zero output layer, so samples depend on the network
+        torch.nn.init.normal_(p, std=0.01)
+    torch.save(model.state_dict(), hub / "rcdm_ema_dino_trunk.pt")  # the release's plain state dict
+    del model
+    WRITERS["dino"](hub / "dino_resnet50_pretrain_full_checkpoint.pth", "resnet50")
+
+    out = tmp_path / "grid.png"
+    r = run_sample(["checkpoint=rcdm_ema_dino_trunk.pt", f"images={photo.parent.parent}", "num_samples=2",
+                    "steps=5", "download=false", f"output={out}"], tmp_path / "torch", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote" in r.stdout
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    assert grid.shape == (2 + 130, 2 + 3 * 130, 3)  # one row: original + 2 samples, 128 px, 2 px padding
+    original = np.asarray(center_crop(Image.open(photo).convert("RGB"), 128))
+    assert np.abs(grid[2:130, 2:130].astype(int) - original).max() <= 1  # first column: the input at 128 px
+    assert grid[2:130, 132:260].std() > 1  # a sample, not a blank cell
+
+
+def _run_fail(args, tmp_path) -> str:
+    r = run_sample(args + ["download=false"], tmp_path / "torch", tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_wrong_input_is_a_one_line_error(tmp_path, photo):
+    (tmp_path / "empty").mkdir()
+    assert "no images found" in _run_fail(["checkpoint=rcdm_ema_dino_trunk.pt", f"images={tmp_path / 'empty'}"],
+                                          tmp_path)
+    assert "unknown encoder 'mocov3'" in _run_fail(["checkpoint=rcdm_ema_mocov3_trunk.pt", f"images={photo}"],
+                                                   tmp_path)
+    assert "checkpoint is required" in _run_fail([f"images={photo}"], tmp_path)
+    # a file named like a release that holds another architecture
+    bad = tmp_path / "rcdm_ema_dino_trunk.pt"
+    torch.save(build_unet("tiny", 2048).state_dict(), bad)
+    assert "does not match the adm128 preset" in _run_fail([f"checkpoint={bad}", f"images={photo}"], tmp_path)
+    # the released file is not in the cache and downloads are off: name the URL and the path
+    msg = _run_fail(["checkpoint=rcdm_ema_vicreg_head.pt", f"images={photo}"], tmp_path)
+    assert "https://dl.fbaipublicfiles.com/rcdm/rcdm_ema_vicreg_head.pt" in msg
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "rcdm_ema_vicreg_head.pt") in msg
+
+
+def test_released_names_give_encoder_and_level():
+    assert parse_released_name("rcdm_ema_dino_trunk.pt") == ("dino", "backbone")
+    assert parse_released_name("/x/rcdm_ema_simclr_head.pt") == ("simclr", "projector")
+    assert parse_released_name("rcdm_ema_supervised.pt") == ("supervised", "backbone")
+    with pytest.raises(UserError, match="rcdm_ema_<encoder>"):
+        parse_released_name("model.pt")
+
+
+def test_same_seed_same_samples():
+    torch.manual_seed(0)
+    model = build_unet("tiny", 8)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    loaded = LoadedRCDM(model, "dino", "backbone", "tiny", "random", "linear", 1000, "test")
+    cond = torch.randn(3, 8)
+    a = draw(loaded, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
+    b = draw(loaded, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
+    c = draw(loaded, cond, "4", "ddpm", 2, torch.Generator().manual_seed(2))
+    assert a.shape == (3, 3, 32, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
