@@ -38,9 +38,24 @@ class Preprocess:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """PIL RGB image -> [3, size, size] float tensor."""
+        return self.normalize_uint8(self.crop_uint8(img))
+
+    def crop_uint8(self, img: Image.Image) -> torch.Tensor:
+        """The geometric part, done where images are decoded: PIL RGB -> [3, size, size] uint8."""
         if self.crop != "center":
             raise ValueError(f"unknown crop {self.crop!r}; only 'center' is implemented")
-        return normalize(center_crop(img, self.size), self.normalize)
+        return to_uint8_tensor(center_crop(img, self.size))
+
+    def normalize_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """The value part, done on the encoder's device: [..., 3, H, W] uint8 -> float32."""
+        x = x.float()
+        if self.normalize == "minus_one_one":
+            return x / 127.5 - 1.0
+        if self.normalize == "imagenet":
+            mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+            std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
+            return (x / 255.0 - mean) / std
+        raise ValueError(f"unknown normalisation {self.normalize!r}; choose 'minus_one_one' or 'imagenet'")
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -53,16 +68,14 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def normalize(img: Image.Image, mode: str) -> torch.Tensor:
-    """PIL RGB -> [3, H, W] float32."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()  # [3, H, W]
-    if mode == "minus_one_one":
-        return x / 127.5 - 1.0
-    if mode == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-        std = torch.tensor(IMAGENET_STD)[:, None, None]
-        return (x / 255.0 - mean) / std
-    raise ValueError(f"unknown normalisation {mode!r}; choose 'minus_one_one' or 'imagenet'")
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] uint8."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_model_range(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] float32 in [-1, 1], the range the diffusion model works in."""
+    return to_uint8_tensor(img).float() / 127.5 - 1.0
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -14,7 +14,7 @@ from rcdm.device import autocast, pick_device
 from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
-from rcdm.preprocess import Preprocess, center_crop, find_images, load_rgb, normalize
+from rcdm.preprocess import Preprocess, center_crop, find_images, load_rgb, to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def encode_images(paths: list[Path], encoder, preprocess: Preprocess, level: str
         except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
             raise UserError(f"cannot read image {p}: {e}") from None
         enc_in.append(preprocess(img))
-        shown.append(normalize(center_crop(img, image_size), "minus_one_one"))
+        shown.append(to_model_range(center_crop(img, image_size)))
     with torch.no_grad(), autocast(device):
         h = encoder(torch.stack(enc_in).to(device))[level].float()  # [N, D]
     return h, torch.stack(shown)

@@ -1,0 +1,85 @@
+"""Any fsspec URL as a place to read and write: local paths and ``s3://`` (through s3fs) alike.
+
+Credentials come from the usual AWS environment and config files; ``endpoint_url`` points s3fs at an
+S3-compatible store (MinIO, a test server on 127.0.0.1, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import IO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    endpoint_url: str | None = None  # S3-compatible endpoint; None = AWS's
+    region: str | None = None
+    anon: bool = False
+
+    def fsspec_kwargs(self, protocol: str) -> dict:
+        if protocol not in ("s3", "s3a"):
+            return {}
+        client = {k: v for k, v in {"endpoint_url": self.endpoint_url, "region_name": self.region}.items() if v}
+        return {"anon": self.anon, "client_kwargs": client} if client or self.anon else {}
+
+
+def open_fs(url: str, opts: StorageOptions | None = None, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for ``url``. ``fresh`` skips fsspec's instance cache: use it in a
+    forked or spawned worker, where the parent's s3fs event loop cannot be used."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    kwargs = (opts or StorageOptions()).fsspec_kwargs(protocol)
+    if fresh:
+        kwargs["skip_instance_cache"] = True
+    fs, path = fsspec.core.url_to_fs(url, **kwargs)
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts)
+
+
+@contextlib.contextmanager
+def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    """Write ``path`` so that it appears only complete.
+
+    Local: a temporary name in the same folder, fsync, then rename over the final name. Object stores
+    (S3): the bytes are gathered in memory and uploaded in one call once complete; an object becomes
+    visible only when its upload completes.
+    """
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        buf = io.BytesIO()  # nothing reaches the store unless the body finishes without an exception
+        yield buf
+        fs.pipe_file(path, buf.getvalue())
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj) -> None:
+    with atomic_open(fs, path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str):
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
