@@ -75,6 +75,17 @@ def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]
         fs.pipe_file(path, buf.getvalue())
 
 
+def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Delete the temporary files a killed writer left under ``root`` (local only: object stores
+    never hold a partial object). Returns how many were removed."""
+    if not is_local(fs) or not os.path.isdir(root):
+        return 0
+    stale = [p for p in fs.find(root) if ".tmp-" in os.path.basename(p)]
+    for p in stale:
+        os.unlink(p)
+    return len(stale)
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj) -> None:
     with atomic_open(fs, path) as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True).encode())

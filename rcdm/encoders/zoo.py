@@ -2,6 +2,7 @@
 where its weights come from. Registry keys are the ``encoder=`` config choices."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -136,7 +137,10 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
         trunk, dim = ARCHES[arch]()
         projector = spec.projector[arch](dim) if spec.projector else None
     enc = SSLEncoder(name, arch, trunk, dim, projector, ARCH_PREPROCESS.get(arch, spec.preprocess))
-    if weights != "random":
+    if weights == "random":
+        enc.weights_source = f"random (seed {seed})"
+        enc.weights_sha256 = state_digest(enc)
+    else:
         if weights == "released":
             if arch != "resnet50":
                 raise UserError(f"no released weights for arch={arch}; pass weights=<path> or weights=random")
@@ -147,6 +151,15 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
             path = weights
         load_released(enc, spec.layout, path)
     return enc.eval().requires_grad_(False)
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over the state dict's names and bytes: identifies weights that never lived in a file."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_released(enc: SSLEncoder, layout: str, path) -> None:

@@ -1,0 +1,115 @@
+"""A whole sharding run: plan the tasks, run the parts (here, as local processes, or as a SLURM job
+array through submitit), then check every part and publish the manifest."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rcdm.encoders import build_encoder, encoder_spec
+from rcdm.errors import UserError
+from rcdm.storage import open_fs, remove_stale_temporaries
+from sharding.encode import ShardJob, run_part
+from sharding.manifest import check_compatible, finalize, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlurmOptions:
+    """submitit's SLURM parameters; nothing cluster-specific is assumed."""
+
+    folder: str = "logs/shard/%j"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = 240
+    cpus_per_task: int = 8
+    gpus_per_task: int = 0
+    mem_gb: int = 32
+    array_parallelism: int = 64
+
+
+def _check_request(job: ShardJob) -> None:
+    """Fail before any work on a request that cannot be met."""
+    for name in job.encoders:
+        spec = encoder_spec(name)
+        for level in job.levels:
+            if level == "projector" and not spec.projector:
+                raise UserError(f"encoder {name} has no projector level; drop it from encoders or use levels=[backbone]")
+            if level not in ("backbone", "projector"):
+                raise UserError(f"unknown level {level!r}; choose backbone or projector")
+    if job.image_format not in ("png", "jpg"):
+        raise UserError(f"image_format must be png or jpg, not {job.image_format!r}")
+    if job.shard_size < 1 or job.image_size < 8:
+        raise UserError("shard_size must be >= 1 and image_size >= 8")
+
+
+def _part_in_process(job: ShardJob, tasks: list[int], part: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO)
+    return run_part(job, tasks, part)
+
+
+def run_local(job: ShardJob, parts: list[list[int]]) -> list[dict]:
+    if len(parts) == 1:
+        return [run_part(job, parts[0], 0)]
+    threads = max(1, (os.cpu_count() or 1) // len(parts))
+    with cf.ProcessPoolExecutor(len(parts), mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_part_in_process, job, p, i, threads) for i, p in enumerate(parts)]
+        return [f.result() for f in futures]
+
+
+def run_slurm(job: ShardJob, parts: list[list[int]], opts: SlurmOptions) -> list[dict]:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=opts.folder, cluster="slurm")
+    params = {"timeout_min": opts.time_min, "cpus_per_task": opts.cpus_per_task, "mem_gb": opts.mem_gb,
+              "slurm_array_parallelism": opts.array_parallelism, "name": "rcdm-shard", "tasks_per_node": 1,
+              "nodes": 1}
+    if opts.gpus_per_task:
+        params["gpus_per_node"] = opts.gpus_per_task
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(opts, key):
+            params[f"slurm_{key}"] = getattr(opts, key)
+    executor.update_parameters(**params)
+    jobs = executor.map_array(run_part, [job] * len(parts), parts, list(range(len(parts))))
+    log.info("submitted %d SLURM array tasks (job %s); waiting", len(jobs), jobs[0].job_id.split("_")[0])
+    return [j.result() for j in jobs]
+
+
+def shard(job: ShardJob, workers: int = 1, cluster: str = "local", slurm: SlurmOptions | None = None,
+          max_rejected_fraction: float = 0.05) -> dict:
+    """Run (or complete) the dataset ``job`` describes; returns a summary including the manifest."""
+    t0 = time.perf_counter()
+    _check_request(job)
+    fs, root = open_fs(job.output, job.storage)
+    check_compatible(read_manifest(fs, root), job.image_size, job.image_format, job.flip)
+    remove_stale_temporaries(fs, root)
+    source = job.source()
+    num_tasks = len(source.tasks())
+    workers = max(1, min(workers, num_tasks))
+    parts = [list(range(p, num_tasks, workers)) for p in range(workers)]
+    if cluster == "local":
+        results = run_local(job, parts)
+    elif cluster == "slurm":
+        results = run_slurm(job, parts, slurm or SlurmOptions())
+    else:
+        raise UserError(f"unknown cluster {cluster!r}; choose local or slurm")
+    # the encoders' description (weights, checksum, preprocessing) as the parts used them
+    encoders = {n: build_encoder(n, job.arch, job.encoder_weights, download=job.download).describe()
+                for n in job.encoders}
+    manifest = finalize(fs, root, job.split, num_tasks, encoders, job.levels, job.image_size, job.image_format,
+                        job.flip, source.describe(), max_rejected_fraction)
+    seconds = time.perf_counter() - t0
+    done = sum(r["images"] for r in results)
+    return {"output": job.output, "split": job.split, "samples": manifest["splits"][job.split]["count"],
+            "rejected": manifest["splits"][job.split]["rejected"]["count"], "processed_now": done,
+            "bytes_written": sum(r["bytes"] for r in results), "seconds": seconds,
+            "images_per_s": done / seconds if seconds > 0 else 0.0, "manifest": manifest}
