@@ -168,18 +168,19 @@ def run_part(job: ShardJob, task_indices: list[int], part: int = 0) -> dict:
                 stats["images"] += 1
                 bar.update(1)
             else:  # done: the task's shard sets are complete in memory
-                stats["bytes"] += _flush(fs, root, job, r["task"], pending.pop(r["task"]), needed[r["task"]])
+                stats["bytes"] += _flush(fs, root, job, encoders, r["task"], pending.pop(r["task"]), needed[r["task"]])
                 stats["shards"] += 1
     bar.close()
     return stats | {"seconds": time.perf_counter() - t0}
 
 
-def _flush(fs, root: str, job: ShardJob, index: int, buf: dict, sets: list[str]) -> int:
+def _flush(fs, root: str, job: ShardJob, encoders: dict, index: int, buf: dict, sets: list[str]) -> int:
     """Write the encoder sets first and the images set last, each with its completion record."""
     written = 0
     for name in job.encoders:
         if name in sets:
-            written += write_shard(fs, root, name, job.split, index, buf["emb"][name])
+            written += write_shard(fs, root, name, job.split, index, buf["emb"][name],
+                                   extra={"encoder": encoders[name].describe()})
     if "images" in sets:
         written += write_shard(fs, root, "images", job.split, index, buf["images"],
                                extra={"rejected": buf["rejected"]})

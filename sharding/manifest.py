@@ -51,9 +51,11 @@ def check_compatible(existing: dict | None, image_size: int, image_format: str, 
                         f"flip={have[2]}; use those settings or another output")
 
 
-def collect_split(fs, root: str, split: str, num_tasks: int, shard_sets: list[str]) -> tuple[list[dict], list[dict]]:
-    """Per shard: its count and keys, checked across sets; plus every rejected input."""
-    shards, rejected, missing = [], [], []
+def collect_split(fs, root: str, split: str, num_tasks: int, shard_sets: list[str]
+                  ) -> tuple[list[dict], list[dict], dict[str, dict]]:
+    """Per shard: its count and keys, checked across sets; every rejected input; and the description
+    of each encoder as the parts that wrote its shards used it (weights, checksum, preprocessing)."""
+    shards, rejected, missing, encoders = [], [], [], {}
     for i in range(num_tasks):
         records = {}
         for s in shard_sets:
@@ -70,18 +72,25 @@ def collect_split(fs, root: str, split: str, num_tasks: int, shard_sets: list[st
                                     f"delete those shards and rerun")
         shards.append({"name": shard_name(split, i), "count": records["images"]["count"]})
         rejected += records["images"].get("rejected", [])
+        for s, r in records.items():
+            if s == "images":
+                continue
+            first = encoders.setdefault(s, r["encoder"])
+            if (first["sha256"], first["arch"]) != (r["encoder"]["sha256"], r["encoder"]["arch"]):
+                raise IncompleteDataset(f"{s}/{shard_name(split, i)} was written with other weights than "
+                                        f"{s}/{shard_name(split, 0)}; delete the {s} shards and rerun")
     if missing:
         raise IncompleteDataset(f"{len(missing)} shard(s) not complete (first: {missing[0]}); "
                                 f"rerun the same command to finish them")
-    return shards, rejected
+    return shards, rejected, encoders
 
 
-def finalize(fs, root: str, split: str, num_tasks: int, encoders: dict[str, dict], levels: list[str],
+def finalize(fs, root: str, split: str, num_tasks: int, encoder_names: list[str], levels: list[str],
              image_size: int, image_format: str, flip: bool, source: dict, max_rejected_fraction: float) -> dict:
-    """Check every part, then write rejected.jsonl and, last, the manifest (merged with an existing one)."""
+    """Check every part, then write the rejected list and, last, the manifest (merged with an existing one)."""
     existing = read_manifest(fs, root)
     check_compatible(existing, image_size, image_format, flip)
-    shards, rejected = collect_split(fs, root, split, num_tasks, ["images", *encoders])
+    shards, rejected, encoders = collect_split(fs, root, split, num_tasks, ["images", *encoder_names])
     count = sum(s["count"] for s in shards)
     total = count + len(rejected)
     if total == 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcdm.encoders import build_encoder, encoder_spec
+from rcdm.encoders import encoder_spec
 from rcdm.errors import UserError
 from rcdm.storage import open_fs, remove_stale_temporaries
 from sharding.encode import ShardJob, run_part
@@ -102,10 +102,7 @@ def shard(job: ShardJob, workers: int = 1, cluster: str = "local", slurm: SlurmO
         results = run_slurm(job, parts, slurm or SlurmOptions())
     else:
         raise UserError(f"unknown cluster {cluster!r}; choose local or slurm")
-    # the encoders' description (weights, checksum, preprocessing) as the parts used them
-    encoders = {n: build_encoder(n, job.arch, job.encoder_weights, download=job.download).describe()
-                for n in job.encoders}
-    manifest = finalize(fs, root, job.split, num_tasks, encoders, job.levels, job.image_size, job.image_format,
+    manifest = finalize(fs, root, job.split, num_tasks, job.encoders, job.levels, job.image_size, job.image_format,
                         job.flip, source.describe(), max_rejected_fraction)
     seconds = time.perf_counter() - t0
     done = sum(r["images"] for r in results)
