@@ -1,6 +1,7 @@
 """Draw samples conditioned on the embeddings of given images and write them as one PNG grid."""
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -49,17 +50,26 @@ def encode_images(paths: list[Path], encoder, preprocess: Preprocess, level: str
     return h, torch.stack(shown)
 
 
-def draw(loaded: LoadedRCDM, cond: torch.Tensor, steps: str, sampler: str, batch_size: int,
+def draw(model, schedule: str, num_steps: int, cond: torch.Tensor, steps: str, sampler: str, batch_size: int,
          generator: torch.Generator) -> torch.Tensor:
     """Samples [len(cond), 3, S, S] in [-1, 1], one per conditioning row, in batches."""
-    diffusion = create_diffusion(loaded.schedule, loaded.num_steps, steps)
-    size = loaded.model.cfg.image_size
+    diffusion = create_diffusion(schedule, num_steps, steps)
+    size = model.cfg.image_size
     out = []
     with autocast(cond.device):
         for chunk in cond.split(batch_size):
-            out.append(diffusion.sample(loaded.model, chunk, (len(chunk), 3, size, size), sampler,
+            out.append(diffusion.sample(model, chunk, (len(chunk), 3, size, size), sampler,
                                         generator=generator).float().clamp(-1, 1))
     return torch.cat(out)
+
+
+def grid_png(originals: torch.Tensor, samples: torch.Tensor) -> bytes:
+    """PNG of one row per original [N, 3, S, S]: the original, then its k samples ([N * k, 3, S, S])."""
+    n, k = len(originals), len(samples) // len(originals)
+    rows = torch.cat([originals.cpu()[:, None], samples.cpu().view(n, k, *samples.shape[1:])], 1)
+    buf = io.BytesIO()
+    save_image(rows.flatten(0, 1), buf, format="png", nrow=k + 1, value_range=(-1, 1), normalize=True, padding=2)
+    return buf.getvalue()
 
 
 def sample_grid(cfg: SampleConfig) -> dict:
@@ -78,15 +88,12 @@ def sample_grid(cfg: SampleConfig) -> dict:
     t0 = time.perf_counter()
     h, originals = encode_images(paths, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = draw(loaded, h.repeat_interleave(cfg.num_samples, 0), str(cfg.steps), sampler, cfg.batch_size,
-                   generator)
+    samples = draw(loaded.model, loaded.schedule, loaded.num_steps, h.repeat_interleave(cfg.num_samples, 0),
+                   str(cfg.steps), sampler, cfg.batch_size, generator)
     seconds = time.perf_counter() - t0
-
-    # one row per image: the original, then its samples
-    rows = torch.cat([originals[:, None], samples.cpu().view(len(paths), cfg.num_samples, *samples.shape[1:])], 1)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.flatten(0, 1), out, nrow=cfg.num_samples + 1, value_range=(-1, 1), normalize=True, padding=2)
+    out.write_bytes(grid_png(originals, samples))
     log.info("wrote %s: %d images x %d samples, %s steps (%s) in %.1f s on %s",
              out, len(paths), cfg.num_samples, cfg.steps or "all", sampler, seconds, device)
     return {"output": str(out), "images": [str(p) for p in paths], "encoder": loaded.encoder,

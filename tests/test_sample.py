@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from release_files import WRITERS
 
-from rcdm.checkpoints import LoadedRCDM, parse_released_name
+from rcdm.checkpoints import parse_released_name
 from rcdm.errors import UserError
 from rcdm.presets import build_unet
 from rcdm.preprocess import center_crop
@@ -100,10 +100,9 @@ def test_same_seed_same_samples():
     model = build_unet("tiny", 8)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    loaded = LoadedRCDM(model, "dino", "backbone", "tiny", "random", "linear", 1000, "test")
     cond = torch.randn(3, 8)
-    a = draw(loaded, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
-    b = draw(loaded, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
-    c = draw(loaded, cond, "4", "ddpm", 2, torch.Generator().manual_seed(2))
+    a = draw(model, "linear", 1000, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
+    b = draw(model, "linear", 1000, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
+    c = draw(model, "linear", 1000, cond, "4", "ddpm", 2, torch.Generator().manual_seed(2))
     assert a.shape == (3, 3, 32, 32)
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -1,0 +1,74 @@
+"""Full-state training checkpoints under a run root URL (local path or s3://).
+
+``<run root>/checkpoints/ckpt-<step>.pt`` holds everything a job needs to continue exactly: model, EMA,
+optimizer, step, RNG states, the resolved config, the MLflow run id and what the model is conditioned
+on. Each file is written atomically; ``latest.json`` is then replaced atomically to point at it, so a
+reader finds the newest complete checkpoint without listing or parsing file names.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import random
+
+import numpy as np
+import torch
+
+from rcdm.storage import StorageOptions, atomic_open, join, open_fs, read_json, write_json
+
+log = logging.getLogger(__name__)
+FORMAT = "rcdm"
+VERSION = 1
+LATEST = "latest.json"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_root: str, state: dict, storage: StorageOptions | None = None, keep: int = 2) -> str:
+    """Write ``state`` (which must hold ``step``) as the newest checkpoint; keep the ``keep`` newest."""
+    fs, root = open_fs(run_root, storage)
+    ckpt_dir = join(root, "checkpoints")
+    name = f"ckpt-{state['step']:09d}.pt"
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    with atomic_open(fs, join(ckpt_dir, name)) as f:
+        f.write(buf.getvalue())
+    previous = read_json(fs, join(ckpt_dir, LATEST)).get("history", []) if fs.exists(join(ckpt_dir, LATEST)) else []
+    history = [h for h in previous if h != name] + [name]
+    write_json(fs, join(ckpt_dir, LATEST), {"file": name, "step": state["step"], "history": history[-keep:]})
+    for old in history[:-keep]:  # only after the pointer has moved on
+        if fs.exists(join(ckpt_dir, old)):
+            fs.rm(join(ckpt_dir, old))
+    log.info("checkpoint %s (step %d)", join(run_root, "checkpoints", name), state["step"])
+    return join(run_root, "checkpoints", name)
+
+
+def latest_path(run_root: str, storage: StorageOptions | None = None) -> str | None:
+    """URL of the newest complete checkpoint under ``run_root``, or None."""
+    fs, root = open_fs(run_root, storage)
+    pointer = join(root, "checkpoints", LATEST)
+    if not fs.exists(pointer):
+        return None
+    return join(run_root, "checkpoints", read_json(fs, pointer)["file"])
+
+
+def load(url: str, storage: StorageOptions | None = None) -> dict:
+    """A checkpoint as saved (tensors on CPU). Checkpoints hold numpy/python RNG states, so this
+    unpickles: load only checkpoints you or your jobs wrote."""
+    fs, path = open_fs(url, storage)
+    with fs.open(path, "rb") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{url} is not an rcdm training checkpoint")
+    return state

@@ -1,0 +1,161 @@
+"""The training input pipeline: a dataset opened through its manifest, streaming images paired with
+one (encoder, level) embedding, resampled so that every rank and worker sees an endless stream.
+
+Each (rank, loader worker) is one stream. With at least as many shards as streams, stream s reads the
+shards s, s + S, s + 2S, ... in a fresh order every pass; with fewer shards, every stream samples shards
+at random from all of them. Either way no rank ever runs dry, so no collective waits on a starved rank.
+"""
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from rcdm.errors import UserError
+from rcdm.storage import StorageOptions, join, open_fs, read_json
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    url: str
+    manifest: dict
+    encoder: str
+    level: str
+    split: str
+
+    @property
+    def embed_dim(self) -> int:
+        return self.manifest["encoders"][self.encoder]["levels"][self.level]
+
+    @property
+    def image_size(self) -> int:
+        return self.manifest["image_size"]
+
+    @property
+    def shards(self) -> list[str]:
+        return [s["name"] for s in self.manifest["splits"][self.split]["shards"] if s["count"] > 0]
+
+    @property
+    def encoder_record(self) -> dict:
+        return self.manifest["encoders"][self.encoder]
+
+
+def describe_contents(manifest: dict) -> str:
+    encs = ", ".join(f"{n} [{', '.join(sorted(e['levels']))}]" for n, e in sorted(manifest["encoders"].items()))
+    return f"encoders: {encs}; splits: {', '.join(sorted(manifest['splits']))}"
+
+
+def open_dataset(url: str, encoder: str, level: str, split: str = "train",
+                 storage: StorageOptions | None = None) -> DatasetInfo:
+    """Read the manifest and check that it holds (encoder, level, split); the error names what it has."""
+    fs, root = open_fs(url, storage)
+    path = join(root, "manifest.json")
+    if not fs.exists(path):
+        raise UserError(f"no dataset at {url} (no manifest.json): build it with launch/shard.py output={url}")
+    manifest = read_json(fs, path)
+    if encoder not in manifest["encoders"] or level not in manifest["encoders"][encoder]["levels"]:
+        raise UserError(f"dataset {url} has no {encoder} {level} embeddings ({describe_contents(manifest)}); "
+                        f"choose one of those or add it with launch/shard.py output={url} encoders=[{encoder}]")
+    if split not in manifest["splits"] or split not in manifest["encoders"][encoder].get("splits", [split]):
+        raise UserError(f"dataset {url} has no {split} split for {encoder} ({describe_contents(manifest)})")
+    return DatasetInfo(url, manifest, encoder, level, split)
+
+
+def _samples(fs, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) in tar order; members of one sample are consecutive."""
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        key, members = None, {}
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, ext = m.name.split(".", 1)
+            if key is not None and k != key:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(m).read()
+        if key is not None:
+            yield key, members
+
+
+def paired_samples(info: DatasetInfo, shard: str, storage: StorageOptions | None = None, fresh: bool = True
+                   ) -> Iterator[tuple[str, dict, dict]]:
+    """(key, image members, embedding members) of one shard, checked to be in step."""
+    fs, root = open_fs(info.url, storage, fresh=fresh)
+    images = _samples(fs, join(root, "images", shard))
+    embeds = _samples(fs, join(root, info.encoder, shard))
+    for (k_img, img), (k_emb, emb) in zip(images, embeds, strict=True):
+        if k_img != k_emb:
+            raise RuntimeError(f"{shard}: image key {k_img} beside embedding key {k_emb}: the shard sets are out "
+                               f"of step; rebuild this dataset")
+        yield k_img, img, emb
+
+
+def decode_pair(info: DatasetInfo, img: dict, emb: dict, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (image [3, S, S] in [-1, 1], embedding [D] float32), both of the mirrored view when ``flip``."""
+    fmt = info.manifest["image_format"]
+    arr = np.asarray(Image.open(io.BytesIO(img[fmt])).convert("RGB"), dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    name = f"{info.level}.flip.npy" if flip else f"{info.level}.npy"
+    h = torch.from_numpy(np.load(io.BytesIO(emb[name])).astype(np.float32))
+    return (x.flip(2) if flip else x), h
+
+
+class TrainStream(IterableDataset):
+    """Endless (image, embedding) pairs for one rank; random flips take the mirrored view's embedding."""
+
+    def __init__(self, info: DatasetInfo, rank: int, world: int, seed: int, storage: StorageOptions | None = None,
+                 shuffle_buffer: int = 256):
+        self.info, self.rank, self.world, self.seed = info, rank, world, seed
+        self.storage, self.shuffle_buffer = storage, shuffle_buffer
+        self.flip = bool(info.manifest.get("flip"))
+
+    def __iter__(self):
+        wi = get_worker_info()
+        workers, wid = (wi.num_workers, wi.id) if wi else (1, 0)
+        streams, stream = self.world * workers, self.rank * workers + wid
+        rng = random.Random(f"{self.seed}/{stream}")
+        shards = self.info.shards
+        mine = shards[stream::streams] if len(shards) >= streams else None
+        buf: list[tuple[dict, dict]] = []
+        while True:
+            order = rng.sample(mine, len(mine)) if mine else [rng.choice(shards)]
+            for shard in order:
+                for _, img, emb in paired_samples(self.info, shard, self.storage):
+                    buf.append((img, emb))
+                    if len(buf) >= self.shuffle_buffer:
+                        yield decode_pair(self.info, *buf.pop(rng.randrange(len(buf))), rng.random() < 0.5)
+                        # the buffer also mixes across shard boundaries
+
+
+def train_loader(info: DatasetInfo, batch_size: int, rank: int, world: int, seed: int, workers: int,
+                 storage: StorageOptions | None = None) -> DataLoader:
+    """Batches of (images [B, 3, S, S], embeddings [B, D]) for this rank, forever."""
+    return DataLoader(TrainStream(info, rank, world, seed, storage), batch_size=batch_size, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      multiprocessing_context="spawn" if workers and "://" in info.url else None,
+                      prefetch_factor=4 if workers else None)
+
+
+def heldout(info: DatasetInfo, count: int, storage: StorageOptions | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The first ``count`` samples of the split, unflipped: fixed conditioning for sample grids."""
+    xs, hs, keys = [], [], []
+    for shard in info.shards:
+        for key, img, emb in paired_samples(info, shard, storage, fresh=False):
+            x, h = decode_pair(info, img, emb, flip=False)
+            xs.append(x)
+            hs.append(h)
+            keys.append(key)
+            if len(keys) == count:
+                return torch.stack(xs), torch.stack(hs), keys
+    if not keys:
+        raise UserError(f"split {info.split} of {info.url} is empty")
+    return torch.stack(xs), torch.stack(hs), keys

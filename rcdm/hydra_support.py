@@ -1,0 +1,118 @@
+"""The bridge between Hydra configs and the typed library: config -> TrainConfig, and the sweep
+callback that runs in the launching process before any job is submitted (build the demo data if it
+is missing, refuse jobs the dataset cannot serve, open the sweep's parent MLflow run) and after the
+last one (close the parent run)."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from rcdm.data import open_dataset
+from rcdm.storage import StorageOptions, join, open_fs, read_json, write_json
+from rcdm.tracking import PARENT_TAG, Tracker
+from rcdm.train import TrainConfig
+
+log = logging.getLogger("rcdm.sweep")
+
+
+def storage_options(cfg: DictConfig) -> StorageOptions:
+    s = cfg.storage
+    return StorageOptions(endpoint_url=s.get("endpoint_url"), region=s.get("region"), anon=bool(s.get("anon", False)))
+
+
+def sweep_root(cfg: DictConfig) -> str:
+    return join(str(cfg.storage.run_root), str(cfg.experiment), str(cfg.sweep_id))
+
+
+def parent_run_file(cfg: DictConfig) -> str:
+    return join(sweep_root(cfg), "parent_run.json")
+
+
+def train_config(cfg: DictConfig) -> TrainConfig:
+    t = cfg.train
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return TrainConfig(
+        data_url=str(cfg.data.url), encoder=cfg.encoder.name, level=cfg.level.name,
+        run_root=join(sweep_root(cfg), str(cfg.job_name)), preset=cfg.model.name, split=cfg.data.split,
+        heldout_split=cfg.data.heldout_split, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+        weight_decay=t.weight_decay, ema_decay=t.ema_decay, grad_clip=t.grad_clip, schedule=cfg.diffusion.schedule,
+        diffusion_steps=cfg.diffusion.steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, sample_every=t.sample_every, grid_images=cfg.grid.images,
+        grid_samples=cfg.grid.samples, grid_steps=str(cfg.grid.steps), loader_workers=t.loader_workers, seed=t.seed,
+        device=cfg.device, compile=t.compile, storage=storage_options(cfg), tracking_uri=str(cfg.tracking.uri),
+        experiment=str(cfg.experiment), run_name=str(cfg.job_name), parent_run_file=parent_run_file(cfg),
+        config=resolved)
+
+
+def ensure_demo_data(cfg: DictConfig) -> None:
+    """Build the embedded demo dataset (both splits) where the config asks for it and it is missing."""
+    d = cfg.data
+    if not d.get("build_if_missing"):
+        return
+    fs, root = open_fs(str(d.url), storage_options(cfg))
+    manifest = read_json(fs, join(root, "manifest.json")) if fs.exists(join(root, "manifest.json")) else None
+    from sharding.encode import ShardJob
+    from sharding.run import shard
+
+    for split, count in d.synthetic.counts.items():
+        if manifest and split in manifest["splits"]:
+            continue
+        log.info("building the demo dataset at %s (split %s, %d synthetic images)", d.url, split, count)
+        shard(ShardJob(input="synthetic", output=str(d.url), split=split, synthetic_count=count,
+                       synthetic_seed=d.synthetic.seed, encoders=list(d.synthetic.encoders), arch=d.synthetic.arch,
+                       encoder_weights=str(d.synthetic.encoder_weights), image_size=d.synthetic.image_size,
+                       shard_size=d.synthetic.shard_size, loader_workers=0, storage=storage_options(cfg)))
+
+
+def _choices(overrides: list[str], group: str, default: str) -> list[str]:
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.get_key_element() == group:
+            return [str(v) for v in o.sweep_iterator()] if o.is_sweep_override() else [str(o.value())]
+    return [default]
+
+
+def check_jobs(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Every (encoder, level) the sweep will run, checked against the dataset before submission."""
+    task = list(cfg.hydra.overrides.task)
+    combos = list(itertools.product(_choices(task, "encoder", cfg.encoder.name), _choices(task, "level", cfg.level.name)))
+    for encoder, level in combos:
+        open_dataset(str(cfg.data.url), encoder, level, cfg.data.split, storage_options(cfg))  # raises a UserError
+    return combos
+
+
+class SweepCallback(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ensure_demo_data(config)
+        check_jobs(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ensure_demo_data(config)
+        combos = check_jobs(config)
+        tracker = Tracker(str(config.tracking.uri), str(config.experiment))
+        fs, path = open_fs(parent_run_file(config), storage_options(config))
+        existing = read_json(fs, path)["run_id"] if fs.exists(path) else None
+        run_id = tracker.start(existing, f"sweep {config.sweep_id}",
+                               {"sweep_id": str(config.sweep_id), "run_root": sweep_root(config),
+                                "jobs": str(len(combos)), "kind": "sweep"},
+                               {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
+        write_json(fs, path, {"run_id": run_id})
+        print(f"sweep {config.sweep_id}: {len(combos)} jobs, parent MLflow run {run_id}; runs: {tracker.link()}",
+              flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        tracker = Tracker(str(config.tracking.uri), str(config.experiment))
+        fs, path = open_fs(parent_run_file(config), storage_options(config))
+        if not fs.exists(path):
+            return
+        run_id = read_json(fs, path)["run_id"]
+        children = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'")
+        ok = bool(children) and all(r.info.status == "FINISHED" for r in children)
+        tracker.run_id = run_id
+        tracker.end("FINISHED" if ok else "FAILED")
+        print(f"sweep {config.sweep_id}: {sum(r.info.status == 'FINISHED' for r in children)}/{len(children)} jobs "
+              f"finished; runs: {tracker.link()}", flush=True)
