@@ -6,10 +6,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rcdm import checkpointing
 from rcdm.encoders import encoder_spec
 from rcdm.encoders.weights import fetch, load_file
 from rcdm.errors import UserError
+from rcdm.preprocess import Preprocess
 from rcdm.presets import build_unet, preset_config
+from rcdm.storage import StorageOptions, open_fs
 from rcdm.unet import RCDMUNet
 
 RELEASE_URL = "https://dl.fbaipublicfiles.com/rcdm/"
@@ -29,6 +32,9 @@ class LoadedRCDM:
     schedule: str
     num_steps: int
     source: str
+    preprocess: Preprocess | None = None  # None: the encoder's own (the official one for released files)
+    encoder_seed: int = 0
+    encoder_sha256: str | None = None
 
 
 def parse_released_name(name: str) -> tuple[str, str]:
@@ -71,9 +77,58 @@ def load_released(ref: str, download: bool = True) -> LoadedRCDM:
                       encoder_weights="released", schedule="linear", num_steps=1000, source=str(path))
 
 
-def load_checkpoint(ref: str, download: bool = True) -> LoadedRCDM:
-    """Any checkpoint rcdm can sample from; today the released files."""
-    return load_released(ref, download)
+def _encoder_weights(recorded: str, encoder: str) -> tuple[str, int]:
+    """What the dataset's manifest recorded -> (weights argument, seed) for ``build_encoder``."""
+    m = re.fullmatch(r"random \(seed (\d+)\)", recorded)
+    if m:
+        return "random", int(m[1])
+    if "://" in recorded or Path(recorded).exists():
+        return recorded, 0
+    url = encoder_spec(encoder).url
+    if url and Path(recorded).name == Path(url).name:  # the released file, cached elsewhere on that machine
+        return "released", 0
+    raise UserError(f"the encoder weights this model was trained with ({recorded}) are not here; "
+                    f"place that file at the same path")
+
+
+def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
+    """An rcdm training checkpoint (file or run root, local or s3://): its EMA weights and self-description."""
+    url = ref
+    fs, path = open_fs(ref, storage)
+    if not fs.exists(path):
+        raise UserError(f"checkpoint {ref!r} not found; give a checkpoint file, a run root, or a released file name "
+                        f"such as rcdm_ema_dino_trunk.pt placed in the torch.hub cache")
+    if fs.isdir(path):
+        url = checkpointing.latest_path(ref, storage)
+        if url is None:
+            raise UserError(f"{ref} holds no checkpoint yet (no checkpoints/latest.json)")
+    try:
+        state = checkpointing.load(url, storage)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    meta = state["meta"]
+    model = build_unet(meta["preset"], meta["embed_dim"])
+    model.load_state_dict(state["ema"], strict=True)
+    weights, seed = _encoder_weights(meta["encoder_weights"], meta["encoder"])
+    return LoadedRCDM(model=model, encoder=meta["encoder"], level=meta["level"], encoder_arch=meta["encoder_arch"],
+                      encoder_weights=weights, schedule=meta["schedule"], num_steps=meta["num_steps"], source=url,
+                      preprocess=Preprocess.from_dict(meta["preprocess"]), encoder_seed=seed,
+                      encoder_sha256=meta.get("encoder_sha256"))
+
+
+def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | None = None) -> LoadedRCDM:
+    """A released ``rcdm_ema_*.pt`` (by path or by name in the hub cache) or an rcdm training checkpoint."""
+    if RELEASED_NAME.match(Path(ref).name) or (Path(ref).name.startswith("rcdm_ema_") and "/" not in ref):
+        return load_released(ref, download)
+    return load_trained(ref, storage)
+
+
+def check_encoder(loaded: LoadedRCDM, encoder) -> None:
+    """The encoder must give the conditioning the model was trained on: same dims, same weights."""
+    conditioning_dim_check(loaded, encoder.dims)
+    if loaded.encoder_sha256 and encoder.weights_sha256 and loaded.encoder_sha256 != encoder.weights_sha256:
+        raise UserError(f"encoder weights {encoder.weights_source} differ from those {loaded.source} was trained "
+                        f"with (sha256 {loaded.encoder_sha256[:12]}...); use the same file")
 
 
 def conditioning_dim_check(loaded: LoadedRCDM, dims: dict[str, int]) -> None:

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rcdm.data import open_dataset
+from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join, open_fs, read_json, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
 from rcdm.train import TrainConfig
@@ -35,7 +37,8 @@ def parent_run_file(cfg: DictConfig) -> str:
 
 def train_config(cfg: DictConfig) -> TrainConfig:
     t = cfg.train
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.items() if k != "hydra"}  # the job's own config, without Hydra's
     return TrainConfig(
         data_url=str(cfg.data.url), encoder=cfg.encoder.name, level=cfg.level.name,
         run_root=join(sweep_root(cfg), str(cfg.job_name)), preset=cfg.model.name, split=cfg.data.split,
@@ -85,14 +88,26 @@ def check_jobs(cfg: DictConfig) -> list[tuple[str, str]]:
     return combos
 
 
+def _refuse(e: UserError) -> NoReturn:
+    # Hydra turns a callback's exception into a warning and goes on launching jobs: stop here instead.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 class SweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        ensure_demo_data(config)
-        check_jobs(config)
+        try:
+            ensure_demo_data(config)
+            check_jobs(config)
+        except UserError as e:
+            _refuse(e)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        ensure_demo_data(config)
-        combos = check_jobs(config)
+        try:
+            ensure_demo_data(config)
+            combos = check_jobs(config)
+        except UserError as e:
+            _refuse(e)
         tracker = Tracker(str(config.tracking.uri), str(config.experiment))
         fs, path = open_fs(parent_run_file(config), storage_options(config))
         existing = read_json(fs, path)["run_id"] if fs.exists(path) else None

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from rcdm.checkpoints import LoadedRCDM, conditioning_dim_check, load_checkpoint
+from rcdm.checkpoints import check_encoder, load_checkpoint
 from rcdm.device import autocast, pick_device
 from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
+from rcdm.storage import StorageOptions
 from rcdm.preprocess import Preprocess, center_crop, find_images, load_rgb, to_model_range
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class SampleConfig:
     batch_size: int = 16  # samples per network call
     device: str = "auto"
     download: bool = True
+    endpoint_url: str | None = None  # S3-compatible endpoint for s3:// checkpoints
     output: str = "grid.png"
 
 
@@ -79,9 +81,13 @@ def sample_grid(cfg: SampleConfig) -> dict:
     sampler = cfg.sampler or ("ddim" if str(cfg.steps).startswith("ddim") else "ddpm")
     paths = find_images(cfg.images)
     device = pick_device(cfg.device)
-    loaded = load_checkpoint(cfg.checkpoint, download=cfg.download)
-    encoder = build_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download=cfg.download)
-    conditioning_dim_check(loaded, encoder.dims)
+    storage = StorageOptions(endpoint_url=cfg.endpoint_url)
+    loaded = load_checkpoint(cfg.checkpoint, download=cfg.download, storage=storage)
+    encoder = build_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download=cfg.download,
+                            seed=loaded.encoder_seed)
+    if loaded.preprocess is not None:
+        encoder.preprocess = loaded.preprocess  # exactly as the training data was encoded
+    check_encoder(loaded, encoder)
     loaded.model.to(device).eval()
     encoder.to(device)
 

@@ -34,6 +34,10 @@ PREEMPT_SIGNAL = signal.SIGUSR2  # what submitit (and SLURM's --signal) sends be
 class Preempted(Exception):
     """The job checkpointed on the preemption signal and stopped; start it again to continue."""
 
+    def __init__(self, message: str, previous_handler=None):
+        super().__init__(message)
+        self.previous_handler = previous_handler
+
 
 @dataclass
 class TrainConfig:
@@ -81,6 +85,35 @@ class _Flag:
     def __call__(self, signum, frame):
         log.warning("received signal %d: checkpointing at the end of this step", signum)
         self.raised = True
+
+
+def forward_losses(net, diffusion, x: torch.Tensor, h: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample hybrid-loss terms of a batch (images [B, 3, S, S], embeddings [B, D], timesteps [B])."""
+    with autocast(x.device):
+        return diffusion.training_losses(net, x, t, h, noise=noise)
+
+
+def apply_update(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> float:
+    """Backward (DDP averages gradients across ranks here), clip, step; returns the pre-clip grad norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(grad_norm)
+
+
+def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[int, dict | None, str | None]:
+    """Load the newest checkpoint under ``run_root`` into model, EMA and optimizer; (step, state, url)."""
+    url = checkpointing.latest_path(run_root, storage)
+    if url is None:
+        return 0, None, None
+    state = checkpointing.load(url, storage)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    checkpointing.set_rng_state(state["rng"])
+    return state["step"], state, url
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -141,15 +174,10 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
 
-    ckpt_url = checkpointing.latest_path(cfg.run_root, cfg.storage)
-    state = checkpointing.load(ckpt_url, cfg.storage) if ckpt_url else None
-    step = 0
+    step, state, ckpt_url = restore(cfg.run_root, cfg.storage, model, ema, opt)
+    for group in opt.param_groups:  # the config's hyper-parameters win over the checkpoint's
+        group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        checkpointing.set_rng_state(state["rng"])
-        step = state["step"]
         log.info("resuming from %s at step %d", ckpt_url, step)
     else:
         torch.manual_seed(cfg.seed + 1000 * dist.rank)  # different noise per rank from here on
@@ -168,9 +196,11 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
         log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
     try:
         metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker)
-    except Preempted:
+    except Preempted as e:
         if tracker:
             tracker.end("KILLED")
+        if callable(e.previous_handler):  # submitit's: requeues the job (rank 0) and exits
+            e.previous_handler(PREEMPT_SIGNAL, None)
         raise
     except BaseException:
         if tracker:
@@ -203,23 +233,19 @@ def _loop(cfg, dist, info, model, ema, opt, step, tracker) -> dict:
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
-            with autocast(device):
-                losses = diffusion.training_losses(net, x, t, h)
-            loss = losses["loss"].mean()
+            losses = forward_losses(net, diffusion, x, h, t)
             stop = distributed.any_flag(flag.raised, dist)
-            if distributed.any_flag(not torch.isfinite(loss).item(), dist):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; stopping without saving "
-                                         f"(the last good checkpoint stays the newest); lower lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            if distributed.any_flag(not torch.isfinite(losses["loss"].mean()).item(), dist):
+                raise FloatingPointError(f"loss is {losses['loss'].mean().item()} at step {step + 1}; stopping "
+                                         f"without saving (the last good checkpoint stays the newest); lower lr or "
+                                         f"check the data")
+            grad_norm = apply_update(model, opt, losses["loss"].mean(), cfg.grad_clip)
             step += 1
             _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
             for k in ("loss", "mse", "vb"):
                 window[k].append(losses[k].detach().float().cpu())
             window["t"].append(t.cpu())
-            window["grad_norm"].append(float(grad_norm))
+            window["grad_norm"].append(grad_norm)
             if tracker and (step % cfg.log_every == 0 or step == cfg.steps):
                 elapsed = time.perf_counter() - busy_t0
                 last = _summarise(window, diffusion.num_timesteps, opt, elapsed, wait_s, per_rank * dist.world)
@@ -231,7 +257,7 @@ def _loop(cfg, dist, info, model, ema, opt, step, tracker) -> dict:
             if tracker and (step % cfg.sample_every == 0 or step == cfg.steps):
                 _log_grid(cfg, ema, grid, step, tracker, device)
             if stop:
-                raise Preempted(f"checkpointed at step {step} on signal {int(PREEMPT_SIGNAL)}")
+                raise Preempted(f"checkpointed at step {step} on signal {int(PREEMPT_SIGNAL)}", flag.previous)
     finally:
         signal.signal(PREEMPT_SIGNAL, flag.previous if flag.previous is not None else signal.SIG_DFL)
     return {**last, "step": step}

@@ -59,8 +59,8 @@ class ShardJob:
 
 
 class DecodedStream(IterableDataset):
-    """Yields, per task in order: one dict per input (decoded and cropped, or rejected), then a
-    ``done`` marker. Each task is read whole by one worker, so a shard's order is the input's."""
+    """Yields, per task in order, batches of dicts: one per input (decoded and cropped, or rejected),
+    then a ``done`` marker. Each task is read whole by one worker, so a shard's order is the input's."""
 
     def __init__(self, source, tasks: list[Task], job: ShardJob, preprocs: list[Preprocess]):
         self.source, self.tasks, self.job, self.preprocs = source, tasks, job, preprocs
@@ -74,23 +74,36 @@ class DecodedStream(IterableDataset):
             crop.save(buf, format="JPEG", quality=self.job.jpeg_quality)
         return buf.getvalue()
 
+    def _item(self, task: Task, rec) -> dict:
+        try:
+            img = rec.image if rec.image is not None else decode(rec.data, self.job.max_pixels)
+        except Rejected as e:
+            return {"task": task.index, "key": rec.key, "rejected": str(e), "source": rec.meta["source"]}
+        meta = {**rec.meta, "original_size": list(img.size)}
+        if rec.label is not None:
+            meta["cls"] = rec.label
+        return {"task": task.index, "key": rec.key, "image": self._encode_image(img),
+                "json": json.dumps(meta, sort_keys=True).encode(), "cls": rec.label,
+                "enc": [pp.crop_uint8(img) for pp in self.preprocs]}
+
     def __iter__(self):
+        """Batches of ``batch_size`` consecutive inputs of one task, the last one ending with the task's
+        ``done`` marker: the encoder sees the same batches whatever the number of workers, so the
+        output bytes do not depend on it."""
         info = get_worker_info()
         mine = self.tasks[info.id::info.num_workers] if info else self.tasks
         for task in mine:
+            batch = []
             for rec in self.source.records(task):
-                try:
-                    img = rec.image if rec.image is not None else decode(rec.data, self.job.max_pixels)
-                except Rejected as e:
-                    yield {"task": task.index, "key": rec.key, "rejected": str(e), "source": rec.meta["source"]}
-                    continue
-                meta = {**rec.meta, "original_size": list(img.size)}
-                if rec.label is not None:
-                    meta["cls"] = rec.label
-                yield {"task": task.index, "key": rec.key, "image": self._encode_image(img),
-                       "json": json.dumps(meta, sort_keys=True).encode(), "cls": rec.label,
-                       "enc": [pp.crop_uint8(img) for pp in self.preprocs]}
-            yield {"task": task.index, "done": True}
+                batch.append(self._item(task, rec))
+                if len(batch) == self.job.batch_size:
+                    yield batch
+                    batch = []
+            yield batch + [{"task": task.index, "done": True}]
+
+
+def _as_is(batch: list[dict]) -> list[dict]:
+    return batch
 
 
 def _embed(records: list[dict], encoders: dict, preprocs: list[Preprocess], levels: list[str], flip: bool,
@@ -141,7 +154,7 @@ def run_part(job: ShardJob, task_indices: list[int], part: int = 0) -> dict:
     encoders = load_encoders(job, device)
     preprocs = list(dict.fromkeys(e.preprocess for e in encoders.values()))  # distinct, in order
     remote = not is_local(fs) or "://" in job.input and not job.input.startswith("file://")
-    loader = DataLoader(DecodedStream(source, tasks, job, preprocs), batch_size=job.batch_size, collate_fn=list,
+    loader = DataLoader(DecodedStream(source, tasks, job, preprocs), batch_size=None, collate_fn=_as_is,
                         num_workers=job.loader_workers,
                         # s3fs's event loop does not survive fork: give remote-reading workers a fresh process
                         multiprocessing_context="spawn" if remote and job.loader_workers else None)

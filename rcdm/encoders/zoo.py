@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -133,7 +134,7 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
     if arch not in ARCHES:
         raise UserError(f"unknown encoder arch {arch!r}; choose one of {sorted(ARCHES)}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + zlib.crc32(name.encode()))  # each method its own random trunk
         trunk, dim = ARCHES[arch]()
         projector = spec.projector[arch](dim) if spec.projector else None
     enc = SSLEncoder(name, arch, trunk, dim, projector, ARCH_PREPROCESS.get(arch, spec.preprocess))

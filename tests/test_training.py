@@ -1,0 +1,274 @@
+"""The training service: configs compose and run, DDP equals one process, preemption resumes, MLflow."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from rcdm import checkpointing
+from rcdm.diffusion.gaussian import create_diffusion
+from rcdm.errors import UserError
+from rcdm.hydra_support import ensure_demo_data, train_config
+from rcdm.presets import build_unet
+from rcdm.train import apply_update, forward_losses, restore, train
+from sharding.encode import ShardJob
+from sharding.run import shard
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
+
+
+def make_dataset(path: Path, size: int = 32, train: int = 48, val: int = 8, encoders=("dino",)) -> str:
+    for split, n in (("train", train), ("val", val)):
+        shard(ShardJob(input="synthetic", output=str(path), split=split, synthetic_count=n, shard_size=16,
+                       image_size=size, encoders=list(encoders), loader_workers=0))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+def compose_sweep(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("sweep", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("group,choices", [
+    ("encoder", ["vicreg", "dino", "barlow", "simclr", "supervised"]), ("level", ["backbone", "projector"]),
+    ("model", ["tiny", "adm64", "adm128", "adm256"]), ("data", ["demo", "shards"]), ("cluster", ["local", "slurm"]),
+    ("tracking", ["local", "server"]), ("storage", ["local", "s3"])])
+def test_every_config_group_composes(group, choices, tmp_path):
+    for choice in choices:
+        extra = ["data.url=x"] if choice == "shards" else []
+        extra += ["storage.run_root=s3://b/r"] if choice == "s3" else []
+        cfg = compose_sweep([f"{group}={choice}", *extra])
+        tc = train_config(cfg)
+        assert tc.run_root.endswith(f"{cfg.encoder.name}-{cfg.level.name}-{cfg.model.name}")
+        if choice == "slurm":
+            launcher = cfg.hydra.launcher
+            assert launcher._target_.endswith("SlurmLauncher") and launcher.max_num_timeout > 0
+            assert launcher.submitit_folder.endswith("%j")
+
+
+def _one_step(tmp_path, overrides: list[str]) -> dict:
+    cfg = compose_sweep(overrides + [f"storage.run_root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                                     "train.steps=1", "train.batch_size=1", "grid.images=1", "grid.samples=1",
+                                     "grid.steps=ddim2", "train.loader_workers=0"])
+    ensure_demo_data(cfg)  # what the app's callback does before any job
+    return train(train_config(cfg))
+
+
+@pytest.mark.parametrize("model", ["tiny"])
+def test_one_step_on_each_data_choice(tmp_path, dataset, model):
+    assert _one_step(tmp_path, [f"model={model}", "data=shards", f"data.url={dataset}", "encoder=dino"])["step"] == 1
+    demo = tmp_path / "demo"
+    m = _one_step(tmp_path, ["data=demo", f"data.url={demo}", "data.synthetic.counts={train: 32, val: 4}",
+                             "data.synthetic.shard_size=16", "encoder=simclr", "level=projector"])
+    assert m["step"] == 1 and (demo / "manifest.json").exists()  # data=demo built itself
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,size", [("adm64", 64), ("adm128", 128), ("adm256", 256)])
+def test_one_step_of_each_large_preset_on_cpu(tmp_path, model, size):
+    ds = make_dataset(tmp_path / f"ds{size}", size=size, train=2, val=1)
+    m = _one_step(tmp_path, [f"model={model}", "data=shards", f"data.url={ds}", "encoder=dino",
+                             "train.checkpoint_every=1000", "train.sample_every=1000", "grid.images=1"])
+    assert m["step"] == 1 and m["loss"] > 0
+
+
+def test_dataset_without_the_requested_encoder_is_refused(tmp_path, dataset):
+    cfg = compose_sweep(["data=shards", f"data.url={dataset}", "encoder=vicreg"])
+    with pytest.raises(UserError, match=r"no vicreg backbone embeddings \(encoders: dino \[backbone, projector\]"):
+        train(train_config(cfg))
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", "encoder=dino,vicreg",
+                        "data=shards", f"data.url={dataset}", f"storage.run_root={tmp_path / 'runs'}",
+                        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    assert "no vicreg backbone embeddings" in r.stderr and "dino [backbone, projector]" in r.stderr
+    assert not (tmp_path / "runs" / "rcdm-demo" / "main" / "dino-backbone-tiny").exists()  # nothing ran
+
+
+def _ddp_worker(rank: int, world: int, port: int, batch: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_unet("tiny", 8)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # exact in the gradient: Adam would magnify rounding
+    diffusion = create_diffusion()
+    n = len(batch["x"]) // world
+    part = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+    for _ in range(2):
+        losses = forward_losses(net, diffusion, part["x"], part["h"], part["t"], part["noise"])
+        apply_update(model, opt, losses["loss"].mean(), grad_clip=1.0)
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_on_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.rand(8, 3, 32, 32, generator=g) * 2 - 1, "h": torch.randn(8, 8, generator=g),
+             "t": torch.randint(0, 1000, (8,), generator=g), "noise": torch.randn(8, 3, 32, 32, generator=g)}
+    torch.manual_seed(0)
+    single = build_unet("tiny", 8)
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    diffusion = create_diffusion()
+    for _ in range(2):
+        losses = forward_losses(single, diffusion, batch["x"], batch["h"], batch["t"], batch["noise"])
+        apply_update(single, opt, losses["loss"].mean(), grad_clip=1.0)
+    from servers import free_port
+    out = str(tmp_path / "ddp.pt")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), batch, out), nprocs=2, start_method="spawn")
+    ddp = torch.load(out)
+    changed = 0
+    for k, v in single.state_dict().items():
+        assert torch.allclose(v, ddp[k], atol=1e-6, rtol=1e-4), k
+        changed += not torch.equal(v, build_unet("tiny", 8).state_dict()[k]) if k.endswith("out.2.weight") else 0
+    assert changed == 1  # the update did move the (zero-initialised) output layer
+
+
+def _metric_steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_preemption_signal_checkpoints_and_a_restart_resumes_the_same_run(tmp_path, dataset):
+    runs, db = tmp_path / "runs", tmp_path / "m.db"
+    args = [sys.executable, str(ROOT / "launch" / "sweep.py"), "encoder=dino", "level=projector", "data=shards",
+            f"data.url={dataset}", f"storage.run_root={runs}", f"tracking.uri=sqlite:///{db}", "train.log_every=1",
+            "train.checkpoint_every=1000", "train.sample_every=1000", "train.loader_workers=0"]
+    proc = subprocess.Popen(args + ["train.steps=400"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    job = runs / "rcdm-demo" / "main" / "dino-projector-tiny"
+    deadline = time.monotonic() + 300
+    while not (job / "mlflow_run.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run_id = json.loads((job / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{db}")
+    while len(_metric_steps(client, run_id)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)  # what submitit sends before a time limit or on preemption
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out[-2000:]
+    saved = checkpointing.load(checkpointing.latest_path(str(job)))
+    k = saved["step"]
+    assert 5 <= k < 400
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert saved["mlflow_run_id"] == run_id
+
+    # the checkpoint restores model, EMA and optimizer exactly
+    model, ema = build_unet("tiny", 64), build_unet("tiny", 64)
+    opt = torch.optim.AdamW(model.parameters())
+    step, _, _ = restore(str(job), None, model, ema, opt)
+    assert step == k
+    for mine, theirs in ((model.state_dict(), saved["model"]), (ema.state_dict(), saved["ema"])):
+        assert all(torch.equal(mine[n], theirs[n]) for n in theirs)
+    assert not all(torch.equal(model.state_dict()[n], ema.state_dict()[n]) for n in saved["model"])
+    assert all(torch.equal(a, b) for a, b in zip(opt.state_dict()["state"][0].values(),
+                                                  saved["optimizer"]["state"][0].values()))
+
+    r = subprocess.run(args + [f"train.steps={k + 20}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"at step {k}" in r.stderr + r.stdout  # "resuming from ... at step k"
+    assert json.loads((job / "mlflow_run.json").read_text())["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = _metric_steps(client, run_id)
+    assert steps == list(range(1, k + 21))  # one continuous step axis, no step twice
+    assert checkpointing.load(checkpointing.latest_path(str(job)))["step"] == k + 20
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no duplicate run
+
+
+def test_non_finite_loss_stops_with_an_error_and_keeps_the_good_checkpoint(tmp_path, dataset):
+    base = ["data=shards", f"data.url={dataset}", "encoder=dino", f"storage.run_root={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.loader_workers=0", "train.checkpoint_every=2",
+            "train.sample_every=1000", "grid.images=1", "grid.steps=ddim2"]
+    cfg = compose_sweep(base + ["train.steps=2"])
+    train(train_config(cfg))
+    job = train_config(cfg).run_root
+    good = checkpointing.latest_path(job)
+    cfg = compose_sweep(base + ["train.steps=10", "train.lr=1e30", "train.grad_clip=1e30"])
+    with pytest.raises(FloatingPointError, match="loss is"):
+        train(train_config(cfg))
+    assert checkpointing.latest_path(job) == good
+    assert all(torch.isfinite(v).all() for v in checkpointing.load(good)["model"].values())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = json.loads((Path(job) / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_the_embedded_default_sweep(tmp_path):
+    """The README's main command on a fresh working directory: demo data, 8 jobs, 8 finished runs."""
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", "encoder=vicreg,dino,barlow,simclr",
+                        "level=backbone,projector"], cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "8/8 jobs finished" in r.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rcdm-demo")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [x for x in runs if x.data.tags.get("kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 8
+    assert {(c.data.tags["encoder"], c.data.tags["level"]) for c in children} == {
+        (e, lv) for e in ("vicreg", "dino", "barlow", "simclr") for lv in ("backbone", "projector")}
+    for c in children:
+        assert c.info.status == "FINISHED"
+        losses = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "loss"), key=lambda m: m.step)]
+        assert len(losses) == 10 and losses[-1] < losses[0]  # a falling loss curve
+        for key in ("mse", "vb", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_s", "data_wait_fraction"):
+            assert key in c.data.metrics, key
+        grids = [a.path for a in client.list_artifacts(c.info.run_id, "samples")]
+        assert grids == ["samples/step-000000050.png", "samples/step-000000100.png"]
+        assert c.data.params["encoder.name"] == c.data.tags["encoder"]
+
+
+def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, monkeypatch):
+    """Data and run root on a real S3-API server; launch/sample.py reads the job's own checkpoint."""
+    from servers import moto_s3
+
+    from rcdm.storage import StorageOptions, open_fs
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    with moto_s3(tmp_path / "moto.log") as endpoint:
+        opts = StorageOptions(endpoint_url=endpoint)
+        fs, _ = open_fs("s3://bucket", opts)
+        fs.mkdir("bucket")
+        for split, n in (("train", 32), ("val", 4)):
+            shard(ShardJob(input="synthetic", output="s3://bucket/ds", split=split, synthetic_count=n, shard_size=16,
+                           encoders=["barlow"], loader_workers=0, storage=opts))
+        cfg = compose_sweep(["data=shards", "data.url=s3://bucket/ds", "encoder=barlow", "level=projector",
+                             "storage=s3", "storage.run_root=s3://bucket/runs", f"storage.endpoint_url={endpoint}",
+                             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.steps=4", "train.checkpoint_every=2",
+                             "train.sample_every=4", "grid.images=2", "grid.samples=2", "grid.steps=ddim3"])
+        assert train(train_config(cfg))["step"] == 4
+        job = "bucket/runs/rcdm-demo/main/barlow-projector-tiny"
+        fs.invalidate_cache()
+        assert fs.exists(f"{job}/checkpoints/ckpt-000000004.pt") and fs.exists(f"{job}/samples/step-000000004.png")
+        assert not fs.exists(f"{job}/checkpoints/ckpt-000000002.pt") or fs.exists(f"{job}/checkpoints/latest.json")
+        images = tmp_path / "imgs"
+        images.mkdir()
+        from sharding.synthetic import sample as synth
+        synth(0, "val", 0, 32)[0].save(images / "a.png")
+        r = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), f"checkpoint=s3://{job}",
+                            f"images={images}", "num_samples=3", "steps=ddim5", f"endpoint_url={endpoint}",
+                            f"output={tmp_path / 'grid.png'}"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300, env=os.environ.copy())
+        assert r.returncode == 0, r.stderr[-2000:]
+        from PIL import Image
+        assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 34, 2 + 34)
