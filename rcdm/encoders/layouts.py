@@ -80,3 +80,38 @@ LAYOUTS: dict[str, Callable[[dict], tuple[StateDict, list[str]]]] = {
     "vicreg": read_vicreg, "dino": read_dino, "vissl_simclr": read_simclr,
     "vissl_barlow": read_barlow, "torchvision": read_torchvision,
 }
+
+
+# The inverse direction: our encoder -> the file its method's release would be --------------------------
+_VISSL_HEADS = {"vissl_simclr": {"0.0": 0, "1.0": 2}, "vissl_barlow": {"0.0": 0, "0.1": 1, "1.0": 3, "1.1": 4, "2.0": 6}}
+LAYOUT_OF = {"vicreg": "vicreg", "dino": "dino", "simclr": "vissl_simclr", "barlow": "vissl_barlow",
+             "supervised": "torchvision"}
+
+
+def to_release_layout(encoder, extra: dict | None = None) -> dict:
+    """The checkpoint dict that ``LAYOUTS[layout]`` reads back into ``encoder``. ``extra`` holds modules
+    the release keeps beside the encoder (DINO's ``head.last_layer``)."""
+    sd = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    layout = LAYOUT_OF[encoder.name]
+    if layout == "vicreg":
+        return {"model": sd}
+    if layout == "dino":
+        teacher = {("head.mlp." + k[len("projector."):] if k.startswith("projector.") else k): v for k, v in sd.items()}
+        for prefix, module in (extra or {}).items():
+            for k, v in module.state_dict().items():  # weight-norm parametrisation -> weight_g / weight_v
+                name = {"parametrizations.weight.original0": "weight_g",
+                        "parametrizations.weight.original1": "weight_v"}.get(k, k)
+                teacher[f"{prefix}.{name}"] = v.detach().cpu().clone()
+        return {"teacher": teacher}
+    if layout == "torchvision":
+        return {k[len("backbone."):]: v for k, v in sd.items()}
+    ours_to_vissl = {idx: key for key, idx in _VISSL_HEADS[layout].items()}
+    trunk, heads = {}, {}
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            trunk["_feature_blocks." + k[len("backbone."):]] = v
+        else:
+            _, idx, param = k.split(".")
+            head, layer = ours_to_vissl[int(idx)].split(".")
+            heads[f"{head}.clf.{layer}.{param}"] = v
+    return {"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": heads}}}}

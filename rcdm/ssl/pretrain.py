@@ -1,0 +1,155 @@
+"""Train a ``tiny`` encoder with its own method's objective on the synthetic data, and save it in that
+method's released on-disk layout, so the zoo's loaders read it like any published checkpoint."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from rcdm.device import autocast, pick_device
+from rcdm.encoders import build_encoder
+from rcdm.encoders.layouts import to_release_layout
+from rcdm.encoders.weights import sha256sum
+from rcdm.preprocess import to_uint8_tensor
+from rcdm.ssl.augment import AugmentConfig, TwoViewDataset
+from rcdm.ssl.objectives import DINOHead, DINOLoss, barlow_loss, nt_xent, vicreg_loss
+from rcdm.tracking import Tracker
+from sharding import synthetic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    method: str
+    output: str  # the checkpoint file; a .json with config and checksum is written beside it
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    images: int = 4096
+    image_size: int = 32
+    data_seed: int = 1  # the synthetic "pretrain" split: not the images the RCDMs train or probe on
+    seed: int = 0
+    loader_workers: int = 1
+    device: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # method hyper-parameters (the published defaults, scaled to the small setting in the configs)
+    vicreg: dict = field(default_factory=lambda: {"sim": 25.0, "var": 25.0, "cov": 1.0})
+    barlow: dict = field(default_factory=lambda: {"lambd": 0.0039})
+    simclr: dict = field(default_factory=lambda: {"temperature": 0.5})
+    dino: dict = field(default_factory=lambda: {"prototypes": 512, "student_temp": 0.1, "teacher_temp": 0.04,
+                                                "warmup_teacher_temp": 0.04, "warmup_teacher_steps": 30,
+                                                "center_momentum": 0.9, "teacher_momentum": 0.99})
+    tracking_uri: str | None = None
+    experiment: str = "rcdm-encoders"
+
+
+def synthetic_images(count: int, size: int, seed: int) -> torch.Tensor:
+    """[count, 3, size, size] uint8 from the synthetic generator's "pretrain" split."""
+    return torch.stack([to_uint8_tensor(synthetic.sample(seed, "pretrain", i, size)[0]) for i in range(count)])
+
+
+def _lr_at(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _collate(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.stack(v) for v in zip(*batch)]  # per view: [B, 3, h, w]
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    encoder = build_encoder(cfg.method, "tiny", "random", seed=cfg.seed).train().requires_grad_(True).to(device)
+    norm = encoder.preprocess.normalize_uint8  # the exact input normalisation used when sharding
+    aug = cfg.augment if cfg.method == "dino" else AugmentConfig(**{**asdict(cfg.augment), "local_crops": 0})
+    data = DataLoader(TwoViewDataset(synthetic_images(cfg.images, cfg.image_size, cfg.data_seed), aug),
+                      batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.loader_workers,
+                      collate_fn=_collate, persistent_workers=cfg.loader_workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+    params = list(encoder.parameters())
+    student_head = teacher = teacher_head = dino_loss = None
+    if cfg.method == "dino":
+        d = cfg.dino
+        student_head = DINOHead(encoder.dims["projector"], d["prototypes"]).to(device)
+        params += [p for p in student_head.parameters() if p.requires_grad]
+        teacher, teacher_head = copy.deepcopy(encoder).requires_grad_(False), copy.deepcopy(student_head).requires_grad_(False)
+        dino_loss = DINOLoss(d["prototypes"], d["student_temp"], d["center_momentum"]).to(device)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tracker = Tracker(cfg.tracking_uri, cfg.experiment) if cfg.tracking_uri else None
+    if tracker:
+        tracker.start(None, f"pretrain-{cfg.method}-tiny", {"method": cfg.method, "arch": "tiny"}, asdict(cfg))
+    step, t0, last = 0, time.perf_counter(), {}
+    try:
+        while step < cfg.steps:
+            for views in data:
+                if step >= cfg.steps:
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(cfg, step)
+                views = [norm(v.to(device)) for v in views]
+                with autocast(device):
+                    loss, terms = _loss(cfg, encoder, views, student_head, teacher, teacher_head, dino_loss, step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{cfg.method} loss is {loss.item()} at step {step}; lower the lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if teacher is not None:  # EMA teacher, momentum annealed to 1 (cosine)
+                    m = 1 - (1 - cfg.dino["teacher_momentum"]) * (math.cos(math.pi * step / cfg.steps) + 1) / 2
+                    with torch.no_grad():
+                        for src, dst in ((encoder, teacher), (student_head, teacher_head)):
+                            for ps, pt in zip(src.state_dict().values(), dst.state_dict().values()):
+                                if pt.dtype.is_floating_point:
+                                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+                step += 1
+                last = {"loss": loss.item(), **terms, "lr": opt.param_groups[0]["lr"]}
+                if step % 10 == 0 or step == cfg.steps:
+                    log.info("%s step %d: %s", cfg.method, step, {k: round(v, 4) for k, v in last.items()})
+                    if tracker:
+                        tracker.log_metrics(last, step, int(time.time() * 1000))
+    except BaseException:
+        if tracker:
+            tracker.end("FAILED")
+        raise
+    seconds = time.perf_counter() - t0
+    final = (teacher if teacher is not None else encoder).eval()
+    extra = {"head.last_layer": teacher_head.last_layer} if teacher_head is not None else {}
+    torch.save(to_release_layout(final, extra), cfg.output)
+    record = {"method": cfg.method, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
+              "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),
+              "final": last, "config": asdict(cfg) | {"output": None, "tracking_uri": None}}
+    with open(cfg.output.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    if tracker:
+        tracker.end("FINISHED")
+    return record
+
+
+def _loss(cfg, encoder, views, student_head, teacher, teacher_head, dino_loss, step):
+    if cfg.method == "dino":
+        d = cfg.dino
+        tt = (d["warmup_teacher_temp"] + (d["teacher_temp"] - d["warmup_teacher_temp"]) * min(1, step / max(1, d["warmup_teacher_steps"])))
+        student = [student_head(encoder(v)["projector"]) for v in views]
+        with torch.no_grad():
+            teach = [teacher_head(teacher(v)["projector"]) for v in views[:2]]  # the teacher sees global views
+        return dino_loss(student, teach, tt)
+    z1, z2 = (encoder(v)["projector"].float() for v in views[:2])
+    if cfg.method == "vicreg":
+        return vicreg_loss(z1, z2, cfg.vicreg["sim"], cfg.vicreg["var"], cfg.vicreg["cov"])
+    if cfg.method == "barlow":
+        return barlow_loss(z1, z2, cfg.barlow["lambd"])
+    if cfg.method == "simclr":
+        return nt_xent(z1, z2, cfg.simclr["temperature"])
+    raise ValueError(f"unknown method {cfg.method!r}; choose vicreg, dino, barlow or simclr")
