@@ -87,6 +87,8 @@ def _encoder_weights(recorded: str, encoder: str) -> tuple[str, int]:
     url = encoder_spec(encoder).url
     if url and Path(recorded).name == Path(url).name:  # the released file, cached elsewhere on that machine
         return "released", 0
+    if Path(recorded).parent.name == "tiny_weights" and Path(recorded).name == f"{encoder}.pt":
+        return "released", 0  # the tiny encoder shipped with rcdm, installed elsewhere
     raise UserError(f"the encoder weights this model was trained with ({recorded}) are not here; "
                     f"place that file at the same path")
 

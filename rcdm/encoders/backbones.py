@@ -18,7 +18,7 @@ def _resnet50() -> tuple[nn.Module, int]:
 class TinyResNet(nn.Module):
     """A 4-stage BasicBlock ResNet for 32-64 px inputs, named like torchvision's (conv1, bn1, layerK)."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 128)):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)  # no stem pooling at 32 px
         self.bn1 = nn.BatchNorm2d(widths[0])

@@ -3,9 +3,11 @@ where its weights come from. Registry keys are the ``encoder=`` config choices."
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -126,9 +128,10 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
                   seed: int = 0) -> SSLEncoder:
     """The frozen encoder ``name`` on ``arch`` in eval mode.
 
-    ``weights``: "released" (the method's published file, through the torch.hub cache), "random"
-    (initialised from ``seed``: an explicit choice, for tests), or a path / URL to a file in the
-    method's released layout.
+    ``weights``: "released" (for resnet50 the method's published file, through the torch.hub cache;
+    for tiny the encoder trained with the method's objective that ships with rcdm), "random"
+    (initialised from ``seed``: an explicit choice), or a path / URL to a file in the method's
+    released layout.
     """
     spec = encoder_spec(name)
     if arch not in ARCHES:
@@ -142,9 +145,9 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
         enc.weights_source = f"random (seed {seed})"
         enc.weights_sha256 = state_digest(enc)
     else:
-        if weights == "released":
-            if arch != "resnet50":
-                raise UserError(f"no released weights for arch={arch}; pass weights=<path> or weights=random")
+        if weights == "released" and arch == "tiny":
+            path = shipped_tiny(name)
+        elif weights == "released":
             path = fetch(spec.url, download=download)
         elif "://" in weights:
             path = fetch(weights, download=download)
@@ -152,6 +155,23 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
             path = weights
         load_released(enc, spec.layout, path)
     return enc.eval().requires_grad_(False)
+
+
+TINY_WEIGHTS = Path(__file__).parent / "tiny_weights"
+
+
+def shipped_tiny(name: str) -> Path:
+    """The tiny encoder trained with ``name``'s own objective that ships with rcdm, checksum verified
+    against the record written when it was trained (``launch/pretrain_encoder.py``)."""
+    path, record = TINY_WEIGHTS / f"{name}.pt", TINY_WEIGHTS / f"{name}.json"
+    if not path.exists() or not record.exists():
+        raise UserError(f"no trained tiny {name} encoder ships with rcdm (looked for {path}); train one with "
+                        f"`python launch/pretrain_encoder.py method={name}` and pass weights=<its file>, or choose "
+                        f"weights=random explicitly")
+    want = json.loads(record.read_text())["sha256"]
+    if sha256sum(path) != want:
+        raise UserError(f"{path} does not match the sha256 in {record.name}; reinstall rcdm")
+    return path
 
 
 def state_digest(module: nn.Module) -> str:

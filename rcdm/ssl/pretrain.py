@@ -6,18 +6,18 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.data import DataLoader
 
 from rcdm.device import autocast, pick_device
 from rcdm.encoders import build_encoder
 from rcdm.encoders.layouts import to_release_layout
 from rcdm.encoders.weights import sha256sum
 from rcdm.preprocess import to_uint8_tensor
-from rcdm.ssl.augment import AugmentConfig, TwoViewDataset
+from rcdm.ssl.augment import AugmentConfig, views
 from rcdm.ssl.objectives import DINOHead, DINOLoss, barlow_loss, nt_xent, vicreg_loss
 from rcdm.tracking import Tracker
 from sharding import synthetic
@@ -38,14 +38,13 @@ class PretrainConfig:
     image_size: int = 32
     data_seed: int = 1  # the synthetic "pretrain" split: not the images the RCDMs train or probe on
     seed: int = 0
-    loader_workers: int = 1
     device: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # method hyper-parameters (the published defaults, scaled to the small setting in the configs)
     vicreg: dict = field(default_factory=lambda: {"sim": 25.0, "var": 25.0, "cov": 1.0})
     barlow: dict = field(default_factory=lambda: {"lambd": 0.0039})
     simclr: dict = field(default_factory=lambda: {"temperature": 0.5})
-    dino: dict = field(default_factory=lambda: {"prototypes": 512, "student_temp": 0.1, "teacher_temp": 0.04,
+    dino: dict = field(default_factory=lambda: {"prototypes": 512, "student_temp": 0.1, "teacher_temp": 0.07,
                                                 "warmup_teacher_temp": 0.04, "warmup_teacher_steps": 30,
                                                 "center_momentum": 0.9, "teacher_momentum": 0.99})
     tracking_uri: str | None = None
@@ -64,20 +63,13 @@ def _lr_at(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _collate(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    return [torch.stack(v) for v in zip(*batch)]  # per view: [B, 3, h, w]
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.method, "tiny", "random", seed=cfg.seed).train().requires_grad_(True).to(device)
-    norm = encoder.preprocess.normalize_uint8  # the exact input normalisation used when sharding
     aug = cfg.augment if cfg.method == "dino" else AugmentConfig(**{**asdict(cfg.augment), "local_crops": 0})
-    data = DataLoader(TwoViewDataset(synthetic_images(cfg.images, cfg.image_size, cfg.data_seed), aug),
-                      batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.loader_workers,
-                      collate_fn=_collate, persistent_workers=cfg.loader_workers > 0,
-                      generator=torch.Generator().manual_seed(cfg.seed))
+    images = synthetic_images(cfg.images, cfg.image_size, cfg.data_seed)  # [N, 3, S, S] uint8, in memory
+    gen = torch.Generator().manual_seed(cfg.seed)
     params = list(encoder.parameters())
     student_head = teacher = teacher_head = dino_loss = None
     if cfg.method == "dino":
@@ -93,32 +85,31 @@ def pretrain(cfg: PretrainConfig) -> dict:
     step, t0, last = 0, time.perf_counter(), {}
     try:
         while step < cfg.steps:
-            for views in data:
-                if step >= cfg.steps:
-                    break
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(cfg, step)
-                views = [norm(v.to(device)) for v in views]
-                with autocast(device):
-                    loss, terms = _loss(cfg, encoder, views, student_head, teacher, teacher_head, dino_loss, step)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{cfg.method} loss is {loss.item()} at step {step}; lower the lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if teacher is not None:  # EMA teacher, momentum annealed to 1 (cosine)
-                    m = 1 - (1 - cfg.dino["teacher_momentum"]) * (math.cos(math.pi * step / cfg.steps) + 1) / 2
-                    with torch.no_grad():
-                        for src, dst in ((encoder, teacher), (student_head, teacher_head)):
-                            for ps, pt in zip(src.state_dict().values(), dst.state_dict().values()):
-                                if pt.dtype.is_floating_point:
-                                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-                step += 1
-                last = {"loss": loss.item(), **terms, "lr": opt.param_groups[0]["lr"]}
-                if step % 10 == 0 or step == cfg.steps:
-                    log.info("%s step %d: %s", cfg.method, step, {k: round(v, 4) for k, v in last.items()})
-                    if tracker:
-                        tracker.log_metrics(last, step, int(time.time() * 1000))
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, step)
+            batch = images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen)]
+            # [0, 1] -> [-1, 1]: the input range the sharding stage gives this encoder (x / 127.5 - 1)
+            vs = [(v * 2 - 1).to(device) for v in views(batch, aug, gen)]
+            with autocast(device):
+                loss, terms = _loss(cfg, encoder, vs, student_head, teacher, teacher_head, dino_loss, step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{cfg.method} loss is {loss.item()} at step {step}; lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if teacher is not None:  # EMA teacher, momentum annealed to 1 (cosine)
+                m = 1 - (1 - cfg.dino["teacher_momentum"]) * (math.cos(math.pi * step / cfg.steps) + 1) / 2
+                with torch.no_grad():
+                    for src, dst in ((encoder, teacher), (student_head, teacher_head)):
+                        for ps, pt in zip(src.state_dict().values(), dst.state_dict().values()):
+                            if pt.dtype.is_floating_point:
+                                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            step += 1
+            last = {"loss": loss.item(), **terms, "lr": opt.param_groups[0]["lr"]}
+            if step % 10 == 0 or step == cfg.steps:
+                log.info("%s step %d: %s", cfg.method, step, {k: round(v, 4) for k, v in last.items()})
+                if tracker:
+                    tracker.log_metrics(last, step, int(time.time() * 1000))
     except BaseException:
         if tracker:
             tracker.end("FAILED")
@@ -126,6 +117,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     seconds = time.perf_counter() - t0
     final = (teacher if teacher is not None else encoder).eval()
     extra = {"head.last_layer": teacher_head.last_layer} if teacher_head is not None else {}
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
     torch.save(to_release_layout(final, extra), cfg.output)
     record = {"method": cfg.method, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
               "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),

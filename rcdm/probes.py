@@ -1,0 +1,82 @@
+"""Linear probes of frozen embeddings for the synthetic data's generative factors: how much of each
+factor an embedding level still carries (chance = 1 / number of classes)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rcdm.preprocess import to_uint8_tensor
+from sharding import synthetic
+
+N_BINS = 3  # continuous factors (scale, x, y) are probed as terciles of their range
+
+
+def factor_labels(factors: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """factor -> (labels [N], mask [N] of the samples where the factor is visible)."""
+    n = len(factors)
+    every = torch.ones(n, dtype=torch.bool)
+    colour_visible = torch.tensor([not f["grayscale"] for f in factors])  # a grey object has no hue
+    lo, hi = synthetic.SCALE_RANGE
+
+    def bins(values: list[float], a: float, b: float) -> torch.Tensor:
+        return ((torch.tensor(values) - a) / (b - a) * N_BINS).long().clamp(0, N_BINS - 1)
+
+    return {
+        "shape": (torch.tensor([synthetic.SHAPES.index(f["shape"]) for f in factors]), every),
+        "colour": (torch.tensor([list(synthetic.COLOURS).index(f["colour"]) for f in factors]), colour_visible),
+        "background": (torch.tensor([list(synthetic.BACKGROUNDS).index(f["background"]) for f in factors]), every),
+        "scale": (bins([f["scale"] for f in factors], lo, hi), every),
+        "x": (bins([f["x"] for f in factors], 0, 1), every),
+        "y": (bins([f["y"] for f in factors], 0, 1), every),
+        "grayscale": (torch.tensor([int(f["grayscale"]) for f in factors]), every),
+    }
+
+
+def synthetic_set(count: int, seed: int, split: str, size: int = 32) -> tuple[torch.Tensor, list[dict]]:
+    """[count, 3, size, size] uint8 images and their factors."""
+    pairs = [synthetic.sample(seed, split, i, size) for i in range(count)]
+    return torch.stack([to_uint8_tensor(img) for img, _ in pairs]), [f for _, f in pairs]
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 weight_decay: float = 1e-3, iters: int = 200) -> float:
+    """Multinomial logistic regression (L-BFGS) on standardised features; test accuracy."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    w = torch.zeros(xtr.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ w + b, train_y) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((xte @ w + b).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def probe_encoder(encoder, images: torch.Tensor, factors: list[dict], train_fraction: float = 0.7
+                  ) -> dict[str, dict[str, float]]:
+    """{level: {factor: test accuracy}} for every level of ``encoder``; also the chance levels."""
+    x = encoder.preprocess.normalize_uint8(images)
+    feats = {}
+    for chunk in x.split(256):
+        for level, v in encoder.eval()(chunk).items():
+            feats.setdefault(level, []).append(v.float())
+    feats = {k: torch.cat(v) for k, v in feats.items()}
+    labels = factor_labels(factors)
+    n_train = int(len(images) * train_fraction)
+    out: dict[str, dict[str, float]] = {level: {} for level in feats}
+    out["chance"] = {}
+    for name, (y, mask) in labels.items():
+        idx = torch.nonzero(mask).flatten()
+        tr, te = idx[idx < n_train], idx[idx >= n_train]
+        out["chance"][name] = 1.0 / int(y[mask].max() + 1)
+        for level, f in feats.items():
+            out[level][name] = linear_probe(f[tr], y[tr], f[te], y[te])
+    return out
