@@ -14,11 +14,9 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from servers import moto_s3
 
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
-from rcdm.storage import StorageOptions, open_fs
 from sharding.encode import ShardJob
 from sharding.manifest import TooManyRejected
 from sharding.run import shard
@@ -210,29 +208,23 @@ def test_sigkill_mid_run_then_rerun_completes_every_input_once(tmp_path):
         assert [s["__key__"] for s in read_set(out, name, manifest["splits"]["train"]["shards"])] == keys
 
 
-def test_s3_output_and_s3_tar_input_on_a_real_server(tmp_path, monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    with moto_s3(tmp_path / "moto.log") as endpoint:
-        opts = StorageOptions(endpoint_url=endpoint)
-        fs, _ = open_fs("s3://bucket", opts)
-        fs.mkdir("bucket")
-        shard(small_job("s3://bucket/demo", storage=opts))
-        fs.invalidate_cache()
-        manifest = json.loads(fs.cat_file("bucket/demo/manifest.json"))
-        assert manifest["splits"]["train"]["count"] == 40
-        assert sorted(fs.ls("bucket/demo/images", detail=False)) == [
-            f"bucket/demo/images/train-00000{i}.tar" for i in range(3)]
-        # the image shards on S3 as the input of another dataset, read by a spawned worker process
-        job = ShardJob(input="s3://bucket/demo/images/train-{000000..000002}.tar", output=str(tmp_path / "again"),
-                       **{**SMALL, "loader_workers": 1, "encoders": ["simclr"]}, storage=opts)
-        again = shard(job)
-        assert again["samples"] == 40
-        keys = [s["__key__"] for s in read_set(tmp_path / "again", "images",
-                                              json.loads((tmp_path / "again" / "manifest.json").read_text())
-                                              ["splits"]["train"]["shards"])]
-        assert keys == [f"train_{i:08d}" for i in range(40)]
+def test_s3_output_and_s3_tar_input_on_a_real_server(tmp_path, s3_bucket):
+    endpoint, opts, fs = s3_bucket
+    shard(small_job("s3://bucket/demo", storage=opts))
+    fs.invalidate_cache()
+    manifest = json.loads(fs.cat_file("bucket/demo/manifest.json"))
+    assert manifest["splits"]["train"]["count"] == 40
+    assert sorted(fs.ls("bucket/demo/images", detail=False)) == [
+        f"bucket/demo/images/train-00000{i}.tar" for i in range(3)]
+    # the image shards on S3 as the input of another dataset, read by a spawned worker process
+    job = ShardJob(input="s3://bucket/demo/images/train-{000000..000002}.tar", output=str(tmp_path / "again"),
+                   **{**SMALL, "loader_workers": 1, "encoders": ["simclr"]}, storage=opts)
+    again = shard(job)
+    assert again["samples"] == 40
+    keys = [s["__key__"] for s in read_set(tmp_path / "again", "images",
+                                          json.loads((tmp_path / "again" / "manifest.json").read_text())
+                                          ["splits"]["train"]["shards"])]
+    assert keys == [f"train_{i:08d}" for i in range(40)]
 
 
 @pytest.mark.slow

@@ -236,39 +236,29 @@ def test_the_embedded_default_sweep(tmp_path):
         assert c.data.params["encoder.name"] == c.data.tags["encoder"]
 
 
-def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, monkeypatch):
+def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket):
     """Data and run root on a real S3-API server; launch/sample.py reads the job's own checkpoint."""
-    from servers import moto_s3
-
-    from rcdm.storage import StorageOptions, open_fs
-
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    with moto_s3(tmp_path / "moto.log") as endpoint:
-        opts = StorageOptions(endpoint_url=endpoint)
-        fs, _ = open_fs("s3://bucket", opts)
-        fs.mkdir("bucket")
-        for split, n in (("train", 32), ("val", 4)):
-            shard(ShardJob(input="synthetic", output="s3://bucket/ds", split=split, synthetic_count=n, shard_size=16,
-                           encoders=["barlow"], loader_workers=0, storage=opts))
-        cfg = compose_sweep(["data=shards", "data.url=s3://bucket/ds", "encoder=barlow", "level=projector",
-                             "storage=s3", "storage.run_root=s3://bucket/runs", f"storage.endpoint_url={endpoint}",
-                             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.steps=4", "train.checkpoint_every=2",
-                             "train.sample_every=4", "grid.images=2", "grid.samples=2", "grid.steps=ddim3"])
-        assert train(train_config(cfg))["step"] == 4
-        job = "bucket/runs/rcdm-demo/main/barlow-projector-tiny"
-        fs.invalidate_cache()
-        assert fs.exists(f"{job}/checkpoints/ckpt-000000004.pt") and fs.exists(f"{job}/samples/step-000000004.png")
-        assert not fs.exists(f"{job}/checkpoints/ckpt-000000002.pt") or fs.exists(f"{job}/checkpoints/latest.json")
-        images = tmp_path / "imgs"
-        images.mkdir()
-        from sharding.synthetic import sample as synth
-        synth(0, "val", 0, 32)[0].save(images / "a.png")
-        r = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), f"checkpoint=s3://{job}",
-                            f"images={images}", "num_samples=3", "steps=ddim5", f"endpoint_url={endpoint}",
-                            f"output={tmp_path / 'grid.png'}"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300, env=os.environ.copy())
-        assert r.returncode == 0, r.stderr[-2000:]
-        from PIL import Image
-        assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 34, 2 + 34)
+    endpoint, opts, fs = s3_bucket
+    for split, n in (("train", 32), ("val", 4)):
+        shard(ShardJob(input="synthetic", output="s3://bucket/ds", split=split, synthetic_count=n, shard_size=16,
+                       encoders=["barlow"], loader_workers=0, storage=opts))
+    cfg = compose_sweep(["data=shards", "data.url=s3://bucket/ds", "encoder=barlow", "level=projector",
+                         "storage=s3", "storage.run_root=s3://bucket/runs", f"storage.endpoint_url={endpoint}",
+                         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.steps=4", "train.checkpoint_every=2",
+                         "train.sample_every=4", "grid.images=2", "grid.samples=2", "grid.steps=ddim3"])
+    assert train(train_config(cfg))["step"] == 4
+    job = "bucket/runs/rcdm-demo/main/barlow-projector-tiny"
+    fs.invalidate_cache()
+    assert fs.exists(f"{job}/checkpoints/ckpt-000000004.pt") and fs.exists(f"{job}/samples/step-000000004.png")
+    assert not fs.exists(f"{job}/checkpoints/ckpt-000000002.pt") or fs.exists(f"{job}/checkpoints/latest.json")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    from sharding.synthetic import sample as synth
+    synth(0, "val", 0, 32)[0].save(images / "a.png")
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), f"checkpoint=s3://{job}",
+                        f"images={images}", "num_samples=3", "steps=ddim5", f"endpoint_url={endpoint}",
+                        f"output={tmp_path / 'grid.png'}"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+    assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 34, 2 + 34)
