@@ -15,16 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from rcdm.data import open_dataset
 from rcdm.errors import UserError
-from rcdm.storage import StorageOptions, join, open_fs, read_json, write_json
+from rcdm.storage import join, open_fs, read_json, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
 from rcdm.train import TrainConfig
+from sharding.config import storage_from_cfg as storage_options
 
 log = logging.getLogger("rcdm.sweep")
-
-
-def storage_options(cfg: DictConfig) -> StorageOptions:
-    s = cfg.storage
-    return StorageOptions(endpoint_url=s.get("endpoint_url"), region=s.get("region"), anon=bool(s.get("anon", False)))
 
 
 def sweep_root(cfg: DictConfig) -> str:

@@ -1,7 +1,7 @@
 """Hydra config -> the typed arguments of the sharding stage (the library never sees a DictConfig)."""
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rcdm.storage import StorageOptions
 from sharding.encode import ShardJob
@@ -9,7 +9,8 @@ from sharding.run import SlurmOptions
 
 
 def storage_from_cfg(cfg: DictConfig) -> StorageOptions:
-    return StorageOptions(**OmegaConf.to_container(cfg.storage, resolve=True))
+    s = cfg.storage  # the group also holds the training run root, which sharding does not use
+    return StorageOptions(endpoint_url=s.get("endpoint_url"), region=s.get("region"), anon=bool(s.get("anon", False)))
 
 
 def job_from_cfg(cfg: DictConfig) -> ShardJob:
