@@ -14,23 +14,28 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from mlflow.tracking import MlflowClient
-from PIL import Image
+# benchmarks/sharding.py sits beside this file: keep this folder off the import path so that
+# ``sharding`` is the package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from rcdm.data import TrainStream, open_dataset
-from rcdm.diffusion.gaussian import create_diffusion
-from rcdm.encoders import build_encoder
-from rcdm.preprocess import Preprocess, center_crop, load_rgb
-from rcdm.presets import PRESETS, build_unet
-from rcdm.train import TrainConfig, apply_update, forward_losses, train
-from sharding.encode import ShardJob
-from sharding.run import shard
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rcdm.data import TrainStream, open_dataset  # noqa: E402
+from rcdm.diffusion.gaussian import create_diffusion  # noqa: E402
+from rcdm.encoders import build_encoder  # noqa: E402
+from rcdm.preprocess import Preprocess, center_crop, load_rgb  # noqa: E402
+from rcdm.presets import PRESETS, build_unet  # noqa: E402
+from rcdm.train import TrainConfig, apply_update, forward_losses, train  # noqa: E402
+from sharding.encode import ShardJob  # noqa: E402
+from sharding.run import shard  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int) -> None:
