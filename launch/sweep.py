@@ -28,7 +28,8 @@ def main(cfg: DictConfig) -> dict:
     except Preempted as e:
         print(f"preempted: {e}; start the same command again to resume", file=sys.stderr)
         sys.exit(3)
-    log.info("%s finished at step %d, loss %.4f", cfg.job_name, metrics["step"], metrics.get("loss", float("nan")))
+    if "loss" in metrics:  # rank 0 holds the metrics; other ranks return the step alone
+        log.info("%s finished at step %d, loss %.4f", cfg.job_name, metrics["step"], metrics["loss"])
     return metrics
 
 

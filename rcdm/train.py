@@ -122,7 +122,11 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def _slurm_job_id() -> str:
-    return os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or ""
+    """The id sacct knows this job by: ``<array>_<task>`` for an array task, else the job id."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
 
 
 def _resolve_run_id(cfg: TrainConfig, state: dict | None) -> str | None:
@@ -186,7 +190,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
     if dist.is_main:
         tracker = Tracker(cfg.tracking_uri, cfg.experiment)
         tags = {"encoder": cfg.encoder, "level": cfg.level, "slurm_job_id": _slurm_job_id(), "run_root": cfg.run_root,
-                "dataset": cfg.data_url, "preset": cfg.preset, "world_size": str(dist.world)}
+                "dataset": cfg.data_url, "preset": cfg.preset, "world_size": str(dist.world),
+                # how often SLURM requeued this job, and where this start picked up: set again at every start
+                "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "started_at_step": str(step)}
         parent = _parent_run_id(cfg)
         if parent:
             tags[PARENT_TAG] = parent
