@@ -77,11 +77,13 @@ def load_released(ref: str, download: bool = True) -> LoadedRCDM:
                       encoder_weights="released", schedule="linear", num_steps=1000, source=str(path))
 
 
-def _encoder_weights(recorded: str, encoder: str) -> tuple[str, int]:
+def encoder_weights_arg(recorded: str, encoder: str) -> tuple[str, int]:
     """What the dataset's manifest recorded -> (weights argument, seed) for ``build_encoder``."""
     m = re.fullmatch(r"random \(seed (\d+)\)", recorded)
     if m:
         return "random", int(m[1])
+    if recorded.startswith("released tiny"):
+        return "released", 0  # the SSL-trained tiny encoder that ships with rcdm (its sha256 is checked later)
     if "://" in recorded or Path(recorded).exists():
         return recorded, 0
     url = encoder_spec(encoder).url
@@ -111,7 +113,7 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
     meta = state["meta"]
     model = build_unet(meta["preset"], meta["embed_dim"])
     model.load_state_dict(state["ema"], strict=True)
-    weights, seed = _encoder_weights(meta["encoder_weights"], meta["encoder"])
+    weights, seed = encoder_weights_arg(meta["encoder_weights"], meta["encoder"])
     return LoadedRCDM(model=model, encoder=meta["encoder"], level=meta["level"], encoder_arch=meta["encoder_arch"],
                       encoder_weights=weights, schedule=meta["schedule"], num_steps=meta["num_steps"], source=url,
                       preprocess=Preprocess.from_dict(meta["preprocess"]), encoder_seed=seed,

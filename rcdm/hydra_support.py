@@ -42,7 +42,9 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         weight_decay=t.weight_decay, ema_decay=t.ema_decay, grad_clip=t.grad_clip, schedule=cfg.diffusion.schedule,
         diffusion_steps=cfg.diffusion.steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, sample_every=t.sample_every, grid_images=cfg.grid.images,
-        grid_samples=cfg.grid.samples, grid_steps=str(cfg.grid.steps), loader_workers=t.loader_workers, seed=t.seed,
+        grid_samples=cfg.grid.samples, grid_steps=str(cfg.grid.steps),
+        faithfulness_images=cfg.faithfulness.images, faithfulness_steps=str(cfg.faithfulness.steps),
+        loader_workers=t.loader_workers, seed=t.seed,
         device=cfg.device, compile=t.compile, storage=storage_options(cfg), tracking_uri=str(cfg.tracking.uri),
         experiment=str(cfg.experiment), run_name=str(cfg.job_name), parent_run_file=parent_run_file(cfg),
         config=resolved)
@@ -58,6 +60,17 @@ def ensure_demo_data(cfg: DictConfig) -> None:
     from sharding.encode import ShardJob
     from sharding.run import shard
 
+    if manifest:  # a demo built earlier with other encoder weights would silently mix two encoders
+        from rcdm.encoders import build_encoder
+
+        for name in d.synthetic.encoders:
+            want = build_encoder(name, d.synthetic.arch, str(d.synthetic.encoder_weights)).describe()["sha256"]
+            have = manifest["encoders"].get(name, {}).get("sha256")
+            if have and have != want:
+                raise UserError(f"the demo dataset at {d.url} was embedded with other {name} weights "
+                                f"({manifest['encoders'][name].get('weights')}) than data.synthetic.encoder_weights="
+                                f"{d.synthetic.encoder_weights}; delete {d.url} to rebuild it, or set "
+                                f"data.synthetic.encoder_weights to match")
     for split, count in d.synthetic.counts.items():
         if manifest and split in manifest["splits"]:
             continue

@@ -74,6 +74,19 @@ def grid_png(originals: torch.Tensor, samples: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def load_with_encoder(checkpoint: str, device: torch.device, download: bool = True,
+                      endpoint_url: str | None = None):
+    """An RCDM (released or rcdm's own) and the frozen encoder it was trained with, on ``device``."""
+    loaded = load_checkpoint(checkpoint, download=download, storage=StorageOptions(endpoint_url=endpoint_url))
+    encoder = build_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download=download,
+                            seed=loaded.encoder_seed)
+    if loaded.preprocess is not None:
+        encoder.preprocess = loaded.preprocess  # exactly as the training data was encoded
+    check_encoder(loaded, encoder)
+    loaded.model.to(device).eval()
+    return loaded, encoder.to(device)
+
+
 def sample_grid(cfg: SampleConfig) -> dict:
     """Encode ``cfg.images``, draw ``num_samples`` per image, save the grid; returns a summary."""
     if cfg.num_samples < 1:
@@ -81,15 +94,7 @@ def sample_grid(cfg: SampleConfig) -> dict:
     sampler = cfg.sampler or ("ddim" if str(cfg.steps).startswith("ddim") else "ddpm")
     paths = find_images(cfg.images)
     device = pick_device(cfg.device)
-    storage = StorageOptions(endpoint_url=cfg.endpoint_url)
-    loaded = load_checkpoint(cfg.checkpoint, download=cfg.download, storage=storage)
-    encoder = build_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download=cfg.download,
-                            seed=loaded.encoder_seed)
-    if loaded.preprocess is not None:
-        encoder.preprocess = loaded.preprocess  # exactly as the training data was encoded
-    check_encoder(loaded, encoder)
-    loaded.model.to(device).eval()
-    encoder.to(device)
+    loaded, encoder = load_with_encoder(cfg.checkpoint, device, cfg.download, cfg.endpoint_url)
 
     t0 = time.perf_counter()
     h, originals = encode_images(paths, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)

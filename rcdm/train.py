@@ -6,6 +6,7 @@ alone writes checkpoints and talks to MLflow; every rank resumes from the newest
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import signal
@@ -17,11 +18,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rcdm import checkpointing, distributed
+from rcdm.analysis.faithfulness import faithfulness, flat_metrics
+from rcdm.checkpoints import encoder_weights_arg
 from rcdm.data import heldout, open_dataset, train_loader
 from rcdm.device import autocast
 from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.diffusion.likelihood import quartile_means
+from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
+from rcdm.preprocess import Preprocess
 from rcdm.presets import build_unet
 from rcdm.sampling import draw, grid_png
 from rcdm.storage import StorageOptions, atomic_open, join, open_fs, read_json, write_json
@@ -63,6 +68,8 @@ class TrainConfig:
     grid_images: int = 8
     grid_samples: int = 3
     grid_steps: str = "ddim25"
+    faithfulness_images: int = 64  # held-out embeddings scored at the end of the run (0: off)
+    faithfulness_steps: str = "ddim25"
     loader_workers: int = 1
     seed: int = 0
     device: str = "auto"
@@ -201,7 +208,10 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
         write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": cfg.tracking_uri})
         log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
     try:
+        start_step = step
         metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker)
+        if tracker and cfg.faithfulness_images and start_step < cfg.steps:
+            metrics.update(_log_faithfulness(cfg, ema, info, metrics["step"], tracker, device))
     except Preempted as e:
         if tracker:
             tracker.end("KILLED")
@@ -298,6 +308,49 @@ def _heldout(cfg: TrainConfig, info):
         log.warning("dataset has no %s split: sample grids condition on the first training images", cfg.heldout_split)
     held = open_dataset(info.url, info.encoder, info.level, split, cfg.storage)
     return heldout(held, cfg.grid_images, cfg.storage)
+
+
+def _log_faithfulness(cfg: TrainConfig, ema, info, step: int, tracker, device) -> dict:
+    """The RCDM faithfulness protocol on the first held-out embeddings, from the EMA model; logged to the run
+    (scalars as metrics at the final step, the full result with per-image ranks as faithfulness.json)."""
+    rec = info.encoder_record
+    try:
+        weights, seed = encoder_weights_arg(rec["weights"], cfg.encoder)
+        encoder = build_encoder(cfg.encoder, rec["arch"], weights, seed=seed)
+        if encoder.weights_sha256 != rec["sha256"]:
+            raise UserError(f"encoder weights {encoder.weights_source} are not those the dataset was embedded with")
+    except UserError as e:  # the model is trained; a missing encoder file must not fail the job
+        log.warning("faithfulness skipped: %s", e)
+        tracker.set_tag("faithfulness", f"skipped: {e}")
+        return {}
+    encoder.preprocess = Preprocess.from_dict(rec["preprocess"])
+    encoder.to(device)
+    split = cfg.heldout_split if cfg.heldout_split in info.manifest["splits"] else info.split
+    held = open_dataset(info.url, info.encoder, info.level, split, cfg.storage)
+    _, h, keys = heldout(held, cfg.faithfulness_images, cfg.storage)
+    if len(keys) < 2:
+        tracker.set_tag("faithfulness", f"skipped: split {split} has fewer than 2 images")
+        return {}
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    t0 = time.perf_counter()
+    samples = draw(ema, cfg.schedule, cfg.diffusion_steps, h.to(device), cfg.faithfulness_steps,
+                   "ddim" if cfg.faithfulness_steps.startswith("ddim") else "ddpm", 64, gen)
+    result = faithfulness(h, samples, encoder, cfg.level)
+    result.update(split=split, keys=keys, steps=cfg.faithfulness_steps, seconds=time.perf_counter() - t0,
+                  model_step=step)
+    flat = flat_metrics(result)
+    tracker.log_metrics(flat, step, int(time.time() * 1000))
+    fs, root = open_fs(cfg.run_root, cfg.storage)
+    write_json(fs, join(root, "faithfulness.json"), result)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "faithfulness.json")
+        with open(local, "w") as f:
+            json.dump(result, f, indent=2)
+        tracker.log_artifact(local)
+    log.info("faithfulness on %d held-out images (%s): MRR %.3f [%.3f, %.3f], top-1 %.3f, mean rank %.2f "
+             "(chance MRR %.3f)", result["n"], cfg.faithfulness_steps, result["mrr"], *result["mrr_ci95"],
+             result["top1"], result["mean_rank"], result["chance"]["mrr"])
+    return flat
 
 
 def _log_grid(cfg, ema, grid, step: int, tracker, device) -> None:

@@ -234,6 +234,10 @@ def test_the_embedded_default_sweep(tmp_path):
         grids = [a.path for a in client.list_artifacts(c.info.run_id, "samples")]
         assert grids == ["samples/step-000000050.png", "samples/step-000000100.png"]
         assert c.data.params["encoder.name"] == c.data.tags["encoder"]
+        # the faithfulness protocol ran at the end, on the 64 held-out embeddings
+        assert c.data.metrics["faithfulness_mrr_chance"] == pytest.approx(sum(1 / k for k in range(1, 65)) / 64)
+        assert 1 / 64 <= c.data.metrics["faithfulness_mrr"] <= 1
+        assert "faithfulness.json" in [a.path for a in client.list_artifacts(c.info.run_id)]
 
 
 def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket):

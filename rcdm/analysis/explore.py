@@ -1,0 +1,115 @@
+"""Looking at what an embedding keeps: interpolation between two images' embeddings, and the
+variability of many samples drawn from one embedding against the variability across embeddings."""
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+from rcdm.analysis.faithfulness import reencode
+from rcdm.device import autocast
+from rcdm.diffusion.gaussian import create_diffusion
+
+
+def embedding_path(h0: torch.Tensor, h1: torch.Tensor, alphas: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+    """[K, D] points from h0 (alpha 0) to h1 (alpha 1). ``spherical``: slerp of the directions with the
+    norm interpolated linearly (embeddings of different norms stay on their scale)."""
+    a = alphas.to(h0)[:, None]
+    if mode == "linear":
+        return (1 - a) * h0 + a * h1
+    if mode != "spherical":
+        raise ValueError(f"unknown interpolation {mode!r}; choose linear or spherical")
+    n0, n1 = h0.norm(), h1.norm()
+    u0, u1 = h0 / n0, h1 / n1
+    omega = torch.arccos((u0 * u1).sum().clamp(-1, 1))
+    if omega < 1e-6:
+        direction = u0.expand(len(a), -1)
+    else:
+        direction = (torch.sin((1 - a) * omega) * u0 + torch.sin(a * omega) * u1) / torch.sin(omega)
+    return direction * ((1 - a) * n0 + a * n1)
+
+
+def sample_fixed_noise(model, schedule: str, num_steps: int, cond: torch.Tensor, steps: str, sampler: str,
+                       seed: int, batch_size: int = 64) -> torch.Tensor:
+    """One sample per row of ``cond`` [K, D], every row from the same noise: the same x_T and, for
+    DDPM, the same per-step noise (each row is drawn with an identically seeded generator)."""
+    diffusion = create_diffusion(schedule, num_steps, steps)
+    size = model.cfg.image_size
+    device = cond.device
+    x_t = torch.randn((1, 3, size, size), generator=torch.Generator(device="cpu").manual_seed(seed)).to(device)
+    out = []
+    with autocast(device):
+        if sampler == "ddim":  # deterministic given x_T: batch the rows
+            for chunk in cond.split(batch_size):
+                out.append(diffusion.sample(model, chunk, (len(chunk), 3, size, size), "ddim",
+                                            noise=x_t.expand(len(chunk), -1, -1, -1).clone()).float())
+        else:
+            for row in cond.split(1):
+                gen = torch.Generator(device=device).manual_seed(seed + 1)
+                out.append(diffusion.sample(model, row, (1, 3, size, size), sampler, generator=gen,
+                                            noise=x_t.clone()).float())
+    return torch.cat(out).clamp(-1, 1)
+
+
+def interpolate(model, encoder, level: str, schedule: str, num_steps: int, h0: torch.Tensor, h1: torch.Tensor,
+                points: int, rows: int, mode: str, steps: str, sampler: str, seed: int) -> tuple[torch.Tensor, dict]:
+    """Samples [rows, points, 3, S, S] along the path (a row = one noise) and the numbers: how similar each
+    path point is to both ends, and how similar the re-encoded samples are to both ends."""
+    alphas = torch.linspace(0, 1, points)
+    path = embedding_path(h0, h1, alphas, mode)
+    grid = torch.stack([sample_fixed_noise(model, schedule, num_steps, path, steps, sampler, seed + r)
+                        for r in range(rows)])  # [rows, points, 3, S, S]
+    g = reencode(encoder, level, grid.flatten(0, 1)).view(rows, points, -1)
+    cos = lambda x, y: F.cosine_similarity(x, y.expand_as(x), dim=-1)  # noqa: E731
+    numbers = {
+        "alphas": alphas.tolist(), "mode": mode, "rows": rows,
+        "path_cosine_to_a": cos(path, h0).tolist(), "path_cosine_to_b": cos(path, h1).tolist(),
+        "sample_cosine_to_a": cos(g, h0).mean(0).tolist(), "sample_cosine_to_b": cos(g, h1).mean(0).tolist(),
+    }
+    # the samples should move from A to B: share of consecutive path points whose samples get closer to B
+    d = torch.tensor(numbers["sample_cosine_to_b"]) - torch.tensor(numbers["sample_cosine_to_a"])
+    numbers["monotone_fraction"] = float((d[1:] >= d[:-1]).float().mean())
+    return grid, numbers
+
+
+def interpolation_png(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor) -> bytes:
+    """Rows: image A, the samples along the path, image B (all in [-1, 1])."""
+    rows, points = grid.shape[:2]
+    cells = torch.cat([a.cpu()[None, None].expand(rows, 1, -1, -1, -1), grid.cpu(),
+                       b.cpu()[None, None].expand(rows, 1, -1, -1, -1)], 1)
+    buf = io.BytesIO()
+    save_image(cells.flatten(0, 1), buf, format="png", nrow=points + 2, value_range=(-1, 1), normalize=True, padding=2)
+    return buf.getvalue()
+
+
+def variability(samples: torch.Tensor) -> dict:
+    """``samples`` [N images, M samples, 3, S, S]: what varies when the embedding is fixed.
+
+    within: per-pixel std over the M samples of one embedding (averaged over channels) [N, S, S];
+    between: per-pixel std over the N embeddings of one sample each, averaged over the M draws [S, S];
+    ratio per image = mean within / mean between: near 0, the embedding fixes the image; near 1, a sample
+    varies as much as images of different embeddings do."""
+    if samples.shape[1] < 2 or samples.shape[0] < 2:
+        raise ValueError("variability needs at least 2 images and 2 samples per image")
+    within = samples.float().std(1).mean(1)  # [N, S, S]
+    between = samples.float().std(0).mean(1).mean(0)  # [S, S]
+    ratio = within.mean((1, 2)) / between.mean()
+    return {"within": within, "between": between, "ratio": ratio.tolist(), "ratio_mean": float(ratio.mean()),
+            "within_mean": within.mean((1, 2)).tolist(), "between_mean": float(between.mean())}
+
+
+def variability_png(originals: torch.Tensor, samples: torch.Tensor, within: torch.Tensor) -> bytes:
+    """Rows: the original, its samples, then the per-pixel std heatmap (one scale for all rows)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["magma"]
+    heat = within / within.max().clamp_min(1e-8)
+    heat_rgb = torch.from_numpy(cmap(heat.cpu().numpy())[..., :3]).permute(0, 3, 1, 2).float() * 2 - 1
+    n, m = samples.shape[:2]
+    cells = torch.cat([originals.cpu()[:, None], samples.cpu(), heat_rgb[:, None]], 1)
+    buf = io.BytesIO()
+    save_image(make_grid(cells.flatten(0, 1), nrow=m + 2, padding=2, value_range=(-1, 1), normalize=True), buf,
+               format="png")
+    return buf.getvalue()
