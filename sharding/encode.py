@@ -37,7 +37,7 @@ class ShardJob:
     encoders: list[str] = field(default_factory=lambda: ["vicreg", "dino", "barlow", "simclr"])
     levels: list[str] = field(default_factory=lambda: ["backbone", "projector"])
     arch: str = "tiny"
-    encoder_weights: str = "random"
+    encoder_weights: str = "released"  # tiny: the SSL-trained encoders shipped in rcdm/encoders/tiny_weights
     flip: bool = True
     shard_size: int = 512
     loader_workers: int = 2

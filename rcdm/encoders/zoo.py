@@ -154,6 +154,8 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
         else:
             path = weights
         load_released(enc, spec.layout, path)
+        if weights == "released" and arch == "tiny":  # not this machine's install path
+            enc.weights_source = f"released tiny (rcdm/encoders/tiny_weights/{name}.pt)"
     return enc.eval().requires_grad_(False)
 
 
