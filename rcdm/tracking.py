@@ -68,9 +68,14 @@ class Tracker:
         hist = self.client.get_metric_history(self.run_id, "loss")
         return max((m.step for m in hist), default=-1)
 
-    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int, once: bool = False) -> None:
         """Metrics at ``step``; steps a previous attempt of this job already logged are skipped, so a
-        resumed run's step axis has no duplicates."""
+        resumed run's step axis has no duplicates. ``once``: metrics of their own that a run logs a single
+        time (an end-of-run evaluation at the last training step), logged whatever the step."""
+        if once:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp_ms, step)
+                                                        for k, v in metrics.items()])
+            return
         if step <= self._last_step:
             return
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()])

@@ -339,7 +339,7 @@ def _log_faithfulness(cfg: TrainConfig, ema, info, step: int, tracker, device) -
     result.update(split=split, keys=keys, steps=cfg.faithfulness_steps, seconds=time.perf_counter() - t0,
                   model_step=step)
     flat = flat_metrics(result)
-    tracker.log_metrics(flat, step, int(time.time() * 1000))
+    tracker.log_metrics(flat, step, int(time.time() * 1000), once=True)  # the loss already logged this step
     fs, root = open_fs(cfg.run_root, cfg.storage)
     write_json(fs, join(root, "faithfulness.json"), result)
     with tempfile.TemporaryDirectory() as tmp:

@@ -166,8 +166,9 @@ def test_analysis_commands_write_figures_and_numbers(trained, tmp_path):
     logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
     assert logged == {f"analysis/{n}.{e}" for n in ("interpolate", "variability", "faithfulness") for e in ("png", "json")}
     assert "variability_ratio_mean" in client.get_run(run_id).data.metrics
-    # the run's own end-of-training faithfulness is there too
+    # the run's own end-of-training faithfulness is there too, as an artifact and as metrics
     assert "faithfulness.json" in {a.path for a in client.list_artifacts(run_id)}
+    assert client.get_run(run_id).data.metrics["faithfulness_mrr_chance"] == pytest.approx((1 + 1/2 + 1/3 + 1/4) / 4)
 
 
 def test_analysis_input_errors_name_the_fix(trained, tmp_path):
