@@ -3,12 +3,11 @@
     python launch/pretrain_encoder.py method=simclr
 """
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rcdm.errors import UserError
+from rcdm.errors import cli_errors
 from rcdm.ssl.augment import AugmentConfig
 from rcdm.ssl.pretrain import PretrainConfig, pretrain
 
@@ -26,11 +25,8 @@ def main(cfg: DictConfig) -> None:
                         augment=AugmentConfig(size=cfg.image_size, **augment),
                         tracking_uri=str(cfg.tracking.uri), experiment=cfg.experiment,
                         **{m.name: OmegaConf.to_container(m.params)})
-    try:
+    with cli_errors():
         record = pretrain(pc)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"{m.name}: {record['steps']} steps in {record['seconds']} s, loss {record['final']['loss']:.4f} -> "
           f"{cfg.output} (sha256 {record['sha256'][:12]})")
 
