@@ -40,10 +40,8 @@ def save(run_root: str, state: dict, storage: StorageOptions | None = None, keep
     fs, root = open_fs(run_root, storage)
     ckpt_dir = join(root, "checkpoints")
     name = f"ckpt-{state['step']:09d}.pt"
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
-    with atomic_open(fs, join(ckpt_dir, name)) as f:
-        f.write(buf.getvalue())
+    with atomic_open(fs, join(ckpt_dir, name)) as f:  # streamed: no second copy of a multi-GB state in memory
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
     previous = read_json(fs, join(ckpt_dir, LATEST)).get("history", []) if fs.exists(join(ckpt_dir, LATEST)) else []
     history = [h for h in previous if h != name] + [name]
     write_json(fs, join(ckpt_dir, LATEST), {"file": name, "step": state["step"], "history": history[-keep:]})

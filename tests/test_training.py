@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,6 +19,7 @@ from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.errors import UserError
 from rcdm.hydra_support import ensure_demo_data, train_config
 from rcdm.presets import build_unet
+from rcdm.sampling import draw
 from rcdm.train import apply_update, forward_losses, restore, train
 from sharding.encode import ShardJob
 from sharding.run import shard
@@ -79,11 +81,27 @@ def test_one_step_on_each_data_choice(tmp_path, dataset, model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model,size", [("adm64", 64), ("adm128", 128), ("adm256", 256)])
-def test_one_step_of_each_large_preset_on_cpu(tmp_path, model, size):
-    ds = make_dataset(tmp_path / f"ds{size}", size=size, train=2, val=1)
-    m = _one_step(tmp_path, [f"model={model}", "data=shards", f"data.url={ds}", "encoder=dino",
-                             "train.checkpoint_every=1000", "train.sample_every=1000", "grid.images=1"])
-    assert m["step"] == 1 and m["loss"] > 0
+def test_one_step_of_each_large_preset_on_cpu(model, size):
+    """Each large preset builds at its published size, takes one optimisation step through the training
+    loop's own update (finite loss; every parameter gets a gradient, as DDP without unused-parameter
+    scans needs; the update changes the model) and samples. The loop around it (loader,
+    checkpoint, MLflow) is the tiny tests' job: a full-state checkpoint here would be 4.7-8.9 GB of disk."""
+    torch.manual_seed(0)
+    net = build_unet(model, 256)
+    assert net.cfg.image_size == size
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    before = [p.detach().clone() for p in net.parameters()]
+    x, h, t = torch.rand(1, 3, size, size) * 2 - 1, torch.randn(1, 256), torch.tensor([500])
+    loss = forward_losses(net, create_diffusion(), x, h, t)["loss"].mean()
+    assert torch.isfinite(loss) and loss > 0
+    assert np.isfinite(apply_update(net, opt, loss, 1.0))
+    unused = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not unused, f"parameters outside the graph: {unused[:5]}"
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    del before, opt
+    with torch.no_grad():
+        out = draw(net.eval(), "linear", 1000, h, "ddim2", "ddim", 1, torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
 
 
 def test_dataset_without_the_requested_encoder_is_refused(tmp_path, dataset):
