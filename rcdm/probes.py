@@ -38,12 +38,13 @@ def synthetic_set(count: int, seed: int, split: str, size: int = 32) -> tuple[to
     return torch.stack([to_uint8_tensor(img) for img, _ in pairs]), [f for _, f in pairs]
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 weight_decay: float = 1e-3, iters: int = 200) -> float:
-    """Multinomial logistic regression (L-BFGS) on standardised features; test accuracy."""
+def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, weight_decay: float = 1e-3, iters: int = 200,
+                     classes: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Multinomial logistic regression (L-BFGS) on standardised features -> (mean, std, w, b):
+    logits = ((x - mean) / std) @ w + b."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
-    classes = int(max(train_y.max(), test_y.max())) + 1
+    xtr = (train_x - mean) / std
+    classes = classes or int(train_y.max()) + 1
     w = torch.zeros(xtr.shape[1], classes, requires_grad=True)
     b = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
@@ -54,9 +55,17 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         loss.backward()
         return loss
 
-    opt.step(closure)
-    with torch.no_grad():
-        return ((xte @ w + b).argmax(1) == test_y).float().mean().item()
+    with torch.enable_grad():
+        opt.step(closure)
+    return mean, std, w.detach(), b.detach()
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 weight_decay: float = 1e-3, iters: int = 200) -> float:
+    """Test accuracy of ``fit_linear_probe`` on standardised features."""
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    mean, std, w, b = fit_linear_probe(train_x, train_y, weight_decay, iters, classes)
+    return (((test_x - mean) / std @ w + b).argmax(1) == test_y).float().mean().item()
 
 
 @torch.no_grad()

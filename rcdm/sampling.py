@@ -39,16 +39,22 @@ class SampleConfig:
 def encode_images(paths: list[Path], encoder, preprocess: Preprocess, level: str, image_size: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (embeddings [N, D] float32, training-resolution images [N, 3, S, S] in [-1, 1])."""
-    enc_in, shown = [], []
+    imgs = []
     for p in paths:
         try:
-            img = load_rgb(p)
+            imgs.append(load_rgb(p))
         except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
             raise UserError(f"cannot read image {p}: {e}") from None
-        enc_in.append(preprocess(img))
-        shown.append(to_model_range(center_crop(img, image_size)))
+    return encode_pil(imgs, encoder, preprocess, level, image_size, device)
+
+
+def encode_pil(imgs: list, encoder, preprocess: Preprocess, level: str, image_size: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL RGB images -> (embeddings [N, D] float32, images [N, 3, S, S] in [-1, 1] at ``image_size``)."""
+    enc_in = [preprocess(img) for img in imgs]
+    shown = [to_model_range(center_crop(img, image_size)) for img in imgs]
     with torch.no_grad(), autocast(device):
-        h = encoder(torch.stack(enc_in).to(device))[level].float()  # [N, D]
+        h = torch.cat([encoder(c.to(device))[level].float() for c in torch.stack(enc_in).split(256)])  # [N, D]
     return h, torch.stack(shown)
 
 

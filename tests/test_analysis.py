@@ -2,6 +2,7 @@
 interpolation, variability, and the launch/analyze.py command that writes their figures and numbers."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,9 +131,9 @@ def trained(tmp_path_factory):
     return run_root, folder, run_id, f"sqlite:///{d / 'm.db'}"
 
 
-def _analyze(args, cwd):
+def _analyze(args, cwd, env=None):
     return subprocess.run([sys.executable, str(ROOT / "launch" / "analyze.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.slow
@@ -179,3 +180,194 @@ def test_analysis_input_errors_name_the_fix(trained, tmp_path):
     assert r.returncode == 2 and "choose one of interpolate" in r.stderr
     r = _analyze(["analysis=variability", f"images={folder}"], tmp_path)
     assert r.returncode == 2 and "checkpoint is required" in r.stderr
+
+
+# --- manipulation, invariance, adversarial, fidelity: the pieces ------------------------------------------
+
+def test_shared_dimensions_are_the_ones_the_neighbours_share():
+    from rcdm.analysis.manipulate import edit, shared_dimensions, transfer_numbers
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(200, 16, generator=g)
+    pool[:10, 3] += 6.0  # ten images share a large value on dims 3 and 7, and sit close together
+    pool[:10, 7] -= 6.0
+    source = pool[0].clone()
+    nn_idx, dims, values = shared_dimensions(pool, source, k=8, fraction=2 / 16)
+    assert set(nn_idx.tolist()) <= set(range(1, 10))  # neighbours from the group, never the source itself
+    assert set(dims.tolist()) == {3, 7}
+    target = pool[150]
+    edited = edit(target, dims, values)
+    assert torch.equal(edited[[0, 1, 2, 4]], target[[0, 1, 2, 4]]) and torch.equal(edited[dims], values[dims])
+    scale = pool.std(0)
+    full = transfer_numbers(edited[None].repeat(4, 1), target[None].repeat(4, 1), dims, values, scale)
+    none = transfer_numbers(target[None].repeat(4, 1), target[None].repeat(4, 1), dims, values, scale)
+    assert full["transfer"] == pytest.approx(1.0) and none["transfer"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="more than k"):
+        shared_dimensions(pool[:5], source, k=8, fraction=0.1)
+
+
+def test_augmentation_families_do_what_they_say():
+    from rcdm.analysis.invariance import FAMILIES, augment, embedding_invariance
+
+    images, factors = synthetic_set(8, 3, "probe")
+    x = images.float() / 255
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment("flip", x, g), x.flip(3))
+    gray = augment("grayscale", x, g)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    for family in FAMILIES:
+        v = augment(family, x, g)
+        assert v.shape == x.shape and v.min() >= 0 and v.max() <= 1 and not torch.allclose(v, x)
+    # zooming on the centre makes the object cover more of the image: fewer background pixels
+    bg = lambda im: (im - im[:, :, :1, :1]).abs().sum(1).lt(0.05).float().mean()  # noqa: E731
+    assert bg(augment("crop_scale", x, g)) < bg(x)
+    h = {"backbone": torch.randn(8, 5, generator=g)}
+    same = embedding_invariance(h, {"flip": {"backbone": h["backbone"].clone()}})
+    assert same["flip"]["backbone"]["invariance_index"] == pytest.approx(1.0)
+    other = embedding_invariance(h, {"flip": {"backbone": h["backbone"].roll(1, 0)}})
+    assert other["flip"]["backbone"]["invariance_index"] < 0.5
+
+
+def test_fgsm_flips_more_with_epsilon_and_stays_within_it():
+    from rcdm.analysis.adversarial import attack, fgsm
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(3 * 8 * 8, 2)
+
+        def embed(self, x):
+            return x.flatten(1)
+
+        def forward(self, x):
+            return self.w(x.flatten(1))
+
+    torch.manual_seed(0)
+    model = Linear()
+    x = torch.rand(64, 3, 8, 8) * 1.6 - 0.8
+    y = model(x).argmax(1)
+    xa = fgsm(model, x, y, 4.0)
+    assert (xa - x).abs().max() <= 4.0 / 127.5 + 1e-6
+    results, perturbed = attack({"ssl": model}, x, y, (0.0, 1.0, 8.0, 64.0))
+    flips = results["ssl"]["flip_rate"]
+    assert flips[0] == 0 and flips == sorted(flips) and flips[-1] > 0.5
+    assert set(perturbed) == {0.0, 1.0, 8.0, 64.0}
+
+
+def test_fidelity_metrics_on_a_small_feature_extractor():
+    """FID, IS and precision/recall through torch-fidelity on features of a small network (no download)."""
+    from rcdm.analysis.fidelity import extract, fidelity
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten())  # 32-d features
+    head = torch.nn.Linear(32, 10)
+
+    def extractor(images):
+        with torch.no_grad():
+            f = net(images)
+            return {"features": f.double(), "logits": head(f).double() * 20}
+
+    real = torch.rand(300, 3, 16, 16) * 2 - 1
+    same = fidelity(extract(extractor, real), extract(extractor, real))
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["precision"] == 1.0 and same["recall"] == 1.0
+    shifted = fidelity(extract(extractor, (real * 0.3 + 0.5).clamp(-1, 1)), extract(extractor, real))
+    assert shifted["fid"] > 0.01 and shifted["recall"] < same["recall"]
+    assert 1.0 <= same["inception_score"] <= 10.0
+
+
+def test_inception_weights_missing_offline_name_the_file_and_cache(tmp_path, monkeypatch):
+    from rcdm.analysis.fidelity import INCEPTION_URL, InceptionFeatures
+    from rcdm.errors import UserError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError) as e:
+        InceptionFeatures(torch.device("cpu"), download=False)
+    assert INCEPTION_URL in str(e.value)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in str(e.value)
+
+
+# --- the new commands on the trained demo models ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def backbone_run(trained):
+    """The same encoder's backbone-level RCDM (invariance compares levels)."""
+    from test_training import compose_sweep
+
+    from rcdm.hydra_support import train_config
+    from rcdm.train import train
+
+    d = trained[0].parents[3]
+    cfg = compose_sweep(["data=shards", f"data.url={d / 'ds'}", "encoder=vicreg", "level=backbone", "train.steps=2",
+                         "train.batch_size=4", "train.loader_workers=0", "grid.images=1", "grid.samples=1",
+                         "grid.steps=ddim2", "faithfulness.images=0", f"storage.run_root={d / 'runs'}",
+                         f"tracking.uri=sqlite:///{d / 'm.db'}"])
+    train(train_config(cfg))
+    return d / "runs" / "rcdm-demo" / "main" / "vicreg-backbone-tiny"
+
+
+@pytest.mark.slow
+def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_path, monkeypatch):
+    run_root, folder, run_id, uri = trained
+    monkeypatch.setenv("RCDM_CACHE", str(tmp_path / "cache"))
+    common = ["steps=ddim2", f"output={tmp_path}", f"mlflow_run_id={run_id}", f"tracking_uri={uri}",
+              "factor_steps=30"]
+
+    r = _analyze(["analysis=manipulate", f"checkpoint={run_root}", "images=synthetic:12", "neighbours=3",
+                  f"source={folder / '0.png'}", f"target={folder / '1.png'}", "samples=2", *common], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    numbers = json.loads((tmp_path / "manipulate.json").read_text())
+    assert len(numbers["neighbours"]) == 3 and len(numbers["dims"]) == round(0.1 * numbers["embedding_dim"])
+    assert math.isfinite(numbers["transfer"])
+    assert Image.open(tmp_path / "manipulate.png").size == (2 + 3 * 34, 2 + 3 * 34)
+
+    r = _analyze(["analysis=invariance", f"checkpoint=[{backbone_run},{run_root}]", "images=synthetic:24",
+                  "families=[grayscale,flip]", *common], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    numbers = json.loads((tmp_path / "invariance.json").read_text())
+    emb = numbers["embedding"]["grayscale"]
+    # finding 2 with the shipped SSL-trained VICReg: the projector is more invariant to grayscale
+    assert emb["projector"]["invariance_index"] > emb["backbone"]["invariance_index"]
+    for level in ("backbone", "projector"):
+        table = numbers["samples"][level]
+        assert set(table) == {"clean", "grayscale", "flip"}
+        assert all(0 <= v <= 1 for v in table["grayscale"]["preserved"].values() if v is not None)
+    assert Image.open(tmp_path / "invariance.png").size == (2 + 4 * 34, 2 + 6 * 34)  # 3 images x 2 families
+
+    r = _analyze(["analysis=adversarial", f"checkpoint={run_root}", "images=synthetic:16", "task=background",
+                  "epsilons=[0,2,16]", "probe_images=200", *common], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    numbers = json.loads((tmp_path / "adversarial.json").read_text())
+    for model in ("supervised", "ssl"):
+        res = numbers["models"][model]
+        assert res["epsilon"] == [0, 2, 16] and res["flip_rate"][0] == 0 and res["embedding_drift"][0] == pytest.approx(0, abs=1e-6)
+        assert res["flip_rate"][2] >= res["flip_rate"][0]
+    assert (tmp_path / "adversarial_samples.png").exists()
+
+    r = _analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=encoder", *common],
+                 tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    numbers = json.loads((tmp_path / "fidelity.json").read_text())
+    assert numbers["fid"] >= 0 and numbers["inception_score"] is None and numbers["samples"] == 4
+
+    r = _analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "download=false"], tmp_path,
+                 env={"TORCH_HOME": str(tmp_path / "empty")})
+    assert r.returncode == 2 and "weights-inception-2015-12-05-6726825d.pth" in r.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "analysis")}
+    assert {"analysis/manipulate.png", "analysis/invariance.json", "analysis/adversarial_samples.png",
+            "analysis/fidelity.json"} <= logged
+
+
+def test_finding_command_input_errors_name_the_fix(trained, tmp_path):
+    run_root, folder, _, _ = trained
+    r = _analyze(["analysis=adversarial", f"checkpoint={run_root}", f"images={folder}"], tmp_path)
+    assert r.returncode == 2 and "images=synthetic:N" in r.stderr
+    r = _analyze(["analysis=manipulate", f"checkpoint={run_root}", f"images={folder}"], tmp_path)
+    assert r.returncode == 2 and "source=<image>" in r.stderr
+    r = _analyze(["analysis=invariance", f"checkpoint=[{run_root},{run_root}]", "images=synthetic:4"], tmp_path)
+    assert r.returncode == 2 and "one checkpoint per level" in r.stderr
+    r = _analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=vgg"], tmp_path)
+    assert r.returncode == 2 and "choose inception or encoder" in r.stderr

@@ -1,0 +1,130 @@
+"""Adversarial probe: how far does a small adversarial perturbation move an embedding and a prediction?
+
+FGSM (Goodfellow et al. 2015), x_adv = clip(x + eps * sign(grad_x loss)), at several pixel epsilons,
+against (a) a supervised classifier (the tiny ResNet trained end to end on the labels) and (b) a
+linear probe over the frozen SSL embedding at the RCDM's level, each attacked through its own
+gradient. Per epsilon: how many predictions flip, accuracy, and the embedding drift (1 - cosine to the
+clean embedding) of the SSL level and of the supervised trunk. RCDM samples conditioned on the
+perturbed SSL embeddings show what the perturbation did to the representation. The paper's finding 3:
+the SSL probe flips less than the supervised classifier at small epsilon.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rcdm.analysis.factors import FactorNet
+from rcdm.probes import fit_linear_probe
+
+EPSILONS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # in 0-255 pixel units
+
+
+def encoder_input(encoder, x: torch.Tensor) -> torch.Tensor:
+    """Differentiable [-1, 1] images -> the encoder's input (size and normalisation of its preprocess)."""
+    size = encoder.preprocess.size
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    if encoder.preprocess.normalize == "minus_one_one":
+        return x
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device)[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device)[:, None, None]
+    return ((x + 1) / 2 - mean) / std
+
+
+class SSLProbe(torch.nn.Module):
+    """Frozen encoder level -> standardised features -> linear classifier."""
+
+    def __init__(self, encoder, level: str, mean, std, w, b):
+        super().__init__()
+        self.encoder, self.level = encoder, level
+        for k, v in {"mean": mean, "std": std, "w": w, "b": b}.items():
+            self.register_buffer(k, v.detach().clone())
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(encoder_input(self.encoder, x))[self.level].float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self.embed(x) - self.mean) / self.std) @ self.w + self.b
+
+
+class SupervisedHead(torch.nn.Module):
+    """One factor's head of the supervised factor net, as a classifier with an embedding (its trunk)."""
+
+    def __init__(self, net: FactorNet, factor: str):
+        super().__init__()
+        self.net, self.factor = net, factor
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.heads[self.factor](self.net.features(x))
+
+
+def ssl_probe(encoder, level: str, images: torch.Tensor, labels: torch.Tensor) -> SSLProbe:
+    """Fit the linear probe on the frozen embeddings of ``images`` [N, 3, S, S] in [-1, 1]."""
+    with torch.no_grad():
+        feats = torch.cat([encoder(encoder_input(encoder, c))[level].float() for c in images.split(256)])
+    mean, std, w, b = fit_linear_probe(feats, labels)
+    return SSLProbe(encoder, level, mean, std, w, b).eval()
+
+
+def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [N, 3, S, S] in [-1, 1]; eps in 0-255 pixel units."""
+    if eps == 0:
+        return x.clone()
+    x = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y)
+    (grad,) = torch.autograd.grad(loss, x)
+    return (x + eps / 127.5 * grad.sign()).clamp(-1, 1).detach()
+
+
+def attack(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
+           epsilons=EPSILONS) -> tuple[dict, dict[float, torch.Tensor]]:
+    """{model: {flip_rate, accuracy, embedding_drift: [per eps]}} and the perturbed images per eps of
+    the model named "ssl" (to condition samples on)."""
+    out, ssl_images = {}, {}
+    for name, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            clean_pred = model(x).argmax(1)
+            clean_emb = model.embed(x)
+        rows = {"epsilon": list(epsilons), "flip_rate": [], "accuracy": [], "embedding_drift": []}
+        for eps in epsilons:
+            xa = fgsm(model, x, y, eps)
+            with torch.no_grad():
+                pred = model(xa).argmax(1)
+                drift = 1 - F.cosine_similarity(model.embed(xa), clean_emb, dim=1)
+            rows["flip_rate"].append(float((pred != clean_pred).float().mean()))
+            rows["accuracy"].append(float((pred == y).float().mean()))
+            rows["embedding_drift"].append(float(drift.mean()))
+            if name == "ssl":
+                ssl_images[eps] = xa
+        out[name] = rows
+    return out, ssl_images
+
+
+def curves_png(results: dict, title: str) -> bytes:
+    """Flip rate and embedding drift against epsilon, one line per model."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100)
+    for name, r in results.items():
+        for ax, key in zip(axes, ("flip_rate", "embedding_drift")):
+            ax.plot(r["epsilon"], r[key], marker="o", label=name)
+    for ax, label in zip(axes, ("prediction flip rate", "embedding drift (1 - cos)")):
+        ax.set_xlabel("FGSM epsilon (of 255)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,80 @@
+"""FID, Inception Score and precision/recall between samples and reference images, via torch-fidelity.
+
+Features come from torch-fidelity's Inception-v3 (the TF-FID port, as the FID literature uses) or, for
+small offline runs, from the RCDM's own frozen encoder (FID and precision/recall only: it has no class
+logits for an Inception Score; numbers in that space are not comparable with published FIDs). The
+Inception weights are fetched into the torch.hub cache once; offline, the error names the file, the
+URL and where to put it. Precision/recall are Kynkaenniemi et al. (2019), k = 3 neighbourhoods.
+"""
+from __future__ import annotations
+
+import torch
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+from rcdm.encoders.weights import fetch
+
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+
+
+class InceptionFeatures:
+    """[N, 3, H, W] images in [-1, 1] -> {"features": [N, 2048] pool3, "logits": [N, 1008]}."""
+
+    def __init__(self, device: torch.device, download: bool = True):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        path = fetch(INCEPTION_URL, download=download)  # UserError naming the file and cache path offline
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(path)).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).to(self.device)
+        feats, logits = self.net(x)  # resizes to 299 itself, as the TF reference does
+        return {"features": feats.double().cpu(), "logits": logits.double().cpu()}
+
+
+class EncoderFeatures:
+    """The RCDM's frozen encoder as the feature space (``level``): no logits, so no Inception Score."""
+
+    def __init__(self, encoder, level: str):
+        self.encoder, self.level = encoder, level
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        from rcdm.analysis.faithfulness import reencode
+
+        return {"features": reencode(self.encoder, self.level, images).double().cpu(), "logits": None}
+
+
+def extract(extractor, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor | None]:
+    parts = [extractor(c) for c in images.split(batch_size)]
+    return {k: torch.cat([p[k] for p in parts]) if parts[0][k] is not None else None for k in parts[0]}
+
+
+def fidelity(samples: dict, reference: dict, is_splits: int = 10, neighbourhood: int = 3) -> dict:
+    """FID, IS (of the samples, when logits exist) and precision/recall from extracted features."""
+    n_s, n_r = len(samples["features"]), len(reference["features"])
+    if min(n_s, n_r) < 2:
+        raise ValueError("FID needs at least 2 samples and 2 reference images")
+    fid = fid_statistics_to_metric(fid_features_to_statistics(samples["features"]),
+                                   fid_features_to_statistics(reference["features"]), verbose=False)
+    out = {"fid": float(fid["frechet_inception_distance"]), "samples": n_s, "reference": n_r,
+           "feature_dim": int(samples["features"].shape[1])}
+    if n_s > neighbourhood and n_r > neighbourhood:
+        prc = prc_features_to_metric(samples["features"].float(), reference["features"].float(),
+                                     prc_neighborhood=neighbourhood, prc_batch_size=10000, save_cpu_ram=False,
+                                     verbose=False)
+        out.update(precision=float(prc["precision"]), recall=float(prc["recall"]), f_score=float(prc["f_score"]))
+    if samples["logits"] is not None:
+        isc = isc_features_to_metric(samples["logits"], splits=min(is_splits, n_s))
+        out.update(inception_score=isc["inception_score_mean"], inception_score_std=isc["inception_score_std"])
+    else:
+        out["inception_score"] = None
+    if min(n_s, n_r) < 2 * out["feature_dim"]:
+        out["warning"] = (f"{min(n_s, n_r)} images for {out['feature_dim']}-d features: the covariance is rank "
+                          f"deficient and FID is biased upwards; use thousands of images for numbers to compare")
+    return out

@@ -1,0 +1,112 @@
+"""Invariance probe: is an embedding level invariant to the augmentations SSL trains with?
+
+For each augmentation family, every image is compared with an augmented view of itself:
+- in embedding space, at every level of the encoder: cosine(h(x), h(aug x)), and an invariance index
+  that puts levels on one scale: (cos_aug - cos_other) / (1 - cos_other), with cos_other the mean cosine
+  between different images (1 = the view embeds exactly like its image, 0 = like another image);
+- in samples, for each RCDM given (one per level): with the synthetic data the factors are known, and a
+  supervised factor predictor reads them off each sample. ``preserved`` is the fraction of samples,
+  conditioned on the augmented view, that show the original image's factor; ``follows_view``, among
+  the images whose factor the augmentation changed (as the predictor reads the view), the fraction of
+  samples that show the view's value instead: an invariant level gives low ``follows_view``.
+The paper's findings 1 and 2: the backbone follows colour jitter and grayscale, the projector does not.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from rcdm.analysis.factors import predict, true_factors
+from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
+
+# the factors each augmentation can change
+CHANGES = {"colour_jitter": ("colour", "background"), "grayscale": ("grayscale",),
+           "crop_scale": ("scale",), "crop_position": ("x", "y"), "flip": ("x",)}
+FAMILIES = tuple(CHANGES)
+
+
+def _crop(x: torch.Tensor, side: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """Square crops (side and centre as fractions of the image) resampled to the image size."""
+    b, _, h, w = x.shape
+    half = side * w / 2
+    cx, cy = cx * w, cy * h
+    boxes = torch.stack([torch.arange(b, dtype=torch.float), cx - half, cy - half, cx + half, cy + half], 1)
+    return roi_align(x, boxes.to(x), output_size=(h, w), aligned=True, sampling_ratio=2)
+
+
+def augment(family: str, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One augmented view per image of ``x`` [N, 3, S, S] in [0, 1], at SSL strength, always applied."""
+    n = len(x)
+    if family == "colour_jitter":
+        return colour_jitter(x, AugmentConfig(jitter_p=1.0), g)
+    if family == "grayscale":
+        return _gray(x).expand_as(x).contiguous()
+    if family == "crop_scale":  # zoom on the centre: 30-60 % of the area, the object looks bigger
+        side = (torch.rand(n, generator=g) * 0.3 + 0.3).sqrt()
+        return _crop(x, side, torch.full((n,), 0.5), torch.full((n,), 0.5)).clamp(0, 1)
+    if family == "crop_position":  # a fixed 60 %-area window moved around: the object moves
+        side = torch.full((n,), 0.6 ** 0.5)
+        lo, hi = side / 2, 1 - side / 2
+        cx, cy = (lo + torch.rand(n, generator=g) * (hi - lo) for _ in range(2))
+        return _crop(x, side, cx, cy).clamp(0, 1)
+    if family == "flip":
+        return x.flip(3)
+    raise ValueError(f"unknown augmentation family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+@torch.no_grad()
+def embed(encoder, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """images [N, 3, S, S] in [0, 1] -> {level: [N, D]}, resized to the encoder's input size if needed."""
+    device = next(encoder.parameters()).device
+    out: dict[str, list] = {}
+    size = encoder.preprocess.size
+    for chunk in images.split(batch_size):
+        if chunk.shape[-1] != size:
+            chunk = F.interpolate(chunk, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        x = encoder.preprocess.normalize_uint8((chunk * 255).round().to(torch.uint8)).to(device)
+        for level, v in encoder(x).items():
+            out.setdefault(level, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def embedding_invariance(clean: dict[str, torch.Tensor], views: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """{family: {level: {cosine, invariance_index}}} and the cross-image baseline per level."""
+    out: dict = {"cosine_other": {}}
+    for level, h in clean.items():
+        hn = F.normalize(h, dim=1)
+        sim = hn @ hn.T
+        n = len(h)
+        out["cosine_other"][level] = float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+    for family, by_level in views.items():
+        out[family] = {}
+        for level, hv in by_level.items():
+            cos = float(F.cosine_similarity(clean[level], hv, dim=1).mean())
+            other = out["cosine_other"][level]
+            out[family][level] = {"cosine": cos, "invariance_index": (cos - other) / max(1 - other, 1e-8)}
+    return out
+
+
+def factor_table(net, factors: list[dict], originals: torch.Tensor, views: dict[str, torch.Tensor],
+                 samples_clean: torch.Tensor, samples_view: dict[str, torch.Tensor]) -> dict:
+    """Factors read off samples of one level. All images in [-1, 1].
+
+    -> {"clean": {factor: preserved}, family: {"preserved": {factor: ...}, "follows_view": {factor: ...}}}"""
+    truth = true_factors(factors)
+
+    def frac(mask: torch.Tensor) -> float | None:
+        return float(mask.float().mean()) if mask.numel() else None
+
+    p_clean = predict(net, samples_clean)
+    out: dict = {"clean": {k: frac((p_clean[k] == y)[m]) for k, (y, m) in truth.items()}}
+    p_orig = predict(net, originals)
+    for family, view in views.items():
+        p_view, p_sample = predict(net, view), predict(net, samples_view[family])
+        entry = {"preserved": {k: frac((p_sample[k] == y)[m]) for k, (y, m) in truth.items()},
+                 "follows_view": {}, "changed": {}}
+        for k in CHANGES[family]:
+            changed = p_view[k] != p_orig[k]
+            entry["changed"][k] = int(changed.sum())
+            entry["follows_view"][k] = frac((p_sample[k] == p_view[k])[changed])
+        out[family] = entry
+    return out
