@@ -39,13 +39,18 @@ class SampleConfig:
 def encode_images(paths: list[Path], encoder, preprocess: Preprocess, level: str, image_size: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (embeddings [N, D] float32, training-resolution images [N, 3, S, S] in [-1, 1])."""
+    return encode_pil(load_images(paths), encoder, preprocess, level, image_size, device)
+
+
+def load_images(paths) -> list:
+    """PIL RGB images; an unreadable file is a UserError naming it."""
     imgs = []
     for p in paths:
         try:
             imgs.append(load_rgb(p))
         except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
             raise UserError(f"cannot read image {p}: {e}") from None
-    return encode_pil(imgs, encoder, preprocess, level, image_size, device)
+    return imgs
 
 
 def encode_pil(imgs: list, encoder, preprocess: Preprocess, level: str, image_size: int,

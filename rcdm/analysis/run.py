@@ -17,9 +17,9 @@ from rcdm.analysis.factors import FactorNetConfig, factor_net
 from rcdm.analysis.faithfulness import faithfulness, reencode
 from rcdm.device import pick_device
 from rcdm.errors import UserError
-from rcdm.preprocess import find_images, load_rgb
+from rcdm.preprocess import find_images
 from rcdm.probes import factor_labels
-from rcdm.sampling import draw, encode_pil, grid_png, load_with_encoder
+from rcdm.sampling import draw, encode_pil, grid_png, load_images, load_with_encoder
 from sharding import synthetic
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,7 @@ def _inputs(spec, size: int) -> Inputs:
         return Inputs([p for p, _ in pairs], [f"synthetic/{SYNTHETIC_SPLIT}/{i}" for i in range(count)],
                       [f for _, f in pairs])
     paths = find_images(spec)
-    pils = []
-    for p in paths:
-        try:
-            pils.append(load_rgb(p))
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
-            raise UserError(f"cannot read image {p}: {e}") from None
-    return Inputs(pils, [str(p) for p in paths], None)
+    return Inputs(load_images(paths), [str(p) for p in paths], None)
 
 
 def _png(cells: torch.Tensor, nrow: int) -> bytes:
@@ -204,8 +198,8 @@ def _manipulate(c: _Context):
     if not cfg.source or not cfg.target:
         raise UserError("manipulate needs source=<image> (whose neighbours define the attribute) and "
                         "target=<image> (that receives it), and images=<folder> to find the neighbours in")
-    pool, _ = c.encode()
-    (h_src, h_tgt), shown = c.encode([load_rgb(Path(cfg.source)), load_rgb(Path(cfg.target))])
+    pool, pool_shown = c.encode()
+    (h_src, h_tgt), shown = c.encode(load_images([Path(cfg.source), Path(cfg.target)]))
     try:
         nn_idx, dims, values = manipulate.shared_dimensions(pool.cpu(), h_src.cpu(), cfg.neighbours, cfg.fraction)
     except ValueError as e:
@@ -217,7 +211,7 @@ def _manipulate(c: _Context):
     numbers = manipulate.transfer_numbers(g[m:], g[:m], dims, values, pool.cpu().std(0) + 1e-6)
     numbers.update(source=cfg.source, target=cfg.target, neighbours=[c.inputs.names[i] for i in nn_idx.tolist()],
                    dims=dims.tolist(), embedding_dim=pool.shape[1], fraction=cfg.fraction, samples_per_embedding=m)
-    neighbours = torch.stack([c.encode([c.inputs.pils[i]])[1][0] for i in nn_idx[:m].tolist()])
+    neighbours = pool_shown[nn_idx[:m]]
     blank = torch.full_like(shown[0], -1)
     # rows: source and its neighbours; the target and samples of its own embedding; the target and edited samples
     row1 = torch.cat([shown[:1], neighbours, blank[None].expand(m - len(neighbours), -1, -1, -1)])
