@@ -31,12 +31,14 @@ class AugmentConfig:
     local_scale: tuple[float, float] = (0.05, 0.4)
 
 
-def _u(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=g) * (hi - lo) + lo
+# Random draws come from a CPU generator and then move to the images' device: the same seed gives the
+# same views on CPU and GPU, and a batch already on the GPU is augmented there.
+def _u(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
 
 
-def _bernoulli(n: int, p: float, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=g) < p
+def _bernoulli(n: int, p: float, g: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    return (torch.rand(n, generator=g) < p).to(device)
 
 
 def resized_crop(x: torch.Tensor, size: int, scale: tuple, ratio: tuple, g: torch.Generator) -> torch.Tensor:
@@ -62,12 +64,13 @@ def colour_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     probability jitter_p. x in [0, 1]."""
     b = len(x)
     br, co, sa, hue = cfg.jitter
-    on = _bernoulli(b, cfg.jitter_p, g)[:, None, None, None]
-    y = x * _u(b, 1 - br, 1 + br, g)[:, None, None, None]
+    dev = x.device
+    on = _bernoulli(b, cfg.jitter_p, g, dev)[:, None, None, None]
+    y = x * _u(b, 1 - br, 1 + br, g, dev)[:, None, None, None]
     mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-    y = (y - mean) * _u(b, 1 - co, 1 + co, g)[:, None, None, None] + mean
+    y = (y - mean) * _u(b, 1 - co, 1 + co, g, dev)[:, None, None, None] + mean
     gray = _gray(y)
-    y = (y - gray) * _u(b, 1 - sa, 1 + sa, g)[:, None, None, None] + gray
+    y = (y - gray) * _u(b, 1 - sa, 1 + sa, g, dev)[:, None, None, None] + gray
     # hue: rotate chroma around the grey axis (YIQ), angle up to +-hue * 2 pi
     theta = _u(b, -hue, hue, g) * 2 * math.pi
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -87,20 +90,20 @@ def blur(x: torch.Tensor, p: float, sigma: tuple, g: torch.Generator) -> torch.T
     k1 = k1 / k1.sum(1, keepdim=True)  # [B, 3]
     k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, 0)[:, None]  # [B*C, 1, 3, 3]
     y = F.conv2d(F.pad(x.reshape(1, b * c, h, w), (1, 1, 1, 1), mode="reflect"), k2.to(x), groups=b * c)
-    return torch.where(_bernoulli(b, p, g)[:, None, None, None], y.reshape(b, c, h, w), x)
+    return torch.where(_bernoulli(b, p, g, x.device)[:, None, None, None], y.reshape(b, c, h, w), x)
 
 
 def view(x: torch.Tensor, size: int, scale: tuple, cfg: AugmentConfig, blur_p: float, solarize_p: float,
          g: torch.Generator) -> torch.Tensor:
     """One augmented view of a batch: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1]."""
-    b = len(x)
+    b, dev = len(x), x.device
     y = resized_crop(x.float() / 255.0, size, scale, cfg.crop_ratio, g)
-    y = torch.where(_bernoulli(b, 0.5, g)[:, None, None, None], y.flip(3), y)
+    y = torch.where(_bernoulli(b, 0.5, g, dev)[:, None, None, None], y.flip(3), y)
     y = colour_jitter(y, cfg, g)
-    y = torch.where(_bernoulli(b, cfg.grayscale_p, g)[:, None, None, None], _gray(y).expand_as(y), y)
+    y = torch.where(_bernoulli(b, cfg.grayscale_p, g, dev)[:, None, None, None], _gray(y).expand_as(y), y)
     y = blur(y, blur_p, cfg.blur_sigma, g)
     if solarize_p > 0:
-        y = torch.where(_bernoulli(b, solarize_p, g)[:, None, None, None] & (y >= 0.5), 1 - y, y)
+        y = torch.where(_bernoulli(b, solarize_p, g, dev)[:, None, None, None] & (y >= 0.5), 1 - y, y)
     return y.clamp(0, 1)
 
 

@@ -68,7 +68,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.method, "tiny", "random", seed=cfg.seed).train().requires_grad_(True).to(device)
     aug = cfg.augment if cfg.method == "dino" else AugmentConfig(**{**asdict(cfg.augment), "local_crops": 0})
-    images = synthetic_images(cfg.images, cfg.image_size, cfg.data_seed)  # [N, 3, S, S] uint8, in memory
+    # [N, 3, S, S] uint8, kept on the training device: the views are made there (a GPU is not left waiting
+    # on CPU augmentation)
+    images = synthetic_images(cfg.images, cfg.image_size, cfg.data_seed).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = list(encoder.parameters())
     student_head = teacher = teacher_head = dino_loss = None
@@ -87,9 +89,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(cfg, step)
-            batch = images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen)]
+            batch = images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen).to(device)]
             # [0, 1] -> [-1, 1]: the input range the sharding stage gives this encoder (x / 127.5 - 1)
-            vs = [(v * 2 - 1).to(device) for v in views(batch, aug, gen)]
+            vs = [v * 2 - 1 for v in views(batch, aug, gen)]
             with autocast(device):
                 loss, terms = _loss(cfg, encoder, vs, student_head, teacher, teacher_head, dino_loss, step)
             if not torch.isfinite(loss):
@@ -121,6 +123,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.save(to_release_layout(final, extra), cfg.output)
     record = {"method": cfg.method, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
               "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "final": last, "config": asdict(cfg) | {"output": None, "tracking_uri": None}}
     with open(cfg.output.rsplit(".", 1)[0] + ".json", "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
