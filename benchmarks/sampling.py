@@ -21,7 +21,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 import torch  # noqa: E402
 
 from rcdm.analysis.faithfulness import faithfulness  # noqa: E402
-from rcdm.analysis.run import _inputs  # noqa: E402
+from rcdm.analysis.run import load_inputs  # noqa: E402
 from rcdm.device import pick_device  # noqa: E402
 from rcdm.sampling import draw, encode_pil, load_with_encoder  # noqa: E402
 
@@ -41,7 +41,7 @@ def main() -> None:
         sys.exit(f"no checkpoint at {args.checkpoint}: run the README's first line (the demo sweep) or pass "
                  f"--checkpoint <run root>")
     loaded, encoder = load_with_encoder(args.checkpoint, device)
-    inputs = _inputs(f"synthetic:{args.images}", loaded.model.cfg.image_size)
+    inputs = load_inputs(f"synthetic:{args.images}", loaded.model.cfg.image_size)
     h, _ = encode_pil(inputs.pils, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)
     rows = []
     for steps in args.settings.split(","):

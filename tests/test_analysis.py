@@ -106,27 +106,34 @@ def test_variability_ratio_bounds():
 
 # --- the commands on a trained demo model ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny RCDM trained a few steps on a small synthetic dataset, and a folder of 4 held-out images."""
-    from test_training import compose_sweep, make_dataset
+def _train_vicreg(d: Path, level: str, extra: list[str]) -> Path:
+    """Two training steps of a tiny VICReg RCDM at ``level`` on the dataset in d/ds -> its run root."""
+    from test_training import compose_sweep
 
     from rcdm.hydra_support import train_config
     from rcdm.train import train
 
-    d = tmp_path_factory.mktemp("analysis")
-    url = make_dataset(d / "ds", train=32, val=4, encoders=("vicreg",))
-    cfg = compose_sweep(["data=shards", f"data.url={url}", "encoder=vicreg", "level=projector", "train.steps=2",
+    cfg = compose_sweep(["data=shards", f"data.url={d / 'ds'}", "encoder=vicreg", f"level={level}", "train.steps=2",
                          "train.batch_size=4", "train.loader_workers=0", "grid.images=1", "grid.samples=1",
-                         "grid.steps=ddim2", "faithfulness.images=4", "faithfulness.steps=ddim2",
-                         f"storage.run_root={d / 'runs'}", f"tracking.uri=sqlite:///{d / 'm.db'}"])
+                         "grid.steps=ddim2", *extra, f"storage.run_root={d / 'runs'}",
+                         f"tracking.uri=sqlite:///{d / 'm.db'}"])
     train(train_config(cfg))
+    return d / "runs" / "rcdm-demo" / "main" / f"vicreg-{level}-tiny"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny RCDM trained a few steps on a small synthetic dataset, and a folder of 4 held-out images."""
+    from test_training import make_dataset
+
+    d = tmp_path_factory.mktemp("analysis")
+    make_dataset(d / "ds", train=32, val=4, encoders=("vicreg",))
+    run_root = _train_vicreg(d, "projector", ["faithfulness.images=4", "faithfulness.steps=ddim2"])
     folder = d / "images"
     folder.mkdir()
     images, _ = synthetic_set(4, 11, "probe")
     for i, img in enumerate(images):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    run_root = d / "runs" / "rcdm-demo" / "main" / "vicreg-projector-tiny"
     run_id = json.loads((run_root / "mlflow_run.json").read_text())["run_id"]
     return run_root, folder, run_id, f"sqlite:///{d / 'm.db'}"
 
@@ -292,18 +299,7 @@ def test_inception_weights_missing_offline_name_the_file_and_cache(tmp_path, mon
 @pytest.fixture(scope="module")
 def backbone_run(trained):
     """The same encoder's backbone-level RCDM (invariance compares levels)."""
-    from test_training import compose_sweep
-
-    from rcdm.hydra_support import train_config
-    from rcdm.train import train
-
-    d = trained[0].parents[3]
-    cfg = compose_sweep(["data=shards", f"data.url={d / 'ds'}", "encoder=vicreg", "level=backbone", "train.steps=2",
-                         "train.batch_size=4", "train.loader_workers=0", "grid.images=1", "grid.samples=1",
-                         "grid.steps=ddim2", "faithfulness.images=0", f"storage.run_root={d / 'runs'}",
-                         f"tracking.uri=sqlite:///{d / 'm.db'}"])
-    train(train_config(cfg))
-    return d / "runs" / "rcdm-demo" / "main" / "vicreg-backbone-tiny"
+    return _train_vicreg(trained[0].parents[3], "backbone", ["faithfulness.images=0"])
 
 
 @pytest.mark.slow

@@ -75,7 +75,9 @@ class Inputs:
     factors: list[dict] | None  # known for synthetic images only
 
 
-def _inputs(spec, size: int) -> Inputs:
+def load_inputs(spec, size: int) -> Inputs:
+    """``images=`` of the analyses: "synthetic:N" (labelled demo images of a split no model trained on), a
+    folder, a file, or a list of files; resized to the checkpoint's ``size``."""
     if isinstance(spec, str) and spec.startswith("synthetic"):
         _, _, n = spec.partition(":")
         try:
@@ -105,7 +107,7 @@ def run_analysis(cfg: AnalyzeConfig) -> dict:
     if len(checkpoints) > 1 and cfg.analysis != "invariance":
         raise UserError(f"{cfg.analysis} takes one checkpoint, got {len(checkpoints)}")
     loaded, encoder = load_with_encoder(checkpoints[0], device, cfg.download, cfg.endpoint_url)
-    inputs = _inputs(cfg.images, loaded.model.cfg.image_size)
+    inputs = load_inputs(cfg.images, loaded.model.cfg.image_size)
     ctx = _Context(cfg, sampler, device, loaded, encoder, inputs, checkpoints)
     t0 = time.perf_counter()
     pngs, numbers, scalars = ANALYSIS_FUNCS[cfg.analysis](ctx)
@@ -142,10 +144,10 @@ class _Context:
     inputs: Inputs
     checkpoints: list[str]
 
-    def encode(self, pils=None, encoder=None, level=None):
-        enc = encoder or self.encoder
-        return encode_pil(self.inputs.pils if pils is None else pils, enc, enc.preprocess, level or self.loaded.level,
-                          self.loaded.model.cfg.image_size, self.device)
+    def encode(self, pils=None):
+        """The checkpoint's conditioning embeddings of ``pils`` (default: the inputs) and the images shown."""
+        return encode_pil(self.inputs.pils if pils is None else pils, self.encoder, self.encoder.preprocess,
+                          self.loaded.level, self.loaded.model.cfg.image_size, self.device)
 
     def draw(self, h: torch.Tensor, loaded=None) -> torch.Tensor:
         lo = loaded or self.loaded
