@@ -4,9 +4,12 @@ is missing, refuse jobs the dataset cannot serve, open the sweep's parent MLflow
 last one (close the parent run)."""
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
+import signal
 import sys
+import threading
 from typing import Any, NoReturn
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -103,7 +106,20 @@ def _refuse(e: UserError) -> NoReturn:
     raise SystemExit(2)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the launcher through SystemExit, so exit handlers (closing the parent run) still run."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 class SweepCallback(Callback):
+    """Runs in the launching process. Hydra calls on_multirun_end only when every job returned: when a job
+    raises (the basic launcher re-raises it; submitit's raises on a failed job), on Ctrl-C or on SIGTERM the
+    launcher exits without it, and an exit handler ends the parent run FAILED instead of leaving it RUNNING."""
+
+    def __init__(self) -> None:
+        self._open_parent: tuple[str, str, str] | None = None  # (tracking uri, experiment, run id)
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             ensure_demo_data(config)
@@ -125,6 +141,9 @@ class SweepCallback(Callback):
                                 "jobs": str(len(combos)), "kind": "sweep"},
                                {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
         write_json(fs, path, {"run_id": run_id})
+        self._open_parent = (str(config.tracking.uri), str(config.experiment), run_id)
+        atexit.register(self._end_unfinished_parent)
+        _exit_on_sigterm()
         print(f"sweep {config.sweep_id}: {len(combos)} jobs, parent MLflow run {run_id}; runs: {tracker.link()}",
               flush=True)
 
@@ -138,5 +157,21 @@ class SweepCallback(Callback):
         ok = bool(children) and all(r.info.status == "FINISHED" for r in children)
         tracker.run_id = run_id
         tracker.end("FINISHED" if ok else "FAILED")
+        self._open_parent = None
         print(f"sweep {config.sweep_id}: {sum(r.info.status == 'FINISHED' for r in children)}/{len(children)} jobs "
               f"finished; runs: {tracker.link()}", flush=True)
+
+    def _end_unfinished_parent(self) -> None:
+        if self._open_parent is None:
+            return
+        uri, experiment, run_id = self._open_parent
+        self._open_parent = None
+        try:
+            tracker = Tracker(uri, experiment)
+            tracker.run_id = run_id
+            tracker.end("FAILED")
+            print(f"sweep parent MLflow run {run_id} ended FAILED: the launcher stopped before every job returned "
+                  "(jobs already submitted to a cluster carry on and log to their own runs)", file=sys.stderr,
+                  flush=True)
+        except Exception as e:  # the tracking server may be what failed; never hide the original error
+            print(f"warning: could not end the sweep's parent MLflow run {run_id}: {e}", file=sys.stderr, flush=True)

@@ -117,6 +117,24 @@ def test_dataset_without_the_requested_encoder_is_refused(tmp_path, dataset):
     assert not (tmp_path / "runs" / "rcdm-demo" / "main" / "dino-backbone-tiny").exists()  # nothing ran
 
 
+def test_a_crashing_job_does_not_leave_the_sweep_parent_run_running(tmp_path, dataset):
+    """Hydra's basic launcher re-raises a job's exception and never calls on_multirun_end: the parent run
+    must still end (FAILED), like the job's own run."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", "encoder=dino",
+                        "level=backbone,projector", "data=shards", f"data.url={dataset}",
+                        f"storage.run_root={tmp_path / 'runs'}", f"tracking.uri={uri}", "train.steps=10",
+                        "train.lr=1e30", "train.grad_clip=1e30", "train.loader_workers=0", "train.sample_every=1000",
+                        "grid.images=1", "grid.steps=ddim2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "loss is" in r.stderr, r.stderr[-2000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [run for run in runs if run.data.tags.get("kind") == "sweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED", [(x.data.tags, x.info.status) for x in runs]
+    assert len(runs) == 3 and all(run.info.status == "FAILED" for run in runs)  # each job ran, and failed
+    assert "ended FAILED" in r.stderr
+
+
 def _ddp_worker(rank: int, world: int, port: int, batch: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
