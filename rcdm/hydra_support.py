@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rcdm.data import open_dataset
 from rcdm.errors import UserError
-from rcdm.storage import join, open_fs, read_json, write_json
+from rcdm.storage import join, open_fs, read_json, recorded_run_id, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
 from rcdm.train import TrainConfig
 from sharding.config import storage_from_cfg as storage_options
@@ -134,12 +134,12 @@ class SweepCallback(Callback):
         except UserError as e:
             _refuse(e)
         tracker = Tracker(str(config.tracking.uri), str(config.experiment))
-        fs, path = open_fs(parent_run_file(config), storage_options(config))
-        existing = read_json(fs, path)["run_id"] if fs.exists(path) else None
+        existing = recorded_run_id(parent_run_file(config), storage_options(config))  # a re-launched sweep
         run_id = tracker.start(existing, f"sweep {config.sweep_id}",
                                {"sweep_id": str(config.sweep_id), "run_root": sweep_root(config),
                                 "jobs": str(len(combos)), "kind": "sweep"},
                                {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
+        fs, path = open_fs(parent_run_file(config), storage_options(config))
         write_json(fs, path, {"run_id": run_id})
         self._open_parent = (str(config.tracking.uri), str(config.experiment), run_id)
         atexit.register(self._end_unfinished_parent)
@@ -148,11 +148,10 @@ class SweepCallback(Callback):
               flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        tracker = Tracker(str(config.tracking.uri), str(config.experiment))
-        fs, path = open_fs(parent_run_file(config), storage_options(config))
-        if not fs.exists(path):
+        run_id = recorded_run_id(parent_run_file(config), storage_options(config))
+        if run_id is None:
             return
-        run_id = read_json(fs, path)["run_id"]
+        tracker = Tracker(str(config.tracking.uri), str(config.experiment))
         children = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'")
         ok = bool(children) and all(r.info.status == "FINISHED" for r in children)
         tracker.run_id = run_id

@@ -94,3 +94,9 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj) -> None:
 def read_json(fs: fsspec.AbstractFileSystem, path: str):
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
+
+
+def recorded_run_id(url: str, storage: StorageOptions | None = None) -> str | None:
+    """The MLflow run id a run file (``mlflow_run.json``, ``parent_run.json``) records; None if there is none."""
+    fs, path = open_fs(url, storage)
+    return read_json(fs, path)["run_id"] if fs.exists(path) else None

@@ -29,7 +29,7 @@ from rcdm.errors import UserError
 from rcdm.preprocess import Preprocess
 from rcdm.presets import build_unet
 from rcdm.sampling import draw, grid_png
-from rcdm.storage import StorageOptions, atomic_open, join, open_fs, read_json, write_json
+from rcdm.storage import StorageOptions, atomic_open, join, open_fs, recorded_run_id, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
 
 log = logging.getLogger(__name__)
@@ -140,16 +140,7 @@ def _resolve_run_id(cfg: TrainConfig, state: dict | None) -> str | None:
     """The MLflow run this job continues: from its checkpoint, else from its run file."""
     if state and state.get("mlflow_run_id"):
         return state["mlflow_run_id"]
-    fs, root = open_fs(cfg.run_root, cfg.storage)
-    path = join(root, "mlflow_run.json")
-    return read_json(fs, path)["run_id"] if fs.exists(path) else None
-
-
-def _parent_run_id(cfg: TrainConfig) -> str | None:
-    if not cfg.parent_run_file:
-        return None
-    fs, path = open_fs(cfg.parent_run_file, cfg.storage)
-    return read_json(fs, path)["run_id"] if fs.exists(path) else None
+    return recorded_run_id(join(cfg.run_root, "mlflow_run.json"), cfg.storage)
 
 
 def model_meta(cfg: TrainConfig, info) -> dict:
@@ -200,7 +191,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
                 "dataset": cfg.data_url, "preset": cfg.preset, "world_size": str(dist.world),
                 # how often SLURM requeued this job, and where this start picked up: set again at every start
                 "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "started_at_step": str(step)}
-        parent = _parent_run_id(cfg)
+        parent = recorded_run_id(cfg.parent_run_file, cfg.storage) if cfg.parent_run_file else None
         if parent:
             tags[PARENT_TAG] = parent
         run_id = tracker.start(_resolve_run_id(cfg, state), cfg.run_name, tags, cfg.config)

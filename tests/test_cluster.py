@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -78,10 +79,21 @@ def _run(cmd: list[str], env: dict, cwd: Path, timeout: int) -> subprocess.Compl
     return p
 
 
-def _sacct(env: dict, job: str, fields: str, *extra: str) -> list[list[str]]:
-    out = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", fields, *extra], env=env, capture_output=True,
-                         text=True, timeout=60, check=True).stdout
-    return [line.split("|") for line in out.splitlines() if line.strip()]
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"}
+
+
+def _sacct(env: dict, job: str, fields: str, *extra: str, wait_s: float = 60) -> list[list[str]]:
+    """sacct rows once every record of ``job`` has ended: a job's result file (what the launcher waits
+    for) is written before slurmctld records the job COMPLETED."""
+    state = fields.split(",").index("State")
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", fields, *extra], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        rows = [line.split("|") for line in out.splitlines() if line.strip()]
+        if (rows and not any(r[state] in ACTIVE_STATES for r in rows)) or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
 
 
 def _s3_keys(env: dict, prefix: str) -> list[str]:
