@@ -118,7 +118,7 @@ class SweepCallback(Callback):
     launcher exits without it, and an exit handler ends the parent run FAILED instead of leaving it RUNNING."""
 
     def __init__(self) -> None:
-        self._open_parent: tuple[str, str, str] | None = None  # (tracking uri, experiment, run id)
+        self._open_parent: Tracker | None = None  # on the sweep's parent run, until it is ended
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -134,41 +134,40 @@ class SweepCallback(Callback):
         except UserError as e:
             _refuse(e)
         tracker = Tracker(str(config.tracking.uri), str(config.experiment))
-        existing = recorded_run_id(parent_run_file(config), storage_options(config))  # a re-launched sweep
+        run_file = parent_run_file(config)
+        existing = recorded_run_id(run_file, storage_options(config))  # a re-launched sweep continues its run
         run_id = tracker.start(existing, f"sweep {config.sweep_id}",
                                {"sweep_id": str(config.sweep_id), "run_root": sweep_root(config),
                                 "jobs": str(len(combos)), "kind": "sweep"},
                                {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
-        fs, path = open_fs(parent_run_file(config), storage_options(config))
-        write_json(fs, path, {"run_id": run_id})
-        self._open_parent = (str(config.tracking.uri), str(config.experiment), run_id)
+        write_json(*open_fs(run_file, storage_options(config)), {"run_id": run_id})
+        self._open_parent = tracker
         atexit.register(self._end_unfinished_parent)
         _exit_on_sigterm()
         print(f"sweep {config.sweep_id}: {len(combos)} jobs, parent MLflow run {run_id}; runs: {tracker.link()}",
               flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        run_id = recorded_run_id(parent_run_file(config), storage_options(config))
-        if run_id is None:
+        if self._open_parent is None:
             return
-        tracker = Tracker(str(config.tracking.uri), str(config.experiment))
-        children = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'")
+        tracker = self._parent_tracker()
+        children = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{tracker.run_id}'")
         ok = bool(children) and all(r.info.status == "FINISHED" for r in children)
-        tracker.run_id = run_id
         tracker.end("FINISHED" if ok else "FAILED")
-        self._open_parent = None
         print(f"sweep {config.sweep_id}: {sum(r.info.status == 'FINISHED' for r in children)}/{len(children)} jobs "
               f"finished; runs: {tracker.link()}", flush=True)
+
+    def _parent_tracker(self) -> Tracker:
+        """The tracker on the parent run opened by on_multirun_start; the run counts as closed from here on."""
+        tracker, self._open_parent = self._open_parent, None
+        return tracker
 
     def _end_unfinished_parent(self) -> None:
         if self._open_parent is None:
             return
-        uri, experiment, run_id = self._open_parent
-        self._open_parent = None
+        run_id = self._open_parent.run_id
         try:
-            tracker = Tracker(uri, experiment)
-            tracker.run_id = run_id
-            tracker.end("FAILED")
+            self._parent_tracker().end("FAILED")
             print(f"sweep parent MLflow run {run_id} ended FAILED: the launcher stopped before every job returned "
                   "(jobs already submitted to a cluster carry on and log to their own runs)", file=sys.stderr,
                   flush=True)
