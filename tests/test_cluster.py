@@ -203,16 +203,19 @@ def test_requeue_resumes_the_same_run(stack, dataset, tmp_path):
     run = children[0]
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["slurm_restart_count"]) >= 1, "the job finished without being requeued"
-    resumed_at = int(run.data.tags["started_at_step"])
-    assert 0 < resumed_at < steps
+    resumed_at = int(run.data.tags["started_at_step"])  # where the last start picked up
+    assert 0 < resumed_at <= steps  # == steps: the signal came during the end-of-run evaluation
     history = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert history == list(range(every, steps + 1, every)), history  # continuous, each step once
 
     job_id = run.data.tags["slurm_job_id"]
     # the logs of the last start say where it resumed; an earlier start says it checkpointed there
     logs = "".join(p.read_text() for p in tmp_path.rglob(f"{job_id}_0_log.*"))
-    assert re.search(rf"checkpoint \S+ \(step {resumed_at}\)", logs), "no checkpoint at the signal"
-    assert re.search(rf"resuming from \S+ at step {resumed_at}\b", logs), "the restart did not resume there"
+    resumes = [int(k) for k in re.findall(r"resuming from \S+ at step (\d+)\b", logs)]
+    assert resumes and resumes[-1] == resumed_at, (resumes, resumed_at)
+    assert 0 < resumes[0] < steps, resumes  # the first requeue came mid-training
+    for k in resumes:  # every restart resumed where the signalled start checkpointed
+        assert re.search(rf"checkpoint \S+ \(step {k}\)", logs), f"no checkpoint at the signal (step {k})"
     states = [r[0] for r in _sacct(stack, job_id, "State", "-X", "--duplicates")]
     assert "REQUEUED" in states or "PREEMPTED" in states or "TIMEOUT" in states, states
     assert states[-1] == "COMPLETED", states
