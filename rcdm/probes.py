@@ -1,11 +1,13 @@
-"""Linear probes of frozen embeddings for the synthetic data's generative factors: how much of each
-factor an embedding level still carries (chance = 1 / number of classes)."""
+"""Linear probes of frozen embeddings: how much of each generative factor of the synthetic data, and of
+each random variable of the SSL colour jitter, an embedding level still carries (chance = 1 / number of
+classes)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from rcdm.preprocess import to_uint8_tensor
+from rcdm.ssl.augment import AugmentConfig, adjust_colour
 from sharding import synthetic
 
 N_BINS = 3  # continuous factors (scale, x, y) are probed as terciles of their range
@@ -72,12 +74,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 def probe_encoder(encoder, images: torch.Tensor, factors: list[dict], train_fraction: float = 0.7
                   ) -> dict[str, dict[str, float]]:
     """{level: {factor: test accuracy}} for every level of ``encoder``; also the chance levels."""
-    x = encoder.preprocess.normalize_uint8(images)
-    feats = {}
-    for chunk in x.split(256):
-        for level, v in encoder.eval()(chunk).items():
-            feats.setdefault(level, []).append(v.float())
-    feats = {k: torch.cat(v) for k, v in feats.items()}
+    feats = _embed(encoder, images)
     labels = factor_labels(factors)
     n_train = int(len(images) * train_fraction)
     out: dict[str, dict[str, float]] = {level: {} for level in feats}
@@ -89,3 +86,70 @@ def probe_encoder(encoder, images: torch.Tensor, factors: list[dict], train_frac
         for level, f in feats.items():
             out[level][name] = linear_probe(f[tr], y[tr], f[te], y[te])
     return out
+
+
+JITTER_VARIABLES = ("brightness", "contrast", "saturation", "hue")
+
+
+@torch.no_grad()
+def _embed(encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = encoder.preprocess.normalize_uint8(images)
+    feats: dict[str, list[torch.Tensor]] = {}
+    for chunk in x.split(256):
+        for level, v in encoder.eval()(chunk).items():
+            feats.setdefault(level, []).append(v.float())
+    return {k: torch.cat(v) for k, v in feats.items()}
+
+
+def probe_jitter(encoder, images: torch.Tensor, factors: list[dict], levels: int = 5,
+                 jitter: tuple[float, float, float, float] = AugmentConfig().jitter, train_fraction: float = 0.7
+                 ) -> dict[str, dict[str, float]]:
+    """How much of the colour jitter each level carries: every coloured image at ``levels`` settings,
+    evenly spaced over the augmentation's range, of one jitter variable (the others left as they are);
+    a linear probe predicts the setting. Train and test images are disjoint (all settings of an image
+    fall on one side). -> {level: {variable: test accuracy}, "chance": {...}}"""
+    coloured = torch.tensor([not f["grayscale"] for f in factors])  # hue and saturation act on colour only
+    x = images[coloured].float() / 255
+    n, n_train = len(x), int(len(x) * train_fraction)
+    identity = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+    y = torch.arange(levels).repeat_interleave(n)  # setting k of every image, then k + 1...
+    is_train = (torch.arange(n) < n_train).repeat(levels)
+    out: dict[str, dict[str, float]] = {"chance": {v: 1.0 / levels for v in JITTER_VARIABLES}}
+    for var, amount in zip(JITTER_VARIABLES, jitter):
+        lo, hi = (-amount, amount) if var == "hue" else (1 - amount, 1 + amount)
+        variants = []
+        for setting in torch.linspace(lo, hi, levels):
+            f = {k: torch.full((n,), v) for k, v in identity.items()}
+            f[var] = torch.full((n,), float(setting))
+            variants.append(adjust_colour(x, f["brightness"], f["contrast"], f["saturation"], f["hue"]))
+        feats = _embed(encoder, (torch.cat(variants) * 255).round().to(torch.uint8))
+        for level, v in feats.items():
+            out.setdefault(level, {})[var] = linear_probe(v[is_train], y[is_train], v[~is_train], y[~is_train])
+    return out
+
+
+def _entropy(labels: torch.Tensor) -> float:
+    p = torch.bincount(labels).float()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def assignment_information(assignment: torch.Tensor, factors: list[dict]) -> dict[str, float]:
+    """How much of each generative factor a clustering carries: I(assignment; factor) / H(factor), plug-in
+    estimates over the images where the factor is visible (0: independent, 1: the clusters determine it)."""
+    out = {}
+    for name, (y, mask) in factor_labels(factors).items():
+        a, f = assignment[mask], y[mask]
+        joint = a * (int(f.max()) + 1) + f
+        out[name] = (_entropy(a) + _entropy(f) - _entropy(joint)) / _entropy(f)
+    return out
+
+
+@torch.no_grad()
+def dino_prototype_assignment(encoder, checkpoint: dict, images: torch.Tensor) -> torch.Tensor:
+    """The DINO prototype each image falls on: argmax over the release's ``head.last_layer`` (weight-normed,
+    norm fixed to 1) of the L2-normalised projector output, the teacher's view before centring. [N] long."""
+    v = checkpoint["teacher"]["head.last_layer.weight_v"]
+    prototypes = F.normalize(v.float(), dim=1)
+    z = _embed(encoder, images)["projector"]
+    return (F.normalize(z, dim=1) @ prototypes.T).argmax(1)

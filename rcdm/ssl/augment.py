@@ -59,28 +59,36 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # [B, 1, H, W]
 
 
-def colour_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue, each with its own factor per sample; applied with
-    probability jitter_p. x in [0, 1]."""
-    b = len(x)
-    br, co, sa, hue = cfg.jitter
-    dev = x.device
-    on = _bernoulli(b, cfg.jitter_p, g, dev)[:, None, None, None]
-    y = x * _u(b, 1 - br, 1 + br, g, dev)[:, None, None, None]
+def adjust_colour(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+                  hue: torch.Tensor) -> torch.Tensor:
+    """Colour jitter with given per-sample factors [B] (1, 1, 1, 0 leave an image as it is): brightness,
+    contrast and saturation scale, hue rotates chroma around the grey axis (YIQ) by ``hue`` turns. x in [0, 1]."""
+    def per_sample(f: torch.Tensor) -> torch.Tensor:
+        return f.to(x)[:, None, None, None]
+
+    y = x * per_sample(brightness)
     mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-    y = (y - mean) * _u(b, 1 - co, 1 + co, g, dev)[:, None, None, None] + mean
+    y = (y - mean) * per_sample(contrast) + mean
     gray = _gray(y)
-    y = (y - gray) * _u(b, 1 - sa, 1 + sa, g, dev)[:, None, None, None] + gray
-    # hue: rotate chroma around the grey axis (YIQ), angle up to +-hue * 2 pi
-    theta = _u(b, -hue, hue, g) * 2 * math.pi
+    y = (y - gray) * per_sample(saturation) + gray
+    theta = hue.float().cpu() * 2 * math.pi
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    rot = torch.zeros(b, 3, 3)
+    rot = torch.zeros(len(x), 3, 3)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2] = torch.cos(theta), -torch.sin(theta)
     rot[:, 2, 1], rot[:, 2, 2] = torch.sin(theta), torch.cos(theta)
     m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # [B, 3, 3]
-    y = torch.einsum("bij,bjhw->bihw", m.to(x), y)
-    return torch.where(on, y.clamp(0, 1), x)
+    return torch.einsum("bij,bjhw->bihw", m.to(x), y).clamp(0, 1)
+
+
+def colour_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue, each with its own factor drawn per sample from
+    ``cfg.jitter``'s ranges; applied with probability jitter_p. x in [0, 1]."""
+    b = len(x)
+    br, co, sa, hue = cfg.jitter
+    on = _bernoulli(b, cfg.jitter_p, g, x.device)[:, None, None, None]
+    factors = _u(b, 1 - br, 1 + br, g), _u(b, 1 - co, 1 + co, g), _u(b, 1 - sa, 1 + sa, g), _u(b, -hue, hue, g)
+    return torch.where(on, adjust_colour(x, *factors), x)
 
 
 def blur(x: torch.Tensor, p: float, sigma: tuple, g: torch.Generator) -> torch.Tensor:
