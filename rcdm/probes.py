@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rcdm.preprocess import to_uint8_tensor
-from rcdm.ssl.augment import AugmentConfig, adjust_colour
+from rcdm.ssl.augment import AugmentConfig, adjust_colour, jitter_ranges
 from sharding import synthetic
 
 N_BINS = 3  # continuous factors (scale, x, y) are probed as terciles of their range
@@ -71,6 +71,17 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 @torch.no_grad()
+def _embed(encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{level: [N, dim] float} for uint8 images, in chunks."""
+    x = encoder.preprocess.normalize_uint8(images)
+    feats: dict[str, list[torch.Tensor]] = {}
+    for chunk in x.split(256):
+        for level, v in encoder.eval()(chunk).items():
+            feats.setdefault(level, []).append(v.float())
+    return {k: torch.cat(v) for k, v in feats.items()}
+
+
+@torch.no_grad()
 def probe_encoder(encoder, images: torch.Tensor, factors: list[dict], train_fraction: float = 0.7
                   ) -> dict[str, dict[str, float]]:
     """{level: {factor: test accuracy}} for every level of ``encoder``; also the chance levels."""
@@ -91,40 +102,27 @@ def probe_encoder(encoder, images: torch.Tensor, factors: list[dict], train_frac
 JITTER_VARIABLES = ("brightness", "contrast", "saturation", "hue")
 
 
-@torch.no_grad()
-def _embed(encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    x = encoder.preprocess.normalize_uint8(images)
-    feats: dict[str, list[torch.Tensor]] = {}
-    for chunk in x.split(256):
-        for level, v in encoder.eval()(chunk).items():
-            feats.setdefault(level, []).append(v.float())
-    return {k: torch.cat(v) for k, v in feats.items()}
-
-
 def probe_jitter(encoder, images: torch.Tensor, factors: list[dict], levels: int = 5,
                  jitter: tuple[float, float, float, float] = AugmentConfig().jitter, train_fraction: float = 0.7
                  ) -> dict[str, dict[str, float]]:
     """How much of the colour jitter each level carries: every coloured image at ``levels`` settings,
-    evenly spaced over the augmentation's range, of one jitter variable (the others left as they are);
-    a linear probe predicts the setting. Train and test images are disjoint (all settings of an image
-    fall on one side). -> {level: {variable: test accuracy}, "chance": {...}}"""
+    evenly spaced over the augmentation's range, of one jitter variable (the others at the middle of
+    their range, which leaves the image as it is); a linear probe predicts the setting. Train and test
+    images are disjoint (all settings of an image fall on one side).
+    -> {level: {variable: test accuracy}, "chance": {...}}"""
     coloured = torch.tensor([not f["grayscale"] for f in factors])  # hue and saturation act on colour only
-    x = images[coloured].float() / 255
-    n, n_train = len(x), int(len(x) * train_fraction)
-    identity = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
-    y = torch.arange(levels).repeat_interleave(n)  # setting k of every image, then k + 1...
-    is_train = (torch.arange(n) < n_train).repeat(levels)
+    x = (images[coloured].float() / 255).repeat(levels, 1, 1, 1)  # every image at setting 0, then 1...
+    n = len(x) // levels
+    y = torch.arange(levels).repeat_interleave(n)
+    is_train = (torch.arange(n) < int(n * train_fraction)).repeat(levels)
+    ranges = jitter_ranges(jitter)
     out: dict[str, dict[str, float]] = {"chance": {v: 1.0 / levels for v in JITTER_VARIABLES}}
-    for var, amount in zip(JITTER_VARIABLES, jitter):
-        lo, hi = (-amount, amount) if var == "hue" else (1 - amount, 1 + amount)
-        variants = []
-        for setting in torch.linspace(lo, hi, levels):
-            f = {k: torch.full((n,), v) for k, v in identity.items()}
-            f[var] = torch.full((n,), float(setting))
-            variants.append(adjust_colour(x, f["brightness"], f["contrast"], f["saturation"], f["hue"]))
-        feats = _embed(encoder, (torch.cat(variants) * 255).round().to(torch.uint8))
+    for i, variable in enumerate(JITTER_VARIABLES):
+        settings = [torch.full((len(x),), (lo + hi) / 2) for lo, hi in ranges]
+        settings[i] = torch.linspace(*ranges[i], levels)[y]
+        feats = _embed(encoder, (adjust_colour(x, *settings) * 255).round().to(torch.uint8))
         for level, v in feats.items():
-            out.setdefault(level, {})[var] = linear_probe(v[is_train], y[is_train], v[~is_train], y[~is_train])
+            out.setdefault(level, {})[variable] = linear_probe(v[is_train], y[is_train], v[~is_train], y[~is_train])
     return out
 
 

@@ -81,13 +81,19 @@ def adjust_colour(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Ten
     return torch.einsum("bij,bjhw->bihw", m.to(x), y).clamp(0, 1)
 
 
+def jitter_ranges(jitter: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """(low, high) of each of ``adjust_colour``'s factors for the jitter amounts (brightness, contrast,
+    saturation, hue); the middle of each range leaves an image as it is."""
+    br, co, sa, hue = jitter
+    return [(1 - br, 1 + br), (1 - co, 1 + co), (1 - sa, 1 + sa), (-hue, hue)]
+
+
 def colour_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Brightness, contrast, saturation and hue, each with its own factor drawn per sample from
     ``cfg.jitter``'s ranges; applied with probability jitter_p. x in [0, 1]."""
     b = len(x)
-    br, co, sa, hue = cfg.jitter
     on = _bernoulli(b, cfg.jitter_p, g, x.device)[:, None, None, None]
-    factors = _u(b, 1 - br, 1 + br, g), _u(b, 1 - co, 1 + co, g), _u(b, 1 - sa, 1 + sa, g), _u(b, -hue, hue, g)
+    factors = [_u(b, lo, hi, g) for lo, hi in jitter_ranges(cfg.jitter)]
     return torch.where(on, adjust_colour(x, *factors), x)
 
 
