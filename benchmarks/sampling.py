@@ -15,15 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-# keep this folder off the import path so that ``sharding`` is the package, not benchmarks/sharding.py
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from rcdm.analysis.faithfulness import faithfulness  # noqa: E402
-from rcdm.analysis.run import load_inputs  # noqa: E402
-from rcdm.device import pick_device  # noqa: E402
-from rcdm.sampling import draw, encode_pil, load_with_encoder  # noqa: E402
+from rcdm.analysis.commands import load_inputs
+from rcdm.analysis.faithfulness import faithfulness
+from rcdm.device import pick_device
+from rcdm.diffusion.schedules import sampler_for
+from rcdm.sampling import draw, encode_pil, load_with_encoder
 
 SETTINGS = ("1000", "250", "100", "50", "25", "ddim50", "ddim25")
 
@@ -45,7 +43,7 @@ def main() -> None:
     h, _ = encode_pil(inputs.pils, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)
     rows = []
     for steps in args.settings.split(","):
-        sampler = "ddim" if steps.startswith("ddim") else "ddpm"
+        sampler = sampler_for(steps)
         gen = torch.Generator(device=device).manual_seed(0)
         t0 = time.perf_counter()
         samples = draw(loaded.model, loaded.schedule, loaded.num_steps, h, steps, sampler, len(h), gen)

@@ -14,28 +14,25 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# benchmarks/sharding.py sits beside this file: keep this folder off the import path so that
-# ``sharding`` is the package.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from rcdm.data import TrainStream, open_dataset  # noqa: E402
-from rcdm.diffusion.gaussian import create_diffusion  # noqa: E402
-from rcdm.encoders import build_encoder  # noqa: E402
-from rcdm.preprocess import Preprocess, center_crop, load_rgb  # noqa: E402
-from rcdm.presets import PRESETS, build_unet  # noqa: E402
-from rcdm.train import TrainConfig, apply_update, forward_losses, train  # noqa: E402
-from sharding.encode import ShardJob  # noqa: E402
-from sharding.run import shard  # noqa: E402
+from rcdm.config import DataConfig, FaithfulnessConfig, LoopConfig, ModelConfig, Named, TrackingConfig, TrainConfig
+from rcdm.data import TrainStream, open_dataset
+from rcdm.diffusion.gaussian import create_diffusion
+from rcdm.encoders import build_encoder
+from rcdm.preprocess import Preprocess, center_crop, load_rgb
+from rcdm.presets import PRESETS, build_unet
+from rcdm.storage import StorageOptions
+from rcdm.train import apply_update, forward_losses, train
+from sharding.config import ShardJob, SyntheticInput
+from sharding.orchestrate import shard
 
 
 def make_jpegs(folder: Path, n: int) -> None:
@@ -51,14 +48,16 @@ def step_overhead(preset: str, work: Path, batch: int, steps: int) -> dict:
     ds = work / f"ds{size}"
     if not (ds / "manifest.json").exists():
         for split, n in (("train", 64), ("val", 4)):
-            shard(ShardJob(input="synthetic", output=str(ds), split=split, synthetic_count=n, image_size=size,
+            shard(ShardJob(input="synthetic", output=str(ds), split=split, synthetic=SyntheticInput(n), image_size=size,
                            shard_size=32, encoders=["dino"], loader_workers=0))
-    cfg = TrainConfig(data_url=str(ds), encoder="dino", level="projector", run_root=str(work / f"run-{preset}"),
-                      preset=preset, steps=steps, batch_size=batch, log_every=steps - 2, checkpoint_every=10 ** 9,
-                      sample_every=10 ** 9, tracking_uri=f"sqlite:///{work / 'bench.db'}", experiment=f"bench-{preset}",
-                      run_name=preset, loader_workers=1)
+    cfg = TrainConfig(encoder=Named("dino"), level=Named("projector"), model=ModelConfig(preset),
+                      data=DataConfig(url=str(ds)), storage=StorageOptions(run_root=str(work)),
+                      tracking=TrackingConfig(f"sqlite:///{work / 'bench.db'}"), experiment=f"bench-{preset}",
+                      job_name=preset, faithfulness=FaithfulnessConfig(images=0),
+                      train=LoopConfig(steps=steps, batch_size=batch, log_every=steps - 2, checkpoint_every=10 ** 9,
+                                       sample_every=10 ** 9, loader_workers=1, progress=False))
     train(cfg)  # the first log_every steps are warm-up; the last window is timed by the loop itself
-    client = MlflowClient(cfg.tracking_uri)
+    client = MlflowClient(cfg.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])[0]
     loop_ips = sorted(client.get_metric_history(run.info.run_id, "images_per_s"), key=lambda m: m.step)[-1].value
 

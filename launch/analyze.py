@@ -14,16 +14,19 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rcdm.analysis.run import AnalyzeConfig, run_analysis
+from pipeline import schemas
+from rcdm.analysis.commands import run_analysis
 from rcdm.errors import cli_errors
 
 log = logging.getLogger("rcdm.analyze")
+
+schemas.register()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="analyze")
 def main(cfg: DictConfig) -> None:
     with cli_errors():
-        out = run_analysis(AnalyzeConfig(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)))
+        out = run_analysis(OmegaConf.to_object(cfg))
     print(f"wrote {out['png']} and {out['json']}")
 
 

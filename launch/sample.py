@@ -7,16 +7,19 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import schemas
 from rcdm.errors import cli_errors
-from rcdm.sampling import SampleConfig, sample_grid
+from rcdm.sampling import sample_grid
 
 log = logging.getLogger("rcdm.sample")
+
+schemas.register()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
     with cli_errors():
-        summary = sample_grid(SampleConfig(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)))
+        summary = sample_grid(OmegaConf.to_object(cfg))
     print(f"wrote {summary['output']} ({len(summary['images'])} images x {cfg.num_samples} samples, "
           f"{summary['sampler']} {summary['steps']} steps, {summary['seconds']:.1f} s)")
 

@@ -11,23 +11,23 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rcdm.errors import UserError
-from rcdm.hydra_support import train_config
+from pipeline import schemas
+from pipeline.sweep import train_config
+from rcdm.errors import cli_errors
 from rcdm.train import Preempted, train
 
 log = logging.getLogger("rcdm.sweep")
+schemas.register()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
 def main(cfg: DictConfig) -> dict:
-    try:
-        metrics = train(train_config(cfg))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:
-        print(f"preempted: {e}; start the same command again to resume", file=sys.stderr)
-        sys.exit(3)
+    with cli_errors():
+        try:
+            metrics = train(train_config(cfg))
+        except Preempted as e:
+            print(f"preempted: {e}; start the same command again to resume", file=sys.stderr)
+            sys.exit(3)
     if "loss" in metrics:  # rank 0 holds the metrics; other ranks return the step alone
         log.info("%s finished at step %d, loss %.4f", cfg.job_name, metrics["step"], metrics["loss"])
     return metrics

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import random
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,70 +18,56 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rcdm.errors import UserError
-from rcdm.storage import StorageOptions, join, open_fs, read_json
+from rcdm.manifest import EncoderRecord, Manifest, read_manifest
+from rcdm.storage import StorageOptions, join, open_fs, tar_samples
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     url: str
-    manifest: dict
+    manifest: Manifest
     encoder: str
     level: str
     split: str
 
     @property
     def embed_dim(self) -> int:
-        return self.manifest["encoders"][self.encoder]["levels"][self.level]
+        return self.encoder_record.levels[self.level]
 
     @property
     def image_size(self) -> int:
-        return self.manifest["image_size"]
+        return self.manifest.image_size
 
     @property
     def shards(self) -> list[str]:
-        return [s["name"] for s in self.manifest["splits"][self.split]["shards"] if s["count"] > 0]
+        return self.manifest.splits[self.split].shard_names()
 
     @property
-    def encoder_record(self) -> dict:
-        return self.manifest["encoders"][self.encoder]
+    def encoder_record(self) -> EncoderRecord:
+        return self.manifest.encoders[self.encoder]
 
-
-def describe_contents(manifest: dict) -> str:
-    encs = ", ".join(f"{n} [{', '.join(sorted(e['levels']))}]" for n, e in sorted(manifest["encoders"].items()))
-    return f"encoders: {encs}; splits: {', '.join(sorted(manifest['splits']))}"
+    def with_split(self, split: str) -> DatasetInfo:
+        return DatasetInfo(self.url, self.manifest, self.encoder, self.level, split)
 
 
 def open_dataset(url: str, encoder: str, level: str, split: str = "train",
                  storage: StorageOptions | None = None) -> DatasetInfo:
     """Read the manifest and check that it holds (encoder, level, split); the error names what it has."""
-    fs, root = open_fs(url, storage)
-    path = join(root, "manifest.json")
-    if not fs.exists(path):
+    manifest = read_manifest(url, storage)
+    if manifest is None:
         raise UserError(f"no dataset at {url} (no manifest.json): build it with launch/shard.py output={url}")
-    manifest = read_json(fs, path)
-    if encoder not in manifest["encoders"] or level not in manifest["encoders"][encoder]["levels"]:
-        raise UserError(f"dataset {url} has no {encoder} {level} embeddings ({describe_contents(manifest)}); "
+    rec = manifest.encoders.get(encoder)
+    if rec is None or level not in rec.levels:
+        raise UserError(f"dataset {url} has no {encoder} {level} embeddings ({manifest.describe_contents()}); "
                         f"choose one of those or add it with launch/shard.py output={url} encoders=[{encoder}]")
-    if split not in manifest["splits"] or split not in manifest["encoders"][encoder].get("splits", [split]):
-        raise UserError(f"dataset {url} has no {split} split for {encoder} ({describe_contents(manifest)})")
+    if split not in manifest.splits or (rec.splits and split not in rec.splits):
+        raise UserError(f"dataset {url} has no {split} split for {encoder} ({manifest.describe_contents()})")
     return DatasetInfo(url, manifest, encoder, level, split)
 
 
 def _samples(fs, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) in tar order; members of one sample are consecutive."""
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        key, members = None, {}
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, ext = m.name.split(".", 1)
-            if key is not None and k != key:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = tar.extractfile(m).read()
-        if key is not None:
-            yield key, members
+    with fs.open(path, "rb") as f:
+        yield from tar_samples(f)
 
 
 def paired_samples(info: DatasetInfo, shard: str, storage: StorageOptions | None = None, fresh: bool = True
@@ -100,7 +85,7 @@ def paired_samples(info: DatasetInfo, shard: str, storage: StorageOptions | None
 
 def decode_pair(info: DatasetInfo, img: dict, emb: dict, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (image [3, S, S] in [-1, 1], embedding [D] float32), both of the mirrored view when ``flip``."""
-    fmt = info.manifest["image_format"]
+    fmt = info.manifest.image_format
     arr = np.asarray(Image.open(io.BytesIO(img[fmt])).convert("RGB"), dtype=np.uint8)
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
     name = f"{info.level}.flip.npy" if flip else f"{info.level}.npy"
@@ -115,7 +100,7 @@ class TrainStream(IterableDataset):
                  shuffle_buffer: int = 256):
         self.info, self.rank, self.world, self.seed = info, rank, world, seed
         self.storage, self.shuffle_buffer = storage, shuffle_buffer
-        self.flip = bool(info.manifest.get("flip"))
+        self.flip = info.manifest.flip
 
     def __iter__(self):
         wi = get_worker_info()

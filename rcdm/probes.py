@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rcdm import synthetic
+from rcdm.encoders import embed_in_chunks
 from rcdm.preprocess import to_uint8_tensor
 from rcdm.ssl.augment import AugmentConfig, adjust_colour, jitter_ranges
-from sharding import synthetic
 
 N_BINS = 3  # continuous factors (scale, x, y) are probed as terciles of their range
 
@@ -70,15 +71,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return (((test_x - mean) / std @ w + b).argmax(1) == test_y).float().mean().item()
 
 
-@torch.no_grad()
 def _embed(encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{level: [N, dim] float} for uint8 images, in chunks."""
-    x = encoder.preprocess.normalize_uint8(images)
-    feats: dict[str, list[torch.Tensor]] = {}
-    for chunk in x.split(256):
-        for level, v in encoder.eval()(chunk).items():
-            feats.setdefault(level, []).append(v.float())
-    return {k: torch.cat(v) for k, v in feats.items()}
+    """{level: [N, dim] float} for uint8 images."""
+    return embed_in_chunks(encoder, images, encoder.preprocess.normalize_uint8)
 
 
 @torch.no_grad()

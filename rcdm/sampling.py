@@ -1,22 +1,23 @@
 """Draw samples conditioned on the embeddings of given images and write them as one PNG grid."""
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torchvision.utils import save_image
 
-from rcdm.checkpoints import check_encoder, load_checkpoint
 from rcdm.device import autocast, pick_device
 from rcdm.diffusion.gaussian import create_diffusion
-from rcdm.encoders import build_encoder
+from rcdm.diffusion.schedules import sampler_for
+from rcdm.encoders import build_recorded_encoder, embed_in_chunks
 from rcdm.errors import UserError
-from rcdm.storage import StorageOptions
+from rcdm.grids import grid_png
+from rcdm.model_files import conditioning_dim_check, load_checkpoint
 from rcdm.preprocess import Preprocess, center_crop, find_images, load_rgb, to_model_range
+from rcdm.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SampleConfig:
     checkpoint: str
-    images: str | list[str]
+    images: Any  # a file, a folder, or a list of files
     num_samples: int = 4
     steps: str = "100"  # respacing: "100", "ddim50", "10,10,10", "" = all training steps
     sampler: str | None = None  # ddpm | ddim; None = ddim for "ddimN" steps, else ddpm
@@ -58,8 +59,7 @@ def encode_pil(imgs: list, encoder, preprocess: Preprocess, level: str, image_si
     """PIL RGB images -> (embeddings [N, D] float32, images [N, 3, S, S] in [-1, 1] at ``image_size``)."""
     enc_in = [preprocess(img) for img in imgs]
     shown = [to_model_range(center_crop(img, image_size)) for img in imgs]
-    with torch.no_grad(), autocast(device):
-        h = torch.cat([encoder(c.to(device))[level].float() for c in torch.stack(enc_in).split(256)])  # [N, D]
+    h = embed_in_chunks(encoder, torch.stack(enc_in))[level]  # [N, D]
     return h, torch.stack(shown)
 
 
@@ -76,24 +76,14 @@ def draw(model, schedule: str, num_steps: int, cond: torch.Tensor, steps: str, s
     return torch.cat(out)
 
 
-def grid_png(originals: torch.Tensor, samples: torch.Tensor) -> bytes:
-    """PNG of one row per original [N, 3, S, S]: the original, then its k samples ([N * k, 3, S, S])."""
-    n, k = len(originals), len(samples) // len(originals)
-    rows = torch.cat([originals.cpu()[:, None], samples.cpu().view(n, k, *samples.shape[1:])], 1)
-    buf = io.BytesIO()
-    save_image(rows.flatten(0, 1), buf, format="png", nrow=k + 1, value_range=(-1, 1), normalize=True, padding=2)
-    return buf.getvalue()
-
-
 def load_with_encoder(checkpoint: str, device: torch.device, download: bool = True,
                       endpoint_url: str | None = None):
     """An RCDM (released or rcdm's own) and the frozen encoder it was trained with, on ``device``."""
     loaded = load_checkpoint(checkpoint, download=download, storage=StorageOptions(endpoint_url=endpoint_url))
-    encoder = build_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download=download,
-                            seed=loaded.encoder_seed)
+    encoder = build_recorded_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download)
     if loaded.preprocess is not None:
         encoder.preprocess = loaded.preprocess  # exactly as the training data was encoded
-    check_encoder(loaded, encoder)
+    conditioning_dim_check(loaded, encoder.dims)
     loaded.model.to(device).eval()
     return loaded, encoder.to(device)
 
@@ -102,7 +92,7 @@ def sample_grid(cfg: SampleConfig) -> dict:
     """Encode ``cfg.images``, draw ``num_samples`` per image, save the grid; returns a summary."""
     if cfg.num_samples < 1:
         raise UserError("num_samples must be at least 1")
-    sampler = cfg.sampler or ("ddim" if str(cfg.steps).startswith("ddim") else "ddpm")
+    sampler = sampler_for(str(cfg.steps), cfg.sampler)
     paths = find_images(cfg.images)
     device = pick_device(cfg.device)
     loaded, encoder = load_with_encoder(cfg.checkpoint, device, cfg.download, cfg.endpoint_url)

@@ -11,16 +11,21 @@ import json
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from webdataset import tariterators as wds_tar
 
 
-@dataclass(frozen=True)
+@dataclass
 class StorageOptions:
-    endpoint_url: str | None = None  # S3-compatible endpoint; None = AWS's
-    region: str | None = None
+    """Where runs go and how to reach an object store (the ``storage`` config group). Credentials come
+    from the AWS environment and ~/.aws, never from here."""
+
+    run_root: Optional[str] = "runs"  # training checkpoints and grids: <run_root>/<experiment>/<sweep_id>/<job>
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint; None = AWS's
+    region: Optional[str] = None
     anon: bool = False
 
     def fsspec_kwargs(self, protocol: str) -> dict:
@@ -100,3 +105,11 @@ def recorded_run_id(url: str, storage: StorageOptions | None = None) -> str | No
     """The MLflow run id a run file (``mlflow_run.json``, ``parent_run.json``) records; None if there is none."""
     fs, path = open_fs(url, storage)
     return read_json(fs, path)["run_id"] if fs.exists(path) else None
+
+
+def tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of a WebDataset tar read as a stream, in order; the members of a sample
+    are consecutive. Keys keep their folder (``a/b/k.jpg`` -> ``a/b/k``); extensions are lower case."""
+    files = ({**f, "__url__": None} for f in wds_tar.tar_file_iterator(fileobj))  # group_by_keys wants the URL
+    for sample in wds_tar.group_by_keys(files):
+        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}

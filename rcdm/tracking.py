@@ -3,7 +3,10 @@ a child run that a requeued or restarted job continues. Only rank 0 constructs a
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 import re
+import tempfile
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
@@ -83,6 +86,19 @@ class Tracker:
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """``data`` as the run's artifact ``artifact_file`` (``samples/step-000000050.png``, ``faithfulness.json``)."""
+        folder, name = posixpath.split(artifact_file)
+        with tempfile.TemporaryDirectory() as tmp:  # MLflow's client uploads files, not bytes
+            local = os.path.join(tmp, name)
+            with open(local, "wb") as f:
+                f.write(data)
+            self.client.log_artifact(self.run_id, local, folder or None)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact."""
+        self.client.log_figure(self.run_id, figure, artifact_file)
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)

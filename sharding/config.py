@@ -1,32 +1,50 @@
-"""Hydra config -> the typed arguments of the sharding stage (the library never sees a DictConfig)."""
+"""The sharding stage's typed configuration: ``ShardJob`` is the schema of ``configs/shard.yaml`` and
+what every part receives (picklable: it travels to local processes and SLURM array tasks alike)."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from dataclasses import dataclass, field
 
+from rcdm.config import ClusterConfig
 from rcdm.storage import StorageOptions
-from sharding.encode import ShardJob
-from sharding.run import SlurmOptions
 
 
-def storage_from_cfg(cfg: DictConfig) -> StorageOptions:
-    s = cfg.storage  # the group also holds the training run root, which sharding does not use
-    return StorageOptions(endpoint_url=s.get("endpoint_url"), region=s.get("region"), anon=bool(s.get("anon", False)))
+@dataclass
+class SyntheticInput:
+    """``input=synthetic``: the demo's procedural images (rcdm.synthetic) of this split."""
+
+    count: int = 2048
+    seed: int = 0
 
 
-def job_from_cfg(cfg: DictConfig) -> ShardJob:
-    return ShardJob(
-        input=str(cfg.input), output=str(cfg.output), split=cfg.split, image_size=cfg.image_size,
-        image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality, encoders=list(cfg.encoders),
-        levels=list(cfg.levels), arch=cfg.arch, encoder_weights=str(cfg.encoder_weights), flip=cfg.flip,
-        shard_size=cfg.shard_size, loader_workers=cfg.loader_workers, batch_size=cfg.batch_size,
-        max_pixels=cfg.max_pixels, device=cfg.device, download=cfg.download, storage=storage_from_cfg(cfg),
-        synthetic_count=cfg.synthetic.count, synthetic_seed=cfg.synthetic.seed)
+@dataclass
+class ShardJob:
+    input: str = "synthetic"  # synthetic | an image folder | WebDataset tars (path, brace pattern, glob)
+    output: str = "data/demo"  # any fsspec URL: a local path or s3://bucket/prefix
+    split: str = "train"
+    synthetic: SyntheticInput = field(default_factory=SyntheticInput)
+    encoders: list[str] = field(default_factory=lambda: ["vicreg", "dino", "barlow", "simclr"])
+    levels: list[str] = field(default_factory=lambda: ["backbone", "projector"])
+    arch: str = "tiny"  # tiny (demo, CPU) | resnet50 (the released encoders)
+    encoder_weights: str = "released"  # tiny: the SSL-trained encoders shipped in rcdm/encoders/tiny_weights
+    image_size: int = 32  # the training image's side
+    image_format: str = "png"  # png | jpg
+    jpeg_quality: int = 95
+    flip: bool = True  # also store the embeddings of the mirrored view
+    shard_size: int = 512  # images per shard
+    workers: int = 1  # disjoint parts: local processes, or SLURM array tasks with cluster=slurm
+    loader_workers: int = 2  # decoding processes per part
+    batch_size: int = 128
+    max_pixels: int = 256_000_000  # larger images are rejected as decompression bombs
+    max_rejected_fraction: float = 0.05
+    device: str = "auto"
+    download: bool = True
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
+    def source(self):
+        from sharding.sources import make_source
 
-def slurm_from_cfg(cfg: DictConfig) -> SlurmOptions | None:
-    c = cfg.cluster
-    if c.name != "slurm":
-        return None
-    return SlurmOptions(folder=c.folder, partition=c.partition, account=c.account, qos=c.qos,
-                        constraint=c.constraint, time_min=c.time_min, cpus_per_task=c.cpus_per_task,
-                        gpus_per_task=c.gpus_per_node, mem_gb=c.mem_gb, array_parallelism=c.array_parallelism)
+        return make_source(self.input, self.split, self.image_size, self.shard_size, self.storage, self.synthetic)
+
+    def shard_sets(self) -> list[str]:
+        return ["images", *self.encoders]

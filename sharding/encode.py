@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -16,45 +15,13 @@ from tqdm import tqdm
 from rcdm.device import autocast, pick_device
 from rcdm.encoders import build_encoder
 from rcdm.preprocess import Preprocess, center_crop
-from rcdm.storage import StorageOptions, is_local, open_fs
+from rcdm.storage import is_local, open_fs
+from sharding.config import ShardJob
 from sharding.decode import Rejected, decode
-from sharding.sources import Task, make_source
+from sharding.sources import Task
 from sharding.writer import npy_bytes, progress_path, write_shard
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ShardJob:
-    """Everything a part needs; picklable, so it travels to local processes and SLURM tasks alike."""
-
-    input: str
-    output: str
-    split: str = "train"
-    image_size: int = 32
-    image_format: str = "png"  # png | jpg
-    jpeg_quality: int = 95
-    encoders: list[str] = field(default_factory=lambda: ["vicreg", "dino", "barlow", "simclr"])
-    levels: list[str] = field(default_factory=lambda: ["backbone", "projector"])
-    arch: str = "tiny"
-    encoder_weights: str = "released"  # tiny: the SSL-trained encoders shipped in rcdm/encoders/tiny_weights
-    flip: bool = True
-    shard_size: int = 512
-    loader_workers: int = 2
-    batch_size: int = 128
-    max_pixels: int = 256_000_000
-    device: str = "auto"
-    download: bool = True
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    synthetic_count: int = 2048
-    synthetic_seed: int = 0
-
-    def source(self):
-        return make_source(self.input, self.split, self.image_size, self.shard_size, self.storage,
-                           self.synthetic_count, self.synthetic_seed)
-
-    def shard_sets(self) -> list[str]:
-        return ["images", *self.encoders]
 
 
 class DecodedStream(IterableDataset):

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from braceexpand import braceexpand
 from PIL import Image
 
+from rcdm import synthetic
 from rcdm.errors import UserError
-from rcdm.storage import StorageOptions, open_fs
-from sharding import synthetic
+from rcdm.storage import StorageOptions, open_fs, tar_samples
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
@@ -128,20 +127,8 @@ class TarSource:
     def records(self, task: Task) -> Iterator[Record]:
         url = task.items[0]
         fs, path = open_fs(url, self.storage, fresh=True)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            key, members = None, {}
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = posixpath.basename(m.name)
-                k = posixpath.join(posixpath.dirname(m.name), base.split(".", 1)[0])
-                ext = base.split(".", 1)[1].lower() if "." in base else ""
-                if k != key and key is not None:
-                    yield self._record(url, key, members)
-                    members = {}
-                key = k
-                members[ext] = tar.extractfile(m).read()
-            if key is not None:
+        with fs.open(path, "rb") as f:
+            for key, members in tar_samples(f):
                 yield self._record(url, key, members)
 
     @staticmethod
@@ -160,10 +147,9 @@ class TarSource:
         return {"kind": self.kind, "tars": len(self.urls), "first": self.urls[0] if self.urls else None}
 
 
-def make_source(input: str, split: str, image_size: int, shard_size: int, storage: StorageOptions,
-                synthetic_count: int, synthetic_seed: int):
+def make_source(input: str, split: str, image_size: int, shard_size: int, storage: StorageOptions, synthetic):
     if input == "synthetic":
-        return SyntheticSource(synthetic_count, synthetic_seed, split, image_size, shard_size)
+        return SyntheticSource(synthetic.count, synthetic.seed, split, image_size, shard_size)
     if input.endswith(".tar") or "{" in input or input.endswith((".tar}", ".tgz")):
         return TarSource(input, storage)
     fs, path = open_fs(input, storage)

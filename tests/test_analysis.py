@@ -2,7 +2,6 @@
 interpolation, variability, and the launch/analyze.py command that writes their figures and numbers."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 from rcdm.analysis.explore import embedding_path, sample_fixed_noise, variability
 from rcdm.analysis.faithfulness import chance_levels, faithfulness, ranks, summarise
 from rcdm.encoders import build_encoder
+from rcdm.errors import UserError
 from rcdm.presets import build_unet
 from rcdm.probes import synthetic_set
 
@@ -106,29 +106,24 @@ def test_variability_ratio_bounds():
 
 # --- the commands on a trained demo model ------------------------------------------------------------
 
-def _train_vicreg(d: Path, level: str, extra: list[str]) -> Path:
+def _train_vicreg(typed, d: Path, level: str, extra: list[str]) -> Path:
     """Two training steps of a tiny VICReg RCDM at ``level`` on the dataset in d/ds -> its run root."""
-    from test_training import compose_sweep
-
-    from rcdm.hydra_support import train_config
     from rcdm.train import train
 
-    cfg = compose_sweep(["data=shards", f"data.url={d / 'ds'}", "encoder=vicreg", f"level={level}", "train.steps=2",
+    cfg = typed("sweep", ["data=shards", f"data.url={d / 'ds'}", "encoder=vicreg", f"level={level}", "train.steps=2",
                          "train.batch_size=4", "train.loader_workers=0", "grid.images=1", "grid.samples=1",
                          "grid.steps=ddim2", *extra, f"storage.run_root={d / 'runs'}",
                          f"tracking.uri=sqlite:///{d / 'm.db'}"])
-    train(train_config(cfg))
+    train(cfg)
     return d / "runs" / "rcdm-demo" / "main" / f"vicreg-{level}-tiny"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_dataset, typed):
     """A tiny RCDM trained a few steps on a small synthetic dataset, and a folder of 4 held-out images."""
-    from test_training import make_dataset
-
     d = tmp_path_factory.mktemp("analysis")
     make_dataset(d / "ds", train=32, val=4, encoders=("vicreg",))
-    run_root = _train_vicreg(d, "projector", ["faithfulness.images=4", "faithfulness.steps=ddim2"])
+    run_root = _train_vicreg(typed, d, "projector", ["faithfulness.images=4", "faithfulness.steps=ddim2"])
     folder = d / "images"
     folder.mkdir()
     images, _ = synthetic_set(4, 11, "probe")
@@ -138,32 +133,32 @@ def trained(tmp_path_factory):
     return run_root, folder, run_id, f"sqlite:///{d / 'm.db'}"
 
 
-def _analyze(args, cwd, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "analyze.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
+@pytest.fixture
+def analyze(typed):
+    """launch/analyze.py's work, in this process: overrides -> run_analysis's summary."""
+    from rcdm.analysis.commands import run_analysis
+
+    return lambda args: run_analysis(typed("analyze", args))
 
 
 @pytest.mark.slow
-def test_analysis_commands_write_figures_and_numbers(trained, tmp_path):
+def test_analysis_commands_write_figures_and_numbers(trained, tmp_path, analyze):
     run_root, folder, run_id, uri = trained
     common = [f"checkpoint={run_root}", "steps=ddim3", f"output={tmp_path}", f"mlflow_run_id={run_id}",
               f"tracking_uri={uri}"]
-    r = _analyze(["analysis=interpolate", f"images=[{folder / '0.png'},{folder / '1.png'}]", "points=5", "rows=2",
-                  *common], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    analyze(["analysis=interpolate", f"images=[{folder / '0.png'},{folder / '1.png'}]", "points=5", "rows=2",
+            *common])
     numbers = json.loads((tmp_path / "interpolate.json").read_text())
     assert numbers["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert numbers["path_cosine_to_a"][0] == pytest.approx(1) and numbers["path_cosine_to_b"][-1] == pytest.approx(1)
     assert Image.open(tmp_path / "interpolate.png").size == (2 + 7 * 34, 2 + 2 * 34)  # A, 5 points, B; 2 rows
 
-    r = _analyze(["analysis=variability", f"images={folder}", "samples=3", *common], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    analyze(["analysis=variability", f"images={folder}", "samples=3", *common])
     numbers = json.loads((tmp_path / "variability.json").read_text())
     assert len(numbers["ratio"]) == 4 and all(x >= 0 for x in numbers["ratio"])
     assert Image.open(tmp_path / "variability.png").size == (2 + 5 * 34, 2 + 4 * 34)  # original, 3, heatmap
 
-    r = _analyze(["analysis=faithfulness", f"images={folder}", "boot=50", *common], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    analyze(["analysis=faithfulness", f"images={folder}", "boot=50", *common])
     numbers = json.loads((tmp_path / "faithfulness.json").read_text())
     assert {"chance", "mean_rank", "median_rank", "mrr", "mrr_ci95", "ranks", "top1"} <= set(numbers)
     assert len(numbers["ranks"]) == 4 and all(1 <= x <= 4 for x in numbers["ranks"])
@@ -179,14 +174,20 @@ def test_analysis_commands_write_figures_and_numbers(trained, tmp_path):
     assert client.get_run(run_id).data.metrics["faithfulness_mrr_chance"] == pytest.approx((1 + 1/2 + 1/3 + 1/4) / 4)
 
 
-def test_analysis_input_errors_name_the_fix(trained, tmp_path):
+def test_analysis_input_errors_name_the_fix(trained, tmp_path, analyze):
     run_root, folder, _, _ = trained
-    r = _analyze(["analysis=interpolate", f"checkpoint={run_root}", f"images={folder}"], tmp_path)
-    assert r.returncode == 2 and "exactly 2 images" in r.stderr
-    r = _analyze(["analysis=colour", f"checkpoint={run_root}", f"images={folder}"], tmp_path)
-    assert r.returncode == 2 and "choose one of interpolate" in r.stderr
-    r = _analyze(["analysis=variability", f"images={folder}"], tmp_path)
-    assert r.returncode == 2 and "checkpoint is required" in r.stderr
+    with pytest.raises(UserError, match="exactly 2 images"):
+        analyze(["analysis=interpolate", f"checkpoint={run_root}", f"images={folder}"])
+    with pytest.raises(UserError, match="choose one of interpolate"):
+        analyze(["analysis=colour", f"checkpoint={run_root}", f"images={folder}"])
+    # the launcher turns both kinds of bad input into one line and exit status 2
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "analyze.py"), "analysis=variability",
+                        f"images={folder}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: checkpoint is required: add checkpoint=... to the command"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "analyze.py"), "analysis=colour",
+                        f"checkpoint={run_root}", f"images={folder}"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown analysis 'colour'")
 
 
 # --- manipulation, invariance, adversarial, fidelity: the pieces ------------------------------------------
@@ -297,29 +298,27 @@ def test_inception_weights_missing_offline_name_the_file_and_cache(tmp_path, mon
 # --- the new commands on the trained demo models ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def backbone_run(trained):
+def backbone_run(trained, typed):
     """The same encoder's backbone-level RCDM (invariance compares levels)."""
-    return _train_vicreg(trained[0].parents[3], "backbone", ["faithfulness.images=0"])
+    return _train_vicreg(typed, trained[0].parents[3], "backbone", ["faithfulness.images=0"])
 
 
 @pytest.mark.slow
-def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_path, monkeypatch):
+def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_path, monkeypatch, analyze):
     run_root, folder, run_id, uri = trained
     monkeypatch.setenv("RCDM_CACHE", str(tmp_path / "cache"))
     common = ["steps=ddim2", f"output={tmp_path}", f"mlflow_run_id={run_id}", f"tracking_uri={uri}",
               "factor_steps=30"]
 
-    r = _analyze(["analysis=manipulate", f"checkpoint={run_root}", "images=synthetic:12", "neighbours=3",
-                  f"source={folder / '0.png'}", f"target={folder / '1.png'}", "samples=2", *common], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    analyze(["analysis=manipulate", f"checkpoint={run_root}", "images=synthetic:12", "neighbours=3",
+             f"source={folder / '0.png'}", f"target={folder / '1.png'}", "samples=2", *common])
     numbers = json.loads((tmp_path / "manipulate.json").read_text())
     assert len(numbers["neighbours"]) == 3 and len(numbers["dims"]) == round(0.1 * numbers["embedding_dim"])
     assert math.isfinite(numbers["transfer"])
     assert Image.open(tmp_path / "manipulate.png").size == (2 + 3 * 34, 2 + 3 * 34)
 
-    r = _analyze(["analysis=invariance", f"checkpoint=[{backbone_run},{run_root}]", "images=synthetic:24",
-                  "families=[grayscale,flip]", *common], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    analyze(["analysis=invariance", f"checkpoint=[{backbone_run},{run_root}]", "images=synthetic:24",
+                  "families=[grayscale,flip]", *common])
     numbers = json.loads((tmp_path / "invariance.json").read_text())
     emb = numbers["embedding"]["grayscale"]
     # finding 2 with the shipped SSL-trained VICReg: the projector is more invariant to grayscale
@@ -330,9 +329,8 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
         assert all(0 <= v <= 1 for v in table["grayscale"]["preserved"].values() if v is not None)
     assert Image.open(tmp_path / "invariance.png").size == (2 + 4 * 34, 2 + 6 * 34)  # 3 images x 2 families
 
-    r = _analyze(["analysis=adversarial", f"checkpoint={run_root}", "images=synthetic:16", "task=background",
-                  "epsilons=[0,2,16]", "probe_images=200", *common], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    analyze(["analysis=adversarial", f"checkpoint={run_root}", "images=synthetic:16", "task=background",
+                  "epsilons=[0,2,16]", "probe_images=200", *common])
     numbers = json.loads((tmp_path / "adversarial.json").read_text())
     for model in ("supervised", "ssl"):
         res = numbers["models"][model]
@@ -340,15 +338,13 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
         assert res["flip_rate"][2] >= res["flip_rate"][0]
     assert (tmp_path / "adversarial_samples.png").exists()
 
-    r = _analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=encoder", *common],
-                 tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=encoder", *common])
     numbers = json.loads((tmp_path / "fidelity.json").read_text())
     assert numbers["fid"] >= 0 and numbers["inception_score"] is None and numbers["samples"] == 4
 
-    r = _analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "download=false"], tmp_path,
-                 env={"TORCH_HOME": str(tmp_path / "empty")})
-    assert r.returncode == 2 and "weights-inception-2015-12-05-6726825d.pth" in r.stderr
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="weights-inception-2015-12-05-6726825d.pth"):
+        analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "download=false"])
 
     from mlflow.tracking import MlflowClient
 
@@ -357,13 +353,14 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
             "analysis/fidelity.json"} <= logged
 
 
-def test_finding_command_input_errors_name_the_fix(trained, tmp_path):
+def test_finding_command_input_errors_name_the_fix(trained, analyze):
     run_root, folder, _, _ = trained
-    r = _analyze(["analysis=adversarial", f"checkpoint={run_root}", f"images={folder}"], tmp_path)
-    assert r.returncode == 2 and "images=synthetic:N" in r.stderr
-    r = _analyze(["analysis=manipulate", f"checkpoint={run_root}", f"images={folder}"], tmp_path)
-    assert r.returncode == 2 and "source=<image>" in r.stderr
-    r = _analyze(["analysis=invariance", f"checkpoint=[{run_root},{run_root}]", "images=synthetic:4"], tmp_path)
-    assert r.returncode == 2 and "one checkpoint per level" in r.stderr
-    r = _analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=vgg"], tmp_path)
-    assert r.returncode == 2 and "choose inception or encoder" in r.stderr
+    for args, message in (
+            (["analysis=adversarial", f"checkpoint={run_root}", f"images={folder}"], "images=synthetic:N"),
+            (["analysis=manipulate", f"checkpoint={run_root}", f"images={folder}"], "source=<image>"),
+            (["analysis=invariance", f"checkpoint=[{run_root},{run_root}]", "images=synthetic:4"],
+             "one checkpoint per level"),
+            (["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=vgg"],
+             "choose inception or encoder")):
+        with pytest.raises(UserError, match=message):
+            analyze(args)

@@ -8,7 +8,6 @@ CI is such a host. Elsewhere they skip, saying why.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

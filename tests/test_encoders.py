@@ -5,7 +5,7 @@ from PIL import Image
 from release_files import WRITERS
 
 from rcdm.encoders import ENCODERS, build_encoder
-from rcdm.encoders.weights import hub_cache_path
+from rcdm.encoders.weights import WeightsRecord, hub_cache_path, sha256sum
 from rcdm.errors import UserError
 from rcdm.preprocess import Preprocess, center_crop
 
@@ -35,7 +35,7 @@ def test_release_layout_loads_strictly_with_its_values(tmp_path, name):
     bn = enc.backbone.bn1
     assert not torch.equal(bn.running_var, random_enc.backbone.bn1.running_var)
     assert not torch.allclose(out["backbone"], random_enc(x)["backbone"])
-    assert enc.describe()["sha256"] and len(enc.describe()["sha256"]) == 64
+    assert enc.describe()["weights"] == {"kind": "file", "sha256": sha256sum(path), "seed": None, "path": str(path)}
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
 
 
@@ -59,7 +59,7 @@ def test_released_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
     enc = build_encoder("dino", "resnet50", weights="released", download=False)
     assert enc.dims == {"backbone": 2048, "projector": 256}
     assert enc(torch.randn(2, 3, 64, 64))["projector"].shape == (2, 256)
-    assert enc.describe()["weights"] == str(cached)
+    assert enc.weights == WeightsRecord("released", sha256sum(cached))  # where this machine caches it: no part
 
 
 def test_missing_weights_offline_name_url_and_cache_path(tmp_path, monkeypatch):

@@ -9,8 +9,7 @@ import torch
 
 from rcdm.encoders import build_encoder, zoo
 from rcdm.errors import UserError
-from rcdm.ssl.augment import AugmentConfig
-from rcdm.ssl.pretrain import PretrainConfig, pretrain
+from rcdm.ssl.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["vicreg", "dino", "barlow", "simclr"]
@@ -20,13 +19,14 @@ METHODS = ["vicreg", "dino", "barlow", "simclr"]
 PROBE_MARGIN = {"shape_over_random": 0.12, "invariance": 0.02, "jitter_invariance": 0.05}
 
 
-def test_missing_shipped_weights_name_the_command_that_makes_them(tmp_path, monkeypatch):
+def test_missing_shipped_weights_name_the_command_that_makes_them(tmp_path, monkeypatch, typed):
     monkeypatch.setattr(zoo, "TINY_WEIGHTS", tmp_path)
     with pytest.raises(UserError, match="pretrain_encoder.py method=vicreg"):
         build_encoder("vicreg", "tiny", "released")
     out = tmp_path / "simclr.pt"
-    pretrain(PretrainConfig(method="simclr", output=str(out), steps=1, batch_size=8, images=16, warmup_steps=1))
-    assert build_encoder("simclr", "tiny", "released").describe()["sha256"] == json.loads(
+    pretrain(typed("pretrain_encoder", ["method=simclr", f"output={out}", "steps=1", "batch_size=8", "images=16",
+                                        "warmup_steps=1"]))
+    assert build_encoder("simclr", "tiny", "released").weights.sha256 == json.loads(
         (tmp_path / "simclr.json").read_text())["sha256"]
     out.write_bytes(out.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(UserError, match="does not match the sha256"):
@@ -34,13 +34,13 @@ def test_missing_shipped_weights_name_the_command_that_makes_them(tmp_path, monk
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_short_pretraining_writes_a_release_layout_file(tmp_path, method):
+def test_short_pretraining_writes_a_release_layout_file(tmp_path, method, typed):
     out = tmp_path / f"{method}.pt"
-    record = pretrain(PretrainConfig(method=method, output=str(out), steps=3, batch_size=16, images=64, warmup_steps=1,
-                                     augment=AugmentConfig(local_crops=2 if method == "dino" else 0)))
+    record = pretrain(typed("pretrain_encoder", [f"method={method}", f"output={out}", "steps=3", "batch_size=16",
+                                                 "images=64", "warmup_steps=1", "method.augment.local_crops=2"]))
     assert record["steps"] == 3 and torch.isfinite(torch.tensor(record["final"]["loss"]))
     enc = build_encoder(method, "tiny", str(out))  # strict load through the release layout reader
-    assert enc.describe()["sha256"] == json.loads(out.with_suffix(".json").read_text())["sha256"]
+    assert enc.weights.sha256 == json.loads(out.with_suffix(".json").read_text())["sha256"]
     assert not torch.equal(enc.backbone.conv1.weight, build_encoder(method, "tiny", "random").backbone.conv1.weight)
 
 
@@ -63,21 +63,21 @@ def test_shipped_tiny_encoders_are_the_default_and_checksummed(tmp_path):
     from omegaconf import OmegaConf
 
     from rcdm.encoders.weights import sha256sum
-    from sharding.encode import ShardJob
-    from sharding.run import shard
+    from sharding.config import ShardJob, SyntheticInput
+    from sharding.orchestrate import shard
 
     for m in METHODS:
         record = json.loads((zoo.TINY_WEIGHTS / f"{m}.json").read_text())
         assert record["method"] == m and record["steps"] == record["config"]["steps"] >= 1000
-        assert build_encoder(m, "tiny").describe()["sha256"] == record["sha256"] == sha256sum(zoo.TINY_WEIGHTS / f"{m}.pt")
+        assert build_encoder(m, "tiny").weights.sha256 == record["sha256"] == sha256sum(zoo.TINY_WEIGHTS / f"{m}.pt")
     assert OmegaConf.load(ROOT / "configs/shard.yaml").encoder_weights == "released"
     assert OmegaConf.load(ROOT / "configs/data/demo.yaml").synthetic.encoder_weights == "released"
     # the manifest says which weights embedded the data
-    shard(ShardJob(input="synthetic", output=str(tmp_path / "ds"), synthetic_count=4, encoders=["barlow"],
+    shard(ShardJob(input="synthetic", output=str(tmp_path / "ds"), synthetic=SyntheticInput(4), encoders=["barlow"],
                    loader_workers=0))
     enc = json.loads((tmp_path / "ds" / "manifest.json").read_text())["encoders"]["barlow"]
-    assert enc["weights"] == "released tiny (rcdm/encoders/tiny_weights/barlow.pt)"
-    assert enc["sha256"] == json.loads((zoo.TINY_WEIGHTS / "barlow.json").read_text())["sha256"]
+    assert enc["weights"] == {"kind": "released", "seed": None, "path": None,
+                              "sha256": json.loads((zoo.TINY_WEIGHTS / "barlow.json").read_text())["sha256"]}
 
 
 def test_colour_adjustment_factors_do_what_they_say():

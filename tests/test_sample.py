@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from release_files import WRITERS
 
-from rcdm.checkpoints import parse_released_name
 from rcdm.errors import UserError
-from rcdm.presets import build_unet
+from rcdm.model_files import parse_released_name
 from rcdm.preprocess import center_crop
+from rcdm.presets import build_unet
 from rcdm.sampling import draw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,30 +61,37 @@ def test_sample_from_a_released_checkpoint_offline(tmp_path, photo):
     assert grid[2:130, 132:260].std() > 1  # a sample, not a blank cell
 
 
-def _run_fail(args, tmp_path) -> str:
-    r = run_sample(args + ["download=false"], tmp_path / "torch", tmp_path)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
+def test_wrong_input_is_a_one_line_error(tmp_path, photo, typed, monkeypatch):
+    from omegaconf.errors import MissingMandatoryValue
 
+    from rcdm.sampling import sample_grid
 
-def test_wrong_input_is_a_one_line_error(tmp_path, photo):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def fails(args: list[str]) -> str:
+        with pytest.raises(UserError) as e:
+            sample_grid(typed("sample", args + ["download=false"]))
+        return str(e.value)
+
     (tmp_path / "empty").mkdir()
-    assert "no images found" in _run_fail(["checkpoint=rcdm_ema_dino_trunk.pt", f"images={tmp_path / 'empty'}"],
-                                          tmp_path)
-    assert "unknown encoder 'mocov3'" in _run_fail(["checkpoint=rcdm_ema_mocov3_trunk.pt", f"images={photo}"],
-                                                   tmp_path)
-    assert "checkpoint is required" in _run_fail([f"images={photo}"], tmp_path)
+    assert "no images found" in fails(["checkpoint=rcdm_ema_dino_trunk.pt", f"images={tmp_path / 'empty'}"])
+    assert "unknown encoder 'mocov3'" in fails(["checkpoint=rcdm_ema_mocov3_trunk.pt", f"images={photo}"])
+    with pytest.raises(MissingMandatoryValue, match="checkpoint"):
+        typed("sample", [f"images={photo}"])
     # a file named like a release that holds another architecture
     bad = tmp_path / "rcdm_ema_dino_trunk.pt"
     torch.save(build_unet("tiny", 2048).state_dict(), bad)
-    assert "does not match the adm128 preset" in _run_fail([f"checkpoint={bad}", f"images={photo}"], tmp_path)
+    assert "does not match the adm128 preset" in fails([f"checkpoint={bad}", f"images={photo}"])
     # the released file is not in the cache and downloads are off: name the URL and the path
-    msg = _run_fail(["checkpoint=rcdm_ema_vicreg_head.pt", f"images={photo}"], tmp_path)
+    msg = fails(["checkpoint=rcdm_ema_vicreg_head.pt", f"images={photo}"])
     assert "https://dl.fbaipublicfiles.com/rcdm/rcdm_ema_vicreg_head.pt" in msg
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "rcdm_ema_vicreg_head.pt") in msg
+    # the command prints one line, no traceback, and exits 2
+    r = run_sample(["checkpoint=rcdm_ema_mocov3_trunk.pt", f"images={photo}", "download=false"], tmp_path / "torch",
+                   tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        "error: " + fails(["checkpoint=rcdm_ema_mocov3_trunk.pt", f"images={photo}"])]
 
 
 def test_released_names_give_encoder_and_level():

@@ -17,13 +17,13 @@ from PIL import Image
 
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
-from sharding.encode import ShardJob
+from sharding.config import ShardJob, SyntheticInput
 from sharding.manifest import TooManyRejected
-from sharding.run import shard
+from sharding.orchestrate import shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(encoders=["vicreg", "dino"], levels=["backbone", "projector"], arch="tiny", encoder_weights="random",
-             image_size=32, shard_size=16, batch_size=8, loader_workers=0, synthetic_count=40)
+             image_size=32, shard_size=16, batch_size=8, loader_workers=0, synthetic=SyntheticInput(40))
 
 
 def small_job(output, **kw) -> ShardJob:
@@ -130,10 +130,12 @@ def test_hostile_inputs_are_converted_or_rejected_with_a_reason(tmp_path):
     expected = _hostile_folder(tmp_path / "in")
     out = tmp_path / "ds"
     job = ShardJob(input=str(tmp_path / "in"), output=str(out), **{**SMALL, "max_pixels": 4_000_000})
+    job.max_rejected_fraction = 0.2
     with pytest.raises(TooManyRejected, match="5 of 11"):
-        shard(job, max_rejected_fraction=0.2)
+        shard(job)
     assert not (out / "manifest.json").exists()  # nothing published
-    summary = shard(job, max_rejected_fraction=0.5)
+    job.max_rejected_fraction = 0.5
+    summary = shard(job)
     assert summary["samples"] == 6 and summary["rejected"] == 5
     rejected = [json.loads(line) for line in (out / "train-rejected.jsonl").read_text().splitlines()]
     reasons = {Path(r["source"]).name: r["reason"] for r in rejected}

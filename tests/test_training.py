@@ -11,71 +11,69 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from rcdm import checkpointing
+from pipeline.sweep import ensure_demo_data, train_config
+from rcdm import train_checkpoints
+from rcdm.config import TrainConfig
 from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.errors import UserError
-from rcdm.hydra_support import ensure_demo_data, train_config
 from rcdm.presets import build_unet
 from rcdm.sampling import draw
 from rcdm.train import apply_update, forward_losses, restore, train
-from sharding.encode import ShardJob
-from sharding.run import shard
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = str(ROOT / "configs")
-
-
-def make_dataset(path: Path, size: int = 32, train: int = 48, val: int = 8, encoders=("dino",)) -> str:
-    for split, n in (("train", train), ("val", val)):
-        shard(ShardJob(input="synthetic", output=str(path), split=split, synthetic_count=n, shard_size=16,
-                       image_size=size, encoders=list(encoders), loader_workers=0))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-def compose_sweep(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose("sweep", overrides=overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("group,choices", [
     ("encoder", ["vicreg", "dino", "barlow", "simclr", "supervised"]), ("level", ["backbone", "projector"]),
     ("model", ["tiny", "adm64", "adm128", "adm256"]), ("data", ["demo", "shards"]), ("cluster", ["local", "slurm"]),
     ("tracking", ["local", "server"]), ("storage", ["local", "s3"])])
-def test_every_config_group_composes(group, choices, tmp_path):
+def test_every_config_group_composes(group, choices, compose_sweep):
     for choice in choices:
         extra = ["data.url=x"] if choice == "shards" else []
         extra += ["storage.run_root=s3://b/r"] if choice == "s3" else []
         cfg = compose_sweep([f"{group}={choice}", *extra])
         tc = train_config(cfg)
-        assert tc.run_root.endswith(f"{cfg.encoder.name}-{cfg.level.name}-{cfg.model.name}")
+        assert isinstance(tc, TrainConfig) and tc.run_root.endswith(f"{cfg.encoder.name}-{cfg.level.name}-{cfg.model.name}")
         if choice == "slurm":
             launcher = cfg.hydra.launcher
             assert launcher._target_.endswith("SlurmLauncher") and launcher.max_num_timeout > 0
             assert launcher.submitit_folder.endswith("%j")
 
 
-def _one_step(tmp_path, overrides: list[str]) -> dict:
+def test_unknown_keys_fail_at_composition_and_dataclass_only_fields_can_be_set(typed):
+    """The dataclasses are the schema: a misspelt key is Hydra's own error, and a field that only the
+    dataclass declares (no YAML line) is a valid override that reaches the library."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="train.stepz"):
+        typed("sweep", ["train.stepz=3"])
+    assert "progress" not in (ROOT / "configs" / "sweep.yaml").read_text()
+    assert typed("sweep", []).train.progress is True
+    assert typed("sweep", ["train.progress=false"]).train.progress is False
+    with pytest.raises(ConfigCompositionException, match="synthetic.cout"):
+        typed("shard", ["synthetic.cout=3"])
+    assert typed("shard", ["synthetic.count=3", "max_rejected_fraction=0.5"]).synthetic.count == 3
+    assert typed("pretrain_encoder", ["method=dino"]).method.params["prototypes"] == 4096
+
+
+def _one_step(compose_sweep, tmp_path, overrides: list[str]) -> dict:
     cfg = compose_sweep(overrides + [f"storage.run_root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
                                      "train.steps=1", "train.batch_size=1", "grid.images=1", "grid.samples=1",
                                      "grid.steps=ddim2", "train.loader_workers=0"])
-    ensure_demo_data(cfg)  # what the app's callback does before any job
+    ensure_demo_data(train_config(cfg))  # what the app's callback does before any job
     return train(train_config(cfg))
 
 
 @pytest.mark.parametrize("model", ["tiny"])
-def test_one_step_on_each_data_choice(tmp_path, dataset, model):
-    assert _one_step(tmp_path, [f"model={model}", "data=shards", f"data.url={dataset}", "encoder=dino"])["step"] == 1
+def test_one_step_on_each_data_choice(tmp_path, dataset, model, compose_sweep, capfd):
+    m = _one_step(compose_sweep, tmp_path, [f"model={model}", "data=shards", f"data.url={dataset}", "encoder=dino"])
+    assert m["step"] == 1
+    assert "step/s" not in capfd.readouterr().err  # no progress bar when stderr is not a terminal
     demo = tmp_path / "demo"
-    m = _one_step(tmp_path, ["data=demo", f"data.url={demo}", "data.synthetic.counts={train: 32, val: 4}",
-                             "data.synthetic.shard_size=16", "encoder=simclr", "level=projector"])
+    m = _one_step(compose_sweep, tmp_path, ["data=demo", f"data.url={demo}", "data.synthetic.counts={train: 32, val: 4}",
+                                            "data.synthetic.shard_size=16", "encoder=simclr", "level=projector"])
     assert m["step"] == 1 and (demo / "manifest.json").exists()  # data=demo built itself
 
 
@@ -104,7 +102,7 @@ def test_one_step_of_each_large_preset_on_cpu(model, size):
     assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
 
 
-def test_dataset_without_the_requested_encoder_is_refused(tmp_path, dataset):
+def test_dataset_without_the_requested_encoder_is_refused(tmp_path, dataset, compose_sweep):
     cfg = compose_sweep(["data=shards", f"data.url={dataset}", "encoder=vicreg"])
     with pytest.raises(UserError, match=r"no vicreg backbone embeddings \(encoders: dino \[backbone, projector\]"):
         train(train_config(cfg))
@@ -198,7 +196,7 @@ def test_preemption_signal_checkpoints_and_a_restart_resumes_the_same_run(tmp_pa
     proc.send_signal(signal.SIGUSR2)  # what submitit sends before a time limit or on preemption
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, out[-2000:]
-    saved = checkpointing.load(checkpointing.latest_path(str(job)))
+    saved = train_checkpoints.load(train_checkpoints.latest_path(str(job)))
     k = saved["step"]
     assert 5 <= k < 400
     assert client.get_run(run_id).info.status == "KILLED"
@@ -223,23 +221,23 @@ def test_preemption_signal_checkpoints_and_a_restart_resumes_the_same_run(tmp_pa
     assert run.info.status == "FINISHED"
     steps = _metric_steps(client, run_id)
     assert steps == list(range(1, k + 21))  # one continuous step axis, no step twice
-    assert checkpointing.load(checkpointing.latest_path(str(job)))["step"] == k + 20
+    assert train_checkpoints.load(train_checkpoints.latest_path(str(job)))["step"] == k + 20
     assert len(client.search_runs([run.info.experiment_id])) == 1  # no duplicate run
 
 
-def test_non_finite_loss_stops_with_an_error_and_keeps_the_good_checkpoint(tmp_path, dataset):
+def test_non_finite_loss_stops_with_an_error_and_keeps_the_good_checkpoint(tmp_path, dataset, compose_sweep):
     base = ["data=shards", f"data.url={dataset}", "encoder=dino", f"storage.run_root={tmp_path / 'runs'}",
             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.loader_workers=0", "train.checkpoint_every=2",
             "train.sample_every=1000", "grid.images=1", "grid.steps=ddim2"]
     cfg = compose_sweep(base + ["train.steps=2"])
     train(train_config(cfg))
     job = train_config(cfg).run_root
-    good = checkpointing.latest_path(job)
+    good = train_checkpoints.latest_path(job)
     cfg = compose_sweep(base + ["train.steps=10", "train.lr=1e30", "train.grad_clip=1e30"])
     with pytest.raises(FloatingPointError, match="loss is"):
         train(train_config(cfg))
-    assert checkpointing.latest_path(job) == good
-    assert all(torch.isfinite(v).all() for v in checkpointing.load(good)["model"].values())
+    assert train_checkpoints.latest_path(job) == good
+    assert all(torch.isfinite(v).all() for v in train_checkpoints.load(good)["model"].values())
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     run_id = json.loads((Path(job) / "mlflow_run.json").read_text())["run_id"]
     assert client.get_run(run_id).info.status == "FAILED"
@@ -276,12 +274,10 @@ def test_the_embedded_default_sweep(tmp_path):
         assert "faithfulness.json" in [a.path for a in client.list_artifacts(c.info.run_id)]
 
 
-def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket):
+def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket, make_dataset, compose_sweep):
     """Data and run root on a real S3-API server; launch/sample.py reads the job's own checkpoint."""
     endpoint, opts, fs = s3_bucket
-    for split, n in (("train", 32), ("val", 4)):
-        shard(ShardJob(input="synthetic", output="s3://bucket/ds", split=split, synthetic_count=n, shard_size=16,
-                       encoders=["barlow"], loader_workers=0, storage=opts))
+    make_dataset("s3://bucket/ds", train=32, val=4, encoders=["barlow"], storage=opts)
     cfg = compose_sweep(["data=shards", "data.url=s3://bucket/ds", "encoder=barlow", "level=projector",
                          "storage=s3", "storage.run_root=s3://bucket/runs", f"storage.endpoint_url={endpoint}",
                          f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.steps=4", "train.checkpoint_every=2",
@@ -293,7 +289,7 @@ def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket):
     assert not fs.exists(f"{job}/checkpoints/ckpt-000000002.pt") or fs.exists(f"{job}/checkpoints/latest.json")
     images = tmp_path / "imgs"
     images.mkdir()
-    from sharding.synthetic import sample as synth
+    from rcdm.synthetic import sample as synth
     synth(0, "val", 0, 32)[0].save(images / "a.png")
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), f"checkpoint=s3://{job}",
                         f"images={images}", "num_samples=3", "steps=ddim5", f"endpoint_url={endpoint}",

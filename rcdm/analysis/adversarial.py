@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from rcdm.analysis.factors import FactorNet
+from rcdm.encoders import embed_in_chunks
+from rcdm.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rcdm.probes import fit_linear_probe
 
 EPSILONS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # in 0-255 pixel units
@@ -26,8 +28,8 @@ def encoder_input(encoder, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
     if encoder.preprocess.normalize == "minus_one_one":
         return x
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device)[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device)[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
     return ((x + 1) / 2 - mean) / std
 
 
@@ -63,8 +65,7 @@ class SupervisedHead(torch.nn.Module):
 
 def ssl_probe(encoder, level: str, images: torch.Tensor, labels: torch.Tensor) -> SSLProbe:
     """Fit the linear probe on the frozen embeddings of ``images`` [N, 3, S, S] in [-1, 1]."""
-    with torch.no_grad():
-        feats = torch.cat([encoder(encoder_input(encoder, c))[level].float() for c in images.split(256)])
+    feats = embed_in_chunks(encoder, images, lambda c: encoder_input(encoder, c))[level]
     mean, std, w, b = fit_linear_probe(feats, labels)
     return SSLProbe(encoder, level, mean, std, w, b).eval()
 

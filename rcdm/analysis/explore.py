@@ -2,15 +2,13 @@
 variability of many samples drawn from one embedding against the variability across embeddings."""
 from __future__ import annotations
 
-import io
-
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
 
 from rcdm.analysis.faithfulness import reencode
 from rcdm.device import autocast
 from rcdm.diffusion.gaussian import create_diffusion
+from rcdm.grids import png_grid
 
 
 def embedding_path(h0: torch.Tensor, h1: torch.Tensor, alphas: torch.Tensor, mode: str = "linear") -> torch.Tensor:
@@ -79,9 +77,7 @@ def interpolation_png(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor) -> b
     rows, points = grid.shape[:2]
     cells = torch.cat([a.cpu()[None, None].expand(rows, 1, -1, -1, -1), grid.cpu(),
                        b.cpu()[None, None].expand(rows, 1, -1, -1, -1)], 1)
-    buf = io.BytesIO()
-    save_image(cells.flatten(0, 1), buf, format="png", nrow=points + 2, value_range=(-1, 1), normalize=True, padding=2)
-    return buf.getvalue()
+    return png_grid(cells.flatten(0, 1), points + 2)
 
 
 def variability(samples: torch.Tensor) -> dict:
@@ -109,7 +105,4 @@ def variability_png(originals: torch.Tensor, samples: torch.Tensor, within: torc
     heat_rgb = torch.from_numpy(cmap(heat.cpu().numpy())[..., :3]).permute(0, 3, 1, 2).float() * 2 - 1
     n, m = samples.shape[:2]
     cells = torch.cat([originals.cpu()[:, None], samples.cpu(), heat_rgb[:, None]], 1)
-    buf = io.BytesIO()
-    save_image(make_grid(cells.flatten(0, 1), nrow=m + 2, padding=2, value_range=(-1, 1), normalize=True), buf,
-               format="png")
-    return buf.getvalue()
+    return png_grid(cells.flatten(0, 1), m + 2)

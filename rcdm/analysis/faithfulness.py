@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rcdm.device import autocast
+from rcdm.encoders import embed_in_chunks
 
 
 def ranks(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -61,16 +61,12 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in u8]
 
 
-@torch.no_grad()
 def reencode(encoder, level: str, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Embed generated images [N, 3, S, S] in [-1, 1] through the encoder's own preprocessing."""
-    device = next(encoder.parameters()).device
-    out = []
-    for chunk in images.split(batch_size):
-        x = torch.stack([encoder.preprocess(p) for p in to_pil(chunk)]).to(device)
-        with autocast(device):
-            out.append(encoder(x)[level].float())
-    return torch.cat(out)
+    def prepare(chunk: torch.Tensor) -> torch.Tensor:
+        return torch.stack([encoder.preprocess(p) for p in to_pil(chunk)])
+
+    return embed_in_chunks(encoder, images, prepare, batch_size)[level]
 
 
 def faithfulness(h: torch.Tensor, generated: torch.Tensor, encoder, level: str, boot: int = 1000,

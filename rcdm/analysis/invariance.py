@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from rcdm.analysis.factors import predict, true_factors
+from rcdm.encoders import embed_in_chunks
 from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
 
 # the factors each augmentation can change
@@ -55,19 +56,16 @@ def augment(family: str, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     raise ValueError(f"unknown augmentation family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-@torch.no_grad()
 def embed(encoder, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """images [N, 3, S, S] in [0, 1] -> {level: [N, D]}, resized to the encoder's input size if needed."""
-    device = next(encoder.parameters()).device
-    out: dict[str, list] = {}
+    """images [N, 3, S, S] in [0, 1] -> {level: [N, D]} on the CPU, resized to the encoder's input size if needed."""
     size = encoder.preprocess.size
-    for chunk in images.split(batch_size):
+
+    def prepare(chunk: torch.Tensor) -> torch.Tensor:
         if chunk.shape[-1] != size:
             chunk = F.interpolate(chunk, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
-        x = encoder.preprocess.normalize_uint8((chunk * 255).round().to(torch.uint8)).to(device)
-        for level, v in encoder(x).items():
-            out.setdefault(level, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+        return encoder.preprocess.normalize_uint8((chunk * 255).round().to(torch.uint8))
+
+    return {k: v.cpu() for k, v in embed_in_chunks(encoder, images, prepare, batch_size).items()}
 
 
 def embedding_invariance(clean: dict[str, torch.Tensor], views: dict[str, dict[str, torch.Tensor]]) -> dict:

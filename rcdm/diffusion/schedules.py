@@ -68,3 +68,8 @@ def space_timesteps(num_steps: int, spacing: str | int) -> list[int]:
         kept += [start + round(j * stride) for j in range(count)]
         start += section
     return sorted(set(kept))
+
+
+def sampler_for(steps: str, sampler: str | None = None) -> str:
+    """The sampler a respacing string implies unless one is named: "ddimN" -> ddim, anything else -> ddpm."""
+    return sampler or ("ddim" if steps.startswith("ddim") else "ddpm")

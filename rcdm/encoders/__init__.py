@@ -1,4 +1,14 @@
 """Frozen SSL encoders: ``build_encoder(name, arch, weights)`` and the registry behind it."""
-from rcdm.encoders.zoo import ENCODERS, LEVELS, SSLEncoder, build_encoder, encoder_spec
+from rcdm.encoders.weights import WeightsRecord
+from rcdm.encoders.zoo import (
+                               ENCODERS,
+                               LEVELS,
+                               SSLEncoder,
+                               build_encoder,
+                               build_recorded_encoder,
+                               embed_in_chunks,
+                               encoder_spec,
+)
 
-__all__ = ["ENCODERS", "LEVELS", "SSLEncoder", "build_encoder", "encoder_spec"]
+__all__ = ["ENCODERS", "LEVELS", "SSLEncoder", "WeightsRecord", "build_encoder", "build_recorded_encoder",
+           "embed_in_chunks", "encoder_spec"]

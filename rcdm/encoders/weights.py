@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -66,3 +68,48 @@ def load_file(path: str | Path) -> dict:
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read {path} as a PyTorch checkpoint ({e.__class__.__name__}: {e}); "
                         f"the file is damaged or not a checkpoint: download it again") from e
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """Which weights an encoder ran with, as manifests and checkpoints record them.
+
+    ``kind``: "released" (the method's published file, or for arch tiny the encoder that ships with
+    rcdm), "random" (initialised from ``seed``) or "file" (``path``: a file or URL in the release layout).
+    ``sha256`` identifies the weights whatever their kind (a state digest for random ones).
+    """
+
+    kind: str
+    sha256: str | None = None
+    seed: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "random":
+            return f"random (seed {self.seed})"
+        return f"{self.kind} ({self.path})" if self.path else self.kind
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_recorded(cls, recorded: str | dict, encoder: str, sha256: str | None = None) -> WeightsRecord:
+        """A record as written now (a dict), or as rcdm 0.1 wrote it: one string beside a separate sha256
+        ("random (seed N)", "released tiny (...)", or the weights file's path)."""
+        if isinstance(recorded, dict):
+            return cls(**recorded)
+        m = re.fullmatch(r"random \(seed (\d+)\)", recorded)
+        if m:
+            return cls("random", sha256, seed=int(m[1]))
+        if recorded.startswith("released tiny"):
+            return cls("released", sha256)
+        path = Path(recorded)
+        if "://" not in recorded and not path.exists():
+            from rcdm.encoders.zoo import encoder_spec  # the registry imports this module
+
+            released_url = encoder_spec(encoder).url
+            if released_url and path.name == Path(urlparse(released_url).path).name:
+                return cls("released", sha256)  # the published file, cached elsewhere on the writer's machine
+            if path.parent.name == "tiny_weights" and path.name == f"{encoder}.pt":
+                return cls("released", sha256)  # the tiny encoder shipped with rcdm, installed elsewhere
+        return cls("file", sha256, path=recorded)

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rcdm.device import autocast
 from rcdm.encoders.backbones import ARCHES
 from rcdm.encoders.layouts import LAYOUTS
-from rcdm.encoders.weights import fetch, load_file, sha256sum
+from rcdm.encoders.weights import WeightsRecord, fetch, load_file, sha256sum
 from rcdm.errors import UserError
 from rcdm.preprocess import Preprocess
 
@@ -52,7 +53,8 @@ class EncoderSpec:
 
     name: str
     description: str
-    projector: dict[str, Callable[[int], nn.Module]]  # arch -> factory(trunk dim); empty = no projector
+    projector: dict[str, tuple[int, Callable[[int], nn.Module]]]  # arch -> (output dim, factory(trunk dim));
+    # empty = no projector
     layout: str
     url: str | None  # the released ResNet-50 weights
     preprocess: Preprocess = Preprocess()
@@ -61,21 +63,21 @@ class EncoderSpec:
 ENCODERS: dict[str, EncoderSpec] = {
     "vicreg": EncoderSpec(
         "vicreg", "VICReg ResNet-50 (Bardes et al. 2022), projector 8192",
-        {"resnet50": lambda d: _vicreg_head(d, 8192), "tiny": lambda d: _vicreg_head(d, 256)},
+        {"resnet50": (8192, lambda d: _vicreg_head(d, 8192)), "tiny": (256, lambda d: _vicreg_head(d, 256))},
         "vicreg", "https://dl.fbaipublicfiles.com/vicreg/resnet50_fullckpt.pth"),
     "dino": EncoderSpec(
         "dino", "DINO ResNet-50 (Caron et al. 2021), projector 256 (head MLP before the last layer)",
-        {"resnet50": lambda d: _dino_head(d, 4096, 256), "tiny": lambda d: _dino_head(d, 256, 64)},
+        {"resnet50": (256, lambda d: _dino_head(d, 4096, 256)), "tiny": (64, lambda d: _dino_head(d, 256, 64))},
         "dino", "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/"
                 "dino_resnet50_pretrain_full_checkpoint.pth"),
     "barlow": EncoderSpec(
         "barlow", "Barlow Twins ResNet-50 (Zbontar et al. 2021, VISSL release), projector 8192",
-        {"resnet50": lambda d: _barlow_head(d, 8192), "tiny": lambda d: _barlow_head(d, 256)},
+        {"resnet50": (8192, lambda d: _barlow_head(d, 8192)), "tiny": (256, lambda d: _barlow_head(d, 256))},
         "vissl_barlow", "https://dl.fbaipublicfiles.com/vissl/model_zoo/barlow_twins/"
                         "barlow_twins_32gpus_4node_imagenet1k_1000ep_resnet50.torch"),
     "simclr": EncoderSpec(
         "simclr", "SimCLR ResNet-50 (Chen et al. 2020, VISSL release), projector 128",
-        {"resnet50": lambda d: _simclr_head(d, 128), "tiny": lambda d: _simclr_head(d, 32)},
+        {"resnet50": (128, lambda d: _simclr_head(d, 128)), "tiny": (32, lambda d: _simclr_head(d, 32))},
         "vissl_simclr", "https://dl.fbaipublicfiles.com/vissl/model_zoo/"
                         "simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/"
                         "model_final_checkpoint_phase999.torch"),
@@ -91,18 +93,22 @@ ARCH_PREPROCESS = {"tiny": Preprocess(size=32)}
 class SSLEncoder(nn.Module):
     """A frozen trunk plus its projector; one forward yields every level: {level: [N, dim]}."""
 
-    def __init__(self, name: str, arch: str, trunk: nn.Module, trunk_dim: int, projector: nn.Module | None,
+    def __init__(self, name: str, arch: str, trunk: nn.Module, dims: dict[str, int], projector: nn.Module | None,
                  preprocess: Preprocess):
         super().__init__()
         self.name, self.arch, self.preprocess = name, arch, preprocess
         self.backbone = trunk
         self.projector = projector
-        self.dims = {"backbone": trunk_dim}
-        if projector is not None:
-            with torch.no_grad():
-                self.dims["projector"] = projector.eval()(torch.zeros(2, trunk_dim)).shape[1]
-        self.weights_source = "random"
-        self.weights_sha256: str | None = None
+        self.dims = dims  # {level: embedding dim}, as the registry declares them
+        self.weights = WeightsRecord("random", seed=0)
+
+    @property
+    def weights_source(self) -> str:
+        return str(self.weights)
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.weights.sha256
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)  # [N, trunk_dim]
@@ -114,8 +120,22 @@ class SSLEncoder(nn.Module):
     def describe(self) -> dict:
         """What a manifest or checkpoint records about this encoder."""
         return {"name": self.name, "arch": self.arch, "dims": dict(self.dims),
-                "preprocess": self.preprocess.to_dict(), "weights": self.weights_source,
-                "sha256": self.weights_sha256}
+                "preprocess": self.preprocess.to_dict(), "weights": self.weights.to_dict()}
+
+
+@torch.no_grad()
+def embed_in_chunks(encoder: SSLEncoder, images: torch.Tensor, prepare: Callable | None = None,
+                    batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """{level: [N, dim] float32, on the encoder's device} for ``images`` [N, ...], ``batch_size`` at a time;
+    ``prepare`` turns a chunk into the encoder's input (resize, normalisation)."""
+    device = next(encoder.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {}
+    for chunk in images.split(batch_size):
+        x = (prepare(chunk) if prepare else chunk).to(device)
+        with autocast(device):
+            for level, v in encoder(x).items():
+                out.setdefault(level, []).append(v.float())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def encoder_spec(name: str) -> EncoderSpec:
@@ -139,11 +159,14 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + zlib.crc32(name.encode()))  # each method its own random trunk
         trunk, dim = ARCHES[arch]()
-        projector = spec.projector[arch](dim) if spec.projector else None
-    enc = SSLEncoder(name, arch, trunk, dim, projector, ARCH_PREPROCESS.get(arch, spec.preprocess))
+        dims = {"backbone": dim}
+        projector = None
+        if spec.projector:
+            dims["projector"], factory = spec.projector[arch]
+            projector = factory(dim)
+    enc = SSLEncoder(name, arch, trunk, dims, projector, ARCH_PREPROCESS.get(arch, spec.preprocess))
     if weights == "random":
-        enc.weights_source = f"random (seed {seed})"
-        enc.weights_sha256 = state_digest(enc)
+        enc.weights = WeightsRecord("random", state_digest(enc), seed=seed)
     else:
         if weights == "released" and arch == "tiny":
             path = shipped_tiny(name)
@@ -154,9 +177,22 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
         else:
             path = weights
         load_released(enc, spec.layout, path)
-        if weights == "released" and arch == "tiny":  # not this machine's install path
-            enc.weights_source = f"released tiny (rcdm/encoders/tiny_weights/{name}.pt)"
+        if weights == "released":  # where this machine keeps the file is no part of the record
+            enc.weights = WeightsRecord("released", enc.weights.sha256)
     return enc.eval().requires_grad_(False)
+
+
+def build_recorded_encoder(name: str, arch: str, weights: WeightsRecord, download: bool = True) -> SSLEncoder:
+    """The encoder a manifest or checkpoint recorded, checked to be the same weights (sha256)."""
+    if weights.kind == "file" and "://" not in weights.path and not Path(weights.path).exists():
+        raise UserError(f"the encoder weights this was made with ({weights.path}) are not here; "
+                        f"place that file at the same path")
+    arg = {"released": "released", "random": "random", "file": weights.path}[weights.kind]
+    enc = build_encoder(name, arch, arg, download=download, seed=weights.seed or 0)
+    if weights.sha256 and enc.weights.sha256 != weights.sha256:
+        raise UserError(f"encoder {name} weights {enc.weights} (sha256 {enc.weights.sha256[:12]}...) are not "
+                        f"those recorded ({weights.sha256[:12]}...); use the same file")
+    return enc
 
 
 TINY_WEIGHTS = Path(__file__).parent / "tiny_weights"
@@ -199,5 +235,4 @@ def load_released(enc: SSLEncoder, layout: str, path) -> None:
         detail = " ".join(str(e).split())[:400]
         raise UserError(f"{path} does not fit encoder {enc.name} (arch {enc.arch}): {detail}; "
                         f"is it the right method and architecture?") from None
-    enc.weights_source = str(path)
-    enc.weights_sha256 = sha256sum(path)
+    enc.weights = WeightsRecord("file", sha256sum(path), path=str(path))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 
-@dataclass(frozen=True)
+@dataclass
 class AugmentConfig:
     size: int = 32
     crop_scale: tuple[float, float] = (0.2, 1.0)

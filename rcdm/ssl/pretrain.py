@@ -8,10 +8,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from rcdm import synthetic
+from rcdm.config import TrackingConfig
 from rcdm.device import autocast, pick_device
 from rcdm.encoders import build_encoder
 from rcdm.encoders.layouts import to_release_layout
@@ -20,15 +22,27 @@ from rcdm.preprocess import to_uint8_tensor
 from rcdm.ssl.augment import AugmentConfig, views
 from rcdm.ssl.objectives import DINOHead, DINOLoss, barlow_loss, nt_xent, vicreg_loss
 from rcdm.tracking import Tracker
-from sharding import synthetic
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class MethodConfig:
+    """One SSL method (``configs/method/``): its objective's hyper-parameters and its augmentations."""
+
+    name: str = "vicreg"  # vicreg | dino | barlow | simclr
+    steps: int = 1500
+    lr: float = 2e-3
+    params: dict[str, float] = field(default_factory=dict)  # the objective's (published values, scaled down)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
 class PretrainConfig:
-    method: str
-    output: str  # the checkpoint file; a .json with config and checksum is written beside it
+    """``configs/pretrain_encoder.yaml``."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    output: str = "tiny_encoders/vicreg.pt"  # the checkpoint file; a .json with config and checksum beside it
     steps: int = 300
     batch_size: int = 128
     lr: float = 2e-3
@@ -39,15 +53,7 @@ class PretrainConfig:
     data_seed: int = 1  # the synthetic "pretrain" split: not the images the RCDMs train or probe on
     seed: int = 0
     device: str = "auto"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # method hyper-parameters (the published defaults, scaled to the small setting in the configs)
-    vicreg: dict = field(default_factory=lambda: {"sim": 25.0, "var": 25.0, "cov": 1.0})
-    barlow: dict = field(default_factory=lambda: {"lambd": 0.0039})
-    simclr: dict = field(default_factory=lambda: {"temperature": 0.5})
-    dino: dict = field(default_factory=lambda: {"prototypes": 512, "student_temp": 0.1, "teacher_temp": 0.07,
-                                                "warmup_teacher_temp": 0.04, "warmup_teacher_steps": 30,
-                                                "center_momentum": 0.9, "teacher_momentum": 0.99})
-    tracking_uri: str | None = None
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(uri=None))  # None: no MLflow run
     experiment: str = "rcdm-encoders"
 
 
@@ -66,24 +72,26 @@ def _lr_at(cfg: PretrainConfig, step: int) -> float:
 def pretrain(cfg: PretrainConfig) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    encoder = build_encoder(cfg.method, "tiny", "random", seed=cfg.seed).train().requires_grad_(True).to(device)
-    aug = cfg.augment if cfg.method == "dino" else AugmentConfig(**{**asdict(cfg.augment), "local_crops": 0})
+    name, p = cfg.method.name, cfg.method.params
+    encoder = build_encoder(name, "tiny", "random", seed=cfg.seed).train().requires_grad_(True).to(device)
+    # the views at the training size; multi-crop is DINO's alone
+    aug = replace(cfg.method.augment, size=cfg.image_size,
+                  local_crops=cfg.method.augment.local_crops if name == "dino" else 0)
     # [N, 3, S, S] uint8, kept on the training device: the views are made there (a GPU is not left waiting
     # on CPU augmentation)
     images = synthetic_images(cfg.images, cfg.image_size, cfg.data_seed).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = list(encoder.parameters())
     student_head = teacher = teacher_head = dino_loss = None
-    if cfg.method == "dino":
-        d = cfg.dino
-        student_head = DINOHead(encoder.dims["projector"], d["prototypes"]).to(device)
+    if name == "dino":
+        student_head = DINOHead(encoder.dims["projector"], int(p["prototypes"])).to(device)
         params += [p for p in student_head.parameters() if p.requires_grad]
         teacher, teacher_head = copy.deepcopy(encoder).requires_grad_(False), copy.deepcopy(student_head).requires_grad_(False)
-        dino_loss = DINOLoss(d["prototypes"], d["student_temp"], d["center_momentum"]).to(device)
+        dino_loss = DINOLoss(int(p["prototypes"]), p["student_temp"], p["center_momentum"]).to(device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tracker = Tracker(cfg.tracking_uri, cfg.experiment) if cfg.tracking_uri else None
+    tracker = Tracker(cfg.tracking.uri, cfg.experiment) if cfg.tracking.uri else None
     if tracker:
-        tracker.start(None, f"pretrain-{cfg.method}-tiny", {"method": cfg.method, "arch": "tiny"}, asdict(cfg))
+        tracker.start(None, f"pretrain-{name}-tiny", {"method": name, "arch": "tiny"}, asdict(cfg))
     step, t0, last = 0, time.perf_counter(), {}
     try:
         while step < cfg.steps:
@@ -95,12 +103,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
             with autocast(device):
                 loss, terms = _loss(cfg, encoder, vs, student_head, teacher, teacher_head, dino_loss, step)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{cfg.method} loss is {loss.item()} at step {step}; lower the lr")
+                raise FloatingPointError(f"{name} loss is {loss.item()} at step {step}; lower the lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if teacher is not None:  # EMA teacher, momentum annealed to 1 (cosine)
-                m = 1 - (1 - cfg.dino["teacher_momentum"]) * (math.cos(math.pi * step / cfg.steps) + 1) / 2
+                m = 1 - (1 - p["teacher_momentum"]) * (math.cos(math.pi * step / cfg.steps) + 1) / 2
                 with torch.no_grad():
                     for src, dst in ((encoder, teacher), (student_head, teacher_head)):
                         for ps, pt in zip(src.state_dict().values(), dst.state_dict().values()):
@@ -109,7 +117,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             step += 1
             last = {"loss": loss.item(), **terms, "lr": opt.param_groups[0]["lr"]}
             if step % 10 == 0 or step == cfg.steps:
-                log.info("%s step %d: %s", cfg.method, step, {k: round(v, 4) for k, v in last.items()})
+                log.info("%s step %d: %s", name, step, {k: round(v, 4) for k, v in last.items()})
                 if tracker:
                     tracker.log_metrics(last, step, int(time.time() * 1000))
     except BaseException:
@@ -121,10 +129,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     extra = {"head.last_layer": teacher_head.last_layer} if teacher_head is not None else {}
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
     torch.save(to_release_layout(final, extra), cfg.output)
-    record = {"method": cfg.method, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
+    record = {"method": name, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
               "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-              "final": last, "config": asdict(cfg) | {"output": None, "tracking_uri": None}}
+              "final": last, "config": asdict(cfg) | {"output": None, "tracking": None}}
     with open(cfg.output.rsplit(".", 1)[0] + ".json", "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
     if tracker:
@@ -133,18 +141,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _loss(cfg, encoder, views, student_head, teacher, teacher_head, dino_loss, step):
-    if cfg.method == "dino":
-        d = cfg.dino
-        tt = (d["warmup_teacher_temp"] + (d["teacher_temp"] - d["warmup_teacher_temp"]) * min(1, step / max(1, d["warmup_teacher_steps"])))
+    name, p = cfg.method.name, cfg.method.params
+    if name == "dino":
+        warm = min(1, step / max(1, p["warmup_teacher_steps"]))
+        tt = p["warmup_teacher_temp"] + (p["teacher_temp"] - p["warmup_teacher_temp"]) * warm
         student = [student_head(encoder(v)["projector"]) for v in views]
         with torch.no_grad():
             teach = [teacher_head(teacher(v)["projector"]) for v in views[:2]]  # the teacher sees global views
         return dino_loss(student, teach, tt)
     z1, z2 = (encoder(v)["projector"].float() for v in views[:2])
-    if cfg.method == "vicreg":
-        return vicreg_loss(z1, z2, cfg.vicreg["sim"], cfg.vicreg["var"], cfg.vicreg["cov"])
-    if cfg.method == "barlow":
-        return barlow_loss(z1, z2, cfg.barlow["lambd"])
-    if cfg.method == "simclr":
-        return nt_xent(z1, z2, cfg.simclr["temperature"])
-    raise ValueError(f"unknown method {cfg.method!r}; choose vicreg, dino, barlow or simclr")
+    if name == "vicreg":
+        return vicreg_loss(z1, z2, p["sim"], p["var"], p["cov"])
+    if name == "barlow":
+        return barlow_loss(z1, z2, p["lambd"])
+    if name == "simclr":
+        return nt_xent(z1, z2, p["temperature"])
+    raise ValueError(f"unknown method {name!r}; choose vicreg, dino, barlow or simclr")

@@ -1,6 +1,6 @@
 """Sharding overheads, measured side by side in one run on the same images.
 
-    python benchmarks/sharding.py [--out benchmarks/results/sharding.json] [--images 48] [--arch resnet50]
+    python benchmarks/shard_throughput.py [--out benchmarks/results/sharding.json] [--images 48] [--arch resnet50]
 
 1. throughput: the full sharding run (read JPEGs, decode, crop, every encoder x level and the mirrored
    view, tar writing) against the bare batched forward of the same encoders on the same images held
@@ -19,17 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file is named like the ``sharding`` package; keep its own folder off the import path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from rcdm.encoders import build_encoder  # noqa: E402
-from rcdm.preprocess import load_rgb  # noqa: E402
-from sharding.encode import ShardJob  # noqa: E402
-from sharding.run import shard  # noqa: E402
+from rcdm.encoders import build_encoder
+from rcdm.preprocess import load_rgb
+from sharding.config import ShardJob
+from sharding.orchestrate import shard
 
 ENCODERS = ["vicreg", "dino", "barlow", "simclr"]
 
@@ -53,8 +50,8 @@ def bare_forward(encoders, x: torch.Tensor, batch: int, trunk_only: bool) -> flo
 
 
 def peak_rss_mb(count: int, workdir: Path) -> float:
-    code = (f"import resource; from sharding.encode import ShardJob; from sharding.run import shard; "
-            f"shard(ShardJob(input='synthetic', output='{workdir}/rss{count}', synthetic_count={count}, "
+    code = (f"import resource; from sharding.config import ShardJob, SyntheticInput; from sharding.orchestrate import shard; "
+            f"shard(ShardJob(input='synthetic', output='{workdir}/rss{count}', synthetic=SyntheticInput({count}), "
             f"shard_size=256, loader_workers=0)); "
             f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

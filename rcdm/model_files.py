@@ -1,14 +1,15 @@
-"""RCDM model checkpoints: the official release's ``rcdm_ema_*.pt`` files, found by path or by name
-in the torch.hub cache, and what they imply (preset, encoder, level, preprocessing)."""
+"""RCDM models to sample from: the official release's ``rcdm_ema_*.pt`` files (found by path or by name
+in the torch.hub cache, and what they imply: preset, encoder, level, preprocessing) and the EMA weights
+of rcdm's own training checkpoints (which describe themselves)."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rcdm import checkpointing
+from rcdm import train_checkpoints
 from rcdm.encoders import encoder_spec
-from rcdm.encoders.weights import fetch, load_file
+from rcdm.encoders.weights import WeightsRecord, fetch, load_file
 from rcdm.errors import UserError
 from rcdm.preprocess import Preprocess
 from rcdm.presets import build_unet, preset_config
@@ -28,13 +29,11 @@ class LoadedRCDM:
     encoder: str
     level: str
     encoder_arch: str
-    encoder_weights: str
+    encoder_weights: WeightsRecord
     schedule: str
     num_steps: int
     source: str
     preprocess: Preprocess | None = None  # None: the encoder's own (the official one for released files)
-    encoder_seed: int = 0
-    encoder_sha256: str | None = None
 
 
 def parse_released_name(name: str) -> tuple[str, str]:
@@ -74,25 +73,7 @@ def load_released(ref: str, download: bool = True) -> LoadedRCDM:
         raise UserError(f"{path} does not match the adm128 preset ({preset_config('adm128', embed_dim)}): "
                         f"{detail}") from None
     return LoadedRCDM(model=model, encoder=encoder, level=level, encoder_arch="resnet50",
-                      encoder_weights="released", schedule="linear", num_steps=1000, source=str(path))
-
-
-def encoder_weights_arg(recorded: str, encoder: str) -> tuple[str, int]:
-    """What the dataset's manifest recorded -> (weights argument, seed) for ``build_encoder``."""
-    m = re.fullmatch(r"random \(seed (\d+)\)", recorded)
-    if m:
-        return "random", int(m[1])
-    if recorded.startswith("released tiny"):
-        return "released", 0  # the SSL-trained tiny encoder that ships with rcdm (its sha256 is checked later)
-    if "://" in recorded or Path(recorded).exists():
-        return recorded, 0
-    url = encoder_spec(encoder).url
-    if url and Path(recorded).name == Path(url).name:  # the released file, cached elsewhere on that machine
-        return "released", 0
-    if Path(recorded).parent.name == "tiny_weights" and Path(recorded).name == f"{encoder}.pt":
-        return "released", 0  # the tiny encoder shipped with rcdm, installed elsewhere
-    raise UserError(f"the encoder weights this model was trained with ({recorded}) are not here; "
-                    f"place that file at the same path")
+                      encoder_weights=WeightsRecord("released"), schedule="linear", num_steps=1000, source=str(path))
 
 
 def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
@@ -103,21 +84,20 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
         raise UserError(f"checkpoint {ref!r} not found; give a checkpoint file, a run root, or a released file name "
                         f"such as rcdm_ema_dino_trunk.pt placed in the torch.hub cache")
     if fs.isdir(path):
-        url = checkpointing.latest_path(ref, storage)
+        url = train_checkpoints.latest_path(ref, storage)
         if url is None:
             raise UserError(f"{ref} holds no checkpoint yet (no checkpoints/latest.json)")
     try:
-        state = checkpointing.load(url, storage)
+        state = train_checkpoints.load(url, storage)
     except ValueError as e:
         raise UserError(str(e)) from None
     meta = state["meta"]
     model = build_unet(meta["preset"], meta["embed_dim"])
     model.load_state_dict(state["ema"], strict=True)
-    weights, seed = encoder_weights_arg(meta["encoder_weights"], meta["encoder"])
+    weights = WeightsRecord.from_recorded(meta["encoder_weights"], meta["encoder"], meta.get("encoder_sha256"))
     return LoadedRCDM(model=model, encoder=meta["encoder"], level=meta["level"], encoder_arch=meta["encoder_arch"],
                       encoder_weights=weights, schedule=meta["schedule"], num_steps=meta["num_steps"], source=url,
-                      preprocess=Preprocess.from_dict(meta["preprocess"]), encoder_seed=seed,
-                      encoder_sha256=meta.get("encoder_sha256"))
+                      preprocess=Preprocess.from_dict(meta["preprocess"]))
 
 
 def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | None = None) -> LoadedRCDM:
@@ -125,14 +105,6 @@ def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | N
     if RELEASED_NAME.match(Path(ref).name) or (Path(ref).name.startswith("rcdm_ema_") and "/" not in ref):
         return load_released(ref, download)
     return load_trained(ref, storage)
-
-
-def check_encoder(loaded: LoadedRCDM, encoder) -> None:
-    """The encoder must give the conditioning the model was trained on: same dims, same weights."""
-    conditioning_dim_check(loaded, encoder.dims)
-    if loaded.encoder_sha256 and encoder.weights_sha256 and loaded.encoder_sha256 != encoder.weights_sha256:
-        raise UserError(f"encoder weights {encoder.weights_source} differ from those {loaded.source} was trained "
-                        f"with (sha256 {loaded.encoder_sha256[:12]}...); use the same file")
 
 
 def conditioning_dim_check(loaded: LoadedRCDM, dims: dict[str, int]) -> None:

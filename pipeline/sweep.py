@@ -1,7 +1,6 @@
-"""The bridge between Hydra configs and the typed library: config -> TrainConfig, and the sweep
-callback that runs in the launching process before any job is submitted (build the demo data if it
-is missing, refuse jobs the dataset cannot serve, open the sweep's parent MLflow run) and after the
-last one (close the parent run)."""
+"""The sweep's glue between the stages, in the launching process: before any job is submitted, build the
+demo dataset with the sharding stage if it is missing, refuse jobs the dataset cannot serve and open the
+sweep's parent MLflow run; after the last one, close it. Also the composed config -> ``TrainConfig``."""
 from __future__ import annotations
 
 import atexit
@@ -16,72 +15,50 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from rcdm.config import TrainConfig
 from rcdm.data import open_dataset
+from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
-from rcdm.storage import join, open_fs, read_json, recorded_run_id, write_json
+from rcdm.manifest import read_manifest
+from rcdm.storage import open_fs, recorded_run_id, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
-from rcdm.train import TrainConfig
-from sharding.config import storage_from_cfg as storage_options
+from sharding.config import ShardJob, SyntheticInput
+from sharding.orchestrate import shard
 
 log = logging.getLogger("rcdm.sweep")
 
 
-def sweep_root(cfg: DictConfig) -> str:
-    return join(str(cfg.storage.run_root), str(cfg.experiment), str(cfg.sweep_id))
-
-
-def parent_run_file(cfg: DictConfig) -> str:
-    return join(sweep_root(cfg), "parent_run.json")
-
-
 def train_config(cfg: DictConfig) -> TrainConfig:
-    t = cfg.train
-    resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                for k, v in cfg.items() if k != "hydra"}  # the job's own config, without Hydra's
-    return TrainConfig(
-        data_url=str(cfg.data.url), encoder=cfg.encoder.name, level=cfg.level.name,
-        run_root=join(sweep_root(cfg), str(cfg.job_name)), preset=cfg.model.name, split=cfg.data.split,
-        heldout_split=cfg.data.heldout_split, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
-        weight_decay=t.weight_decay, ema_decay=t.ema_decay, grad_clip=t.grad_clip, schedule=cfg.diffusion.schedule,
-        diffusion_steps=cfg.diffusion.steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints, sample_every=t.sample_every, grid_images=cfg.grid.images,
-        grid_samples=cfg.grid.samples, grid_steps=str(cfg.grid.steps),
-        faithfulness_images=cfg.faithfulness.images, faithfulness_steps=str(cfg.faithfulness.steps),
-        loader_workers=t.loader_workers, seed=t.seed,
-        device=cfg.device, compile=t.compile, storage=storage_options(cfg), tracking_uri=str(cfg.tracking.uri),
-        experiment=str(cfg.experiment), run_name=str(cfg.job_name), parent_run_file=parent_run_file(cfg),
-        config=resolved)
+    """The composed job config as the typed object ``train`` takes (Hydra's own ``hydra`` node left out)."""
+    if "hydra" in cfg:  # a callback's or a test's config: typed again without that node
+        fields = list(TrainConfig.__dataclass_fields__)
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.masked_copy(cfg, fields))
+    return OmegaConf.to_object(cfg)
 
 
-def ensure_demo_data(cfg: DictConfig) -> None:
+def ensure_demo_data(cfg: TrainConfig) -> None:
     """Build the embedded demo dataset (both splits) where the config asks for it and it is missing."""
     d = cfg.data
-    if not d.get("build_if_missing"):
+    if not d.build_if_missing:
         return
-    fs, root = open_fs(str(d.url), storage_options(cfg))
-    manifest = read_json(fs, join(root, "manifest.json")) if fs.exists(join(root, "manifest.json")) else None
-    from sharding.encode import ShardJob
-    from sharding.run import shard
-
+    manifest = read_manifest(d.url, cfg.storage)
     if manifest:  # a demo built earlier with other encoder weights would silently mix two encoders
-        from rcdm.encoders import build_encoder
-
         for name in d.synthetic.encoders:
-            want = build_encoder(name, d.synthetic.arch, str(d.synthetic.encoder_weights)).describe()["sha256"]
-            have = manifest["encoders"].get(name, {}).get("sha256")
-            if have and have != want:
+            want = build_encoder(name, d.synthetic.arch, d.synthetic.encoder_weights).weights
+            have = manifest.encoders.get(name)
+            if have and have.weights.sha256 != want.sha256:
                 raise UserError(f"the demo dataset at {d.url} was embedded with other {name} weights "
-                                f"({manifest['encoders'][name].get('weights')}) than data.synthetic.encoder_weights="
+                                f"({have.weights}) than data.synthetic.encoder_weights="
                                 f"{d.synthetic.encoder_weights}; delete {d.url} to rebuild it, or set "
                                 f"data.synthetic.encoder_weights to match")
     for split, count in d.synthetic.counts.items():
-        if manifest and split in manifest["splits"]:
+        if manifest and split in manifest.splits:
             continue
         log.info("building the demo dataset at %s (split %s, %d synthetic images)", d.url, split, count)
-        shard(ShardJob(input="synthetic", output=str(d.url), split=split, synthetic_count=count,
-                       synthetic_seed=d.synthetic.seed, encoders=list(d.synthetic.encoders), arch=d.synthetic.arch,
-                       encoder_weights=str(d.synthetic.encoder_weights), image_size=d.synthetic.image_size,
-                       shard_size=d.synthetic.shard_size, loader_workers=0, storage=storage_options(cfg)))
+        shard(ShardJob(input="synthetic", output=d.url, split=split, synthetic=SyntheticInput(count, d.synthetic.seed),
+                       encoders=list(d.synthetic.encoders), arch=d.synthetic.arch,
+                       encoder_weights=d.synthetic.encoder_weights, image_size=d.synthetic.image_size,
+                       shard_size=d.synthetic.shard_size, loader_workers=0, storage=cfg.storage))
 
 
 def _choices(overrides: list[str], group: str, default: str) -> list[str]:
@@ -91,13 +68,23 @@ def _choices(overrides: list[str], group: str, default: str) -> list[str]:
     return [default]
 
 
-def check_jobs(cfg: DictConfig) -> list[tuple[str, str]]:
+def check_jobs(cfg: TrainConfig, overrides: list[str]) -> list[tuple[str, str]]:
     """Every (encoder, level) the sweep will run, checked against the dataset before submission."""
-    task = list(cfg.hydra.overrides.task)
-    combos = list(itertools.product(_choices(task, "encoder", cfg.encoder.name), _choices(task, "level", cfg.level.name)))
+    combos = list(itertools.product(_choices(overrides, "encoder", cfg.encoder.name),
+                                    _choices(overrides, "level", cfg.level.name)))
     for encoder, level in combos:
-        open_dataset(str(cfg.data.url), encoder, level, cfg.data.split, storage_options(cfg))  # raises a UserError
+        open_dataset(cfg.data.url, encoder, level, cfg.data.split, cfg.storage)  # raises a UserError
     return combos
+
+
+def _prepare(config: DictConfig) -> tuple[TrainConfig, list[tuple[str, str]]]:
+    """Before any job: the demo data exists, and every job's (encoder, level) is in the dataset."""
+    try:
+        cfg = train_config(config)
+        ensure_demo_data(cfg)
+        return cfg, check_jobs(cfg, list(config.hydra.overrides.task))
+    except UserError as e:
+        _refuse(e)
 
 
 def _refuse(e: UserError) -> NoReturn:
@@ -121,26 +108,17 @@ class SweepCallback(Callback):
         self._open_parent: Tracker | None = None  # on the sweep's parent run, until it is ended
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            ensure_demo_data(config)
-            check_jobs(config)
-        except UserError as e:
-            _refuse(e)
+        _prepare(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            ensure_demo_data(config)
-            combos = check_jobs(config)
-        except UserError as e:
-            _refuse(e)
-        tracker = Tracker(str(config.tracking.uri), str(config.experiment))
-        run_file = parent_run_file(config)
-        existing = recorded_run_id(run_file, storage_options(config))  # a re-launched sweep continues its run
-        run_id = tracker.start(existing, f"sweep {config.sweep_id}",
-                               {"sweep_id": str(config.sweep_id), "run_root": sweep_root(config),
-                                "jobs": str(len(combos)), "kind": "sweep"},
+        cfg, combos = _prepare(config)
+        tracker = Tracker(cfg.tracking.uri, cfg.experiment)
+        existing = recorded_run_id(cfg.parent_run_file, cfg.storage)  # a re-launched sweep continues its run
+        run_id = tracker.start(existing, f"sweep {cfg.sweep_id}",
+                               {"sweep_id": cfg.sweep_id, "run_root": cfg.sweep_root, "jobs": str(len(combos)),
+                                "kind": "sweep"},
                                {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
-        write_json(*open_fs(run_file, storage_options(config)), {"run_id": run_id})
+        write_json(*open_fs(cfg.parent_run_file, cfg.storage), {"run_id": run_id})
         self._open_parent = tracker
         atexit.register(self._end_unfinished_parent)
         _exit_on_sigterm()

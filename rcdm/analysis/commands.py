@@ -2,25 +2,26 @@
 ``<output>/<analysis>.json``, and logs both to an MLflow run when given one."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torchvision.utils import make_grid, save_image
 
+from rcdm import synthetic
 from rcdm.analysis import adversarial, explore, fidelity, invariance, manipulate
 from rcdm.analysis.factors import FactorNetConfig, factor_net
 from rcdm.analysis.faithfulness import faithfulness, reencode
 from rcdm.device import pick_device
+from rcdm.diffusion.schedules import sampler_for
 from rcdm.errors import UserError
+from rcdm.grids import grid_png, png_grid
 from rcdm.preprocess import find_images
 from rcdm.probes import factor_labels
-from rcdm.sampling import draw, encode_pil, grid_png, load_images, load_with_encoder
-from sharding import synthetic
+from rcdm.sampling import draw, encode_pil, load_images, load_with_encoder
 
 log = logging.getLogger(__name__)
 ANALYSES = ("interpolate", "variability", "faithfulness", "manipulate", "invariance", "adversarial", "fidelity")
@@ -30,8 +31,8 @@ SYNTHETIC_SEED, SYNTHETIC_SPLIT = 23, "analysis"  # images no encoder, RCDM or f
 @dataclass
 class AnalyzeConfig:
     analysis: str
-    checkpoint: str | list[str]  # invariance: one per level, e.g. [<backbone run>, <projector run>]
-    images: str | list[str]  # files, a folder, or "synthetic:N" (the demo's generator, factors known)
+    checkpoint: Any  # a file or run root; invariance: one per level, e.g. [<backbone run>, <projector run>]
+    images: Any  # files, a folder, or "synthetic:N" (the demo's generator, factors known)
     output: str = "analysis"
     steps: str = "ddim25"
     sampler: str | None = None  # None: ddim for "ddimN" steps, else ddpm
@@ -54,12 +55,12 @@ class AnalyzeConfig:
     neighbours: int = 10
     fraction: float = 0.1
     # invariance
-    families: tuple[str, ...] = invariance.FAMILIES
+    families: list[str] = field(default_factory=lambda: list(invariance.FAMILIES))
     # invariance, adversarial: training steps of the synthetic-factor predictor / supervised baseline
     factor_steps: int = 600
     # adversarial
     task: str = "shape"
-    epsilons: tuple[float, ...] = adversarial.EPSILONS
+    epsilons: list[float] = field(default_factory=lambda: list(adversarial.EPSILONS))
     probe_images: int = 2000
     # fidelity: inception (torch-fidelity's Inception-v3) | encoder (the RCDM's own frozen encoder)
     features: str = "inception"
@@ -91,17 +92,10 @@ def load_inputs(spec, size: int) -> Inputs:
     return Inputs(load_images(paths), [str(p) for p in paths], None)
 
 
-def _png(cells: torch.Tensor, nrow: int) -> bytes:
-    buf = io.BytesIO()
-    save_image(make_grid(cells.float().cpu(), nrow=nrow, padding=2, value_range=(-1, 1), normalize=True), buf,
-               format="png")
-    return buf.getvalue()
-
-
 def run_analysis(cfg: AnalyzeConfig) -> dict:
     if cfg.analysis not in ANALYSES:
         raise UserError(f"unknown analysis {cfg.analysis!r}; choose one of {', '.join(ANALYSES)}")
-    sampler = cfg.sampler or ("ddim" if str(cfg.steps).startswith("ddim") else "ddpm")
+    sampler = sampler_for(str(cfg.steps), cfg.sampler)
     device = pick_device(cfg.device)
     checkpoints = [cfg.checkpoint] if isinstance(cfg.checkpoint, str) else list(cfg.checkpoint)
     if len(checkpoints) > 1 and cfg.analysis != "invariance":
@@ -163,7 +157,7 @@ def _interpolate(c: _Context):
     lo = c.loaded
     grid, numbers = explore.interpolate(lo.model, c.encoder, lo.level, lo.schedule, lo.num_steps, h[0], h[1],
                                         c.cfg.points, c.cfg.rows, c.cfg.mode, str(c.cfg.steps), c.sampler, c.cfg.seed)
-    return ({"": explore.interpolation_png(originals[0], originals[1], grid)}, numbers,
+    return ({"": explore.interpolationpng_grid(originals[0], originals[1], grid)}, numbers,
             {"interpolate_monotone_fraction": numbers["monotone_fraction"]})
 
 
@@ -182,7 +176,7 @@ def _variability(c: _Context):
     v = explore.variability(samples)
     numbers = {k: v[k] for k in ("ratio", "ratio_mean", "within_mean", "between_mean")}
     numbers["samples_per_image"] = m
-    return ({"": explore.variability_png(originals, samples, v["within"])}, numbers,
+    return ({"": explore.variabilitypng_grid(originals, samples, v["within"])}, numbers,
             {"variability_ratio_mean": numbers["ratio_mean"]})
 
 
@@ -218,7 +212,7 @@ def _manipulate(c: _Context):
     # rows: source and its neighbours; the target and samples of its own embedding; the target and edited samples
     row1 = torch.cat([shown[:1], neighbours, blank[None].expand(m - len(neighbours), -1, -1, -1)])
     cells = torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]])
-    return {"": _png(cells, m + 1)}, numbers, {"manipulate_transfer": numbers["transfer"]}
+    return {"": png_grid(cells, m + 1)}, numbers, {"manipulate_transfer": numbers["transfer"]}
 
 
 def _invariance(c: _Context):
@@ -271,7 +265,7 @@ def _invariance(c: _Context):
     for i in range(min(3, len(shown))):
         for f in cfg.families:
             rows.append(torch.stack([shown[i], views[f][i] * 2 - 1] + [samples[lo.level][f][i] for lo, _ in runs]))
-    return {"": _png(torch.cat(rows), 2 + len(runs))}, numbers, scalars
+    return {"": png_grid(torch.cat(rows), 2 + len(runs))}, numbers, scalars
 
 
 def _adversarial(c: _Context):
@@ -317,7 +311,7 @@ def _adversarial(c: _Context):
         rows.append(torch.stack([t for i in range(k) for t in (xa[i].cpu(), s[i])]))
     title = (f"FGSM on {cfg.task}: supervised tiny ResNet vs linear probe on {c.loaded.encoder} "
              f"{c.loaded.level} ({len(x)} images)")
-    return ({"": adversarial.curves_png(results, title), "_samples": _png(torch.cat(rows), 2 * k)}, numbers,
+    return ({"": adversarial.curvespng_grid(results, title), "_samples": png_grid(torch.cat(rows), 2 * k)}, numbers,
             scalars)
 
 

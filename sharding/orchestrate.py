@@ -7,33 +7,19 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
+from rcdm.config import ClusterConfig
 from rcdm.encoders import encoder_spec
 from rcdm.errors import UserError
+from rcdm.manifest import read_manifest
 from rcdm.storage import open_fs, remove_stale_temporaries
-from sharding.encode import ShardJob, run_part
-from sharding.manifest import check_compatible, finalize, read_manifest
+from sharding.config import ShardJob
+from sharding.encode import run_part
+from sharding.manifest import check_compatible, finalize
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SlurmOptions:
-    """submitit's SLURM parameters; nothing cluster-specific is assumed."""
-
-    folder: str = "logs/shard/%j"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    time_min: int = 240
-    cpus_per_task: int = 8
-    gpus_per_task: int = 0
-    mem_gb: int = 32
-    array_parallelism: int = 64
 
 
 def _check_request(job: ShardJob) -> None:
@@ -66,15 +52,15 @@ def run_local(job: ShardJob, parts: list[list[int]]) -> list[dict]:
         return [f.result() for f in futures]
 
 
-def run_slurm(job: ShardJob, parts: list[list[int]], opts: SlurmOptions) -> list[dict]:
+def run_slurm(job: ShardJob, parts: list[list[int]], opts: ClusterConfig) -> list[dict]:
     import submitit
 
     executor = submitit.AutoExecutor(folder=opts.folder, cluster="slurm")
     params = {"timeout_min": opts.time_min, "cpus_per_task": opts.cpus_per_task, "mem_gb": opts.mem_gb,
               "slurm_array_parallelism": opts.array_parallelism, "name": "rcdm-shard", "tasks_per_node": 1,
               "nodes": 1}
-    if opts.gpus_per_task:
-        params["gpus_per_node"] = opts.gpus_per_task
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(opts, key):
             params[f"slurm_{key}"] = getattr(opts, key)
@@ -84,29 +70,28 @@ def run_slurm(job: ShardJob, parts: list[list[int]], opts: SlurmOptions) -> list
     return [j.result() for j in jobs]
 
 
-def shard(job: ShardJob, workers: int = 1, cluster: str = "local", slurm: SlurmOptions | None = None,
-          max_rejected_fraction: float = 0.05) -> dict:
+def shard(job: ShardJob) -> dict:
     """Run (or complete) the dataset ``job`` describes; returns a summary including the manifest."""
     t0 = time.perf_counter()
     _check_request(job)
     fs, root = open_fs(job.output, job.storage)
-    check_compatible(read_manifest(fs, root), job.image_size, job.image_format, job.flip)
+    check_compatible(read_manifest(job.output, job.storage), job.image_size, job.image_format, job.flip)
     remove_stale_temporaries(fs, root)
     source = job.source()
     num_tasks = len(source.tasks())
-    workers = max(1, min(workers, num_tasks))
+    workers = max(1, min(job.workers, num_tasks))
     parts = [list(range(p, num_tasks, workers)) for p in range(workers)]
-    if cluster == "local":
+    if job.cluster.name == "local":
         results = run_local(job, parts)
-    elif cluster == "slurm":
-        results = run_slurm(job, parts, slurm or SlurmOptions())
+    elif job.cluster.name == "slurm":
+        results = run_slurm(job, parts, job.cluster)
     else:
-        raise UserError(f"unknown cluster {cluster!r}; choose local or slurm")
-    manifest = finalize(fs, root, job.split, num_tasks, job.encoders, job.levels, job.image_size, job.image_format,
-                        job.flip, source.describe(), max_rejected_fraction)
+        raise UserError(f"unknown cluster {job.cluster.name!r}; choose local or slurm")
+    manifest = finalize(job.output, job.storage, job.split, num_tasks, job.encoders, job.levels, job.image_size,
+                        job.image_format, job.flip, source.describe(), job.max_rejected_fraction)
     seconds = time.perf_counter() - t0
     done = sum(r["images"] for r in results)
-    return {"output": job.output, "split": job.split, "samples": manifest["splits"][job.split]["count"],
-            "rejected": manifest["splits"][job.split]["rejected"]["count"], "processed_now": done,
-            "bytes_written": sum(r["bytes"] for r in results), "seconds": seconds,
+    split = manifest.splits[job.split]
+    return {"output": job.output, "split": job.split, "samples": split.count, "rejected": split.rejected["count"],
+            "processed_now": done, "bytes_written": sum(r["bytes"] for r in results), "seconds": seconds,
             "images_per_s": done / seconds if seconds > 0 else 0.0, "manifest": manifest}

@@ -1,0 +1,1 @@
+"""Where the stages meet: the typed config schemas registered with Hydra, and the sweep's glue."""

@@ -1,0 +1,166 @@
+"""Typed configuration, written once: these dataclasses are the schema behind the Hydra config groups
+(``configs/``), nested as the YAML is, and the library receives them as they are.
+
+A new training option is one field here (with its default) and, where the demo should set it, one line
+in ``configs/sweep.yaml``. A key that is neither fails at composition with Hydra's own error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rcdm.errors import UserError
+from rcdm.storage import StorageOptions, join
+
+MISSING = "???"  # OmegaConf's mark of a value the command line must give
+
+
+@dataclass
+class ClusterConfig:
+    """Where jobs run: ``local`` (this machine) or ``slurm`` (hydra-submitit-launcher for training, a
+    submitit job array for sharding). Nothing cluster-specific is assumed: every value is the user's."""
+
+    name: str = "local"
+    folder: str = "logs/shard/%j"  # sharding array tasks' submitit folder
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 240
+    nodes: int = 1
+    tasks_per_node: int = 1  # = GPUs per node on GPU nodes: one DDP rank per GPU
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: int = 8
+    mem_gb: int = 32
+    array_parallelism: int = 64
+    max_num_timeout: int = 3  # requeues after a time limit or preemption
+    signal_delay_s: int = 120  # USR2 this long before the time limit: time to checkpoint
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = "sqlite:///mlflow.db"  # an MLflow tracking URI: a local store or an `mlflow server`
+
+
+@dataclass
+class Named:
+    """A config group whose choice is a name: ``encoder=dino``, ``level=projector``."""
+
+    name: str = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a UNet preset (rcdm.presets)
+    lr: float = 1e-3
+    batch_size: int = 16
+
+
+@dataclass
+class DemoData:
+    """How the embedded demo dataset is built when it is missing (``data.build_if_missing``)."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {"train": 2048, "val": 64})
+    seed: int = 0
+    encoders: list[str] = field(default_factory=lambda: ["vicreg", "dino", "barlow", "simclr"])
+    arch: str = "tiny"
+    encoder_weights: str = "released"
+    image_size: int = 32
+    shard_size: int = 512
+
+
+@dataclass
+class DataConfig:
+    url: str = MISSING  # the dataset root (local path or s3://) written by launch/shard.py
+    split: str = "train"
+    heldout_split: str = "val"  # grids and faithfulness condition on its first images (else the training split's)
+    build_if_missing: bool = False
+    synthetic: DemoData = field(default_factory=DemoData)
+
+
+@dataclass
+class LoopConfig:
+    """The optimisation loop (``train.*``)."""
+
+    steps: int = 100
+    batch_size: int = 16  # global: split over the job's ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999  # with a (1 + step) / (10 + step) warm-up
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    sample_every: int = 50
+    loader_workers: int = 1
+    seed: int = 0
+    compile: bool = False  # torch.compile the UNet (GPU)
+    progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"
+    steps: int = 1000
+
+
+@dataclass
+class GridConfig:
+    """Sample grids from the EMA model on fixed held-out images, every ``train.sample_every`` steps."""
+
+    images: int = 8
+    samples: int = 3
+    steps: str = "ddim25"
+
+
+@dataclass
+class FaithfulnessConfig:
+    """The RCDM protocol at the end of every run (rcdm/analysis/faithfulness.py)."""
+
+    images: int = 64  # first held-out embeddings, one sample each, re-encoded and ranked; 0 = off
+    steps: str = "ddim25"
+
+
+@dataclass
+class TrainConfig:
+    """One training job of a sweep (``configs/sweep.yaml``): ``train(cfg)`` takes this object."""
+
+    encoder: Named = field(default_factory=Named)
+    level: Named = field(default_factory=Named)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    experiment: str = "rcdm"
+    sweep_id: str = "main"  # same sweep_id + same overrides = the same jobs: they resume
+    job_name: str = "job"
+    device: str = "auto"  # cuda (bf16 autocast, NCCL) when a GPU is visible, else cpu (gloo)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
+
+    def __post_init__(self) -> None:
+        if not self.storage.run_root:
+            raise UserError("storage.run_root is not set: add storage.run_root=<a folder or s3://bucket/prefix> "
+                            "for the checkpoints")
+
+    @property
+    def sweep_root(self) -> str:
+        return join(self.storage.run_root, self.experiment, self.sweep_id)
+
+    @property
+    def run_root(self) -> str:
+        """This job's folder: R/<experiment>/<sweep id>/<job name>."""
+        return join(self.sweep_root, self.job_name)
+
+    @property
+    def parent_run_file(self) -> str:
+        """The JSON holding the sweep's parent MLflow run id."""
+        return join(self.sweep_root, "parent_run.json")
+
+    def to_dict(self) -> dict:
+        """The resolved config, for MLflow params and checkpoints."""
+        return dataclasses.asdict(self)
