@@ -157,7 +157,7 @@ def _interpolate(c: _Context):
     lo = c.loaded
     grid, numbers = explore.interpolate(lo.model, c.encoder, lo.level, lo.schedule, lo.num_steps, h[0], h[1],
                                         c.cfg.points, c.cfg.rows, c.cfg.mode, str(c.cfg.steps), c.sampler, c.cfg.seed)
-    return ({"": explore.interpolationpng_grid(originals[0], originals[1], grid)}, numbers,
+    return ({"": explore.interpolation_png(originals[0], originals[1], grid)}, numbers,
             {"interpolate_monotone_fraction": numbers["monotone_fraction"]})
 
 
@@ -176,7 +176,7 @@ def _variability(c: _Context):
     v = explore.variability(samples)
     numbers = {k: v[k] for k in ("ratio", "ratio_mean", "within_mean", "between_mean")}
     numbers["samples_per_image"] = m
-    return ({"": explore.variabilitypng_grid(originals, samples, v["within"])}, numbers,
+    return ({"": explore.variability_png(originals, samples, v["within"])}, numbers,
             {"variability_ratio_mean": numbers["ratio_mean"]})
 
 
@@ -311,7 +311,7 @@ def _adversarial(c: _Context):
         rows.append(torch.stack([t for i in range(k) for t in (xa[i].cpu(), s[i])]))
     title = (f"FGSM on {cfg.task}: supervised tiny ResNet vs linear probe on {c.loaded.encoder} "
              f"{c.loaded.level} ({len(x)} images)")
-    return ({"": adversarial.curvespng_grid(results, title), "_samples": png_grid(torch.cat(rows), 2 * k)}, numbers,
+    return ({"": adversarial.curves_png(results, title), "_samples": png_grid(torch.cat(rows), 2 * k)}, numbers,
             scalars)
 
 
