@@ -46,7 +46,7 @@ def main() -> None:
         sampler = sampler_for(steps)
         gen = torch.Generator(device=device).manual_seed(0)
         t0 = time.perf_counter()
-        samples = draw(loaded.model, loaded.schedule, loaded.num_steps, h, steps, sampler, len(h), gen)
+        samples = draw(loaded.model, loaded.process, h, steps, sampler, len(h), gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

@@ -50,8 +50,8 @@ def bare_forward(encoders, x: torch.Tensor, batch: int, trunk_only: bool) -> flo
 
 
 def peak_rss_mb(count: int, workdir: Path) -> float:
-    code = (f"import resource; from sharding.config import ShardJob, SyntheticInput; from sharding.orchestrate import shard; "
-            f"shard(ShardJob(input='synthetic', output='{workdir}/rss{count}', synthetic=SyntheticInput({count}), "
+    code = (f"import resource; from sharding.config import ShardJob, SyntheticInput; "
+            f"from sharding.orchestrate import shard; shard(ShardJob(input='synthetic', output='{workdir}/rss{count}', synthetic=SyntheticInput({count}), "
             f"shard_size=256, loader_workers=0)); "
             f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rcdm.diffusion.gaussian import Process
 from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join
 
@@ -96,13 +97,34 @@ class LoopConfig:
     loader_workers: int = 1
     seed: int = 0
     compile: bool = False  # torch.compile the UNet (GPU)
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at train.steps; after the recipe's warm-up)
     progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"
+    schedule: str = "linear"  # linear | cosine (rcdm.diffusion.schedules); set by the recipe
     steps: int = 1000
+
+
+@dataclass
+class RecipeConfig:
+    """How the model learns (``recipe=``, configs/recipe/): what the network predicts, how the timesteps'
+    losses are weighted, what the conditioning looks like. ``adm`` is the released models' recipe."""
+
+    name: str = "adm"
+    prediction: str = "epsilon"  # epsilon | v | x0
+    learn_sigma: bool = True  # ADM's learned-range variance, trained by the VLB term (the hybrid loss)
+    weighting: str = "uniform"  # uniform | min_snr
+    min_snr_gamma: float = 5.0
+    normalize_embeddings: bool = False  # per-dimension statistics of the training split, stored in the model
+    cond_drop: float = 0.0  # representation dropout: the share of a batch conditioned on a learned null embedding
+    warmup_steps: int = 0  # linear learning-rate warm-up
+
+    def unet_options(self) -> dict:
+        """What the recipe changes in the UNet (``rcdm.presets.build_unet`` options)."""
+        return {"out_channels": 6 if self.learn_sigma else 3, "normalize_embeddings": self.normalize_embeddings,
+                "null_embedding": self.cond_drop > 0}
 
 
 @dataclass
@@ -112,6 +134,7 @@ class GridConfig:
     images: int = 8
     samples: int = 3
     steps: str = "ddim25"
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = the plain conditional model
 
 
 @dataclass
@@ -120,6 +143,17 @@ class FaithfulnessConfig:
 
     images: int = 64  # first held-out embeddings, one sample each, re-encoded and ranked; 0 = off
     steps: str = "ddim25"
+    guidance: float = 1.0  # classifier-free guidance scale, recorded with the numbers; 1 = plain conditional
+
+
+@dataclass
+class ConditioningDiagnosticConfig:
+    """How much the model uses its embedding, per quartile of t (rcdm.evaluation.conditioning_gains): on a fixed
+    held-out batch with fixed noise and t, the loss with the true embeddings against permuted ones (and the null
+    embedding). Logged at every logging step and at the end."""
+
+    images: int = 16  # 0 = off
+    seed: int = 0
 
 
 @dataclass
@@ -139,8 +173,10 @@ class TrainConfig:
     device: str = "auto"  # cuda (bf16 autocast, NCCL) when a GPU is visible, else cpu (gloo)
     train: LoopConfig = field(default_factory=LoopConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
+    diagnostic: ConditioningDiagnosticConfig = field(default_factory=ConditioningDiagnosticConfig)
 
     def __post_init__(self) -> None:
         if not self.storage.run_root:
@@ -160,6 +196,10 @@ class TrainConfig:
     def parent_run_file(self) -> str:
         """The JSON holding the sweep's parent MLflow run id."""
         return join(self.sweep_root, "parent_run.json")
+
+    def process(self) -> Process:
+        """The diffusion this job trains, as sampling will need it."""
+        return Process(self.diffusion.schedule, self.diffusion.steps, self.recipe.prediction, self.recipe.learn_sigma)
 
     def to_dict(self) -> dict:
         """The resolved config, for MLflow params and checkpoints."""

@@ -129,6 +129,26 @@ def train_loader(info: DatasetInfo, batch_size: int, rank: int, world: int, seed
                       prefetch_factor=4 if workers else None)
 
 
+def embedding_stats(info: DatasetInfo, storage: StorageOptions | None = None, max_samples: int = 65536
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std [D] of the split's embeddings (both views), from at most ``max_samples``
+    samples in shard order: what a recipe with normalised embeddings divides by. Reads the embedding shards
+    only."""
+    fs, root = open_fs(info.url, storage)
+    names = [f"{info.level}.npy"] + ([f"{info.level}.flip.npy"] if info.manifest.flip else [])
+    rows, n = [], 0
+    for shard in info.shards:
+        for _, emb in _samples(fs, join(root, info.encoder, shard)):
+            rows += [np.load(io.BytesIO(emb[name])).astype(np.float64) for name in names]
+            n += 1
+            if n >= max_samples:
+                break
+        if n >= max_samples:
+            break
+    h = torch.from_numpy(np.stack(rows))  # [n * views, D]
+    return h.mean(0).float(), h.std(0).clamp_min(1e-6).float()
+
+
 def heldout(info: DatasetInfo, count: int, storage: StorageOptions | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first ``count`` samples of the split, unflipped: fixed conditioning for sample grids."""

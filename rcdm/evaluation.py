@@ -1,6 +1,7 @@
-"""Evaluation of a training job's EMA model, kept out of the training loop: sample grids on fixed held-out
-images during training, and at the end the RCDM faithfulness protocol. Rank 0 only; the loop makes one
-call, ``Evaluator.evaluate(ema, step, final)``.
+"""Evaluation of a training job's EMA model, kept out of the training loop: the conditioning diagnostic at
+every logging step, sample grids on fixed held-out images during training, and at the end the RCDM
+faithfulness protocol. Rank 0 only; the loop calls ``Evaluator.diagnose`` with its logged metrics and
+``Evaluator.evaluate`` after every step.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from rcdm.analysis.faithfulness import faithfulness, flat_metrics
 from rcdm.config import TrainConfig
 from rcdm.data import DatasetInfo, heldout
+from rcdm.device import autocast
 from rcdm.diffusion.schedules import sampler_for
 from rcdm.encoders import build_recorded_encoder
 from rcdm.errors import UserError
@@ -23,6 +25,45 @@ from rcdm.storage import atomic_open, join, open_fs, write_json
 from rcdm.tracking import Tracker
 
 log = logging.getLogger(__name__)
+QUARTILES = 4
+
+
+@torch.no_grad()
+def conditioning_gains(model, diffusion, x0: torch.Tensor, h: torch.Tensor, seed: int = 0, null: bool = False,
+                       chunk: int = 64) -> dict[str, float]:
+    """How much the model uses its embedding at each noise level.
+
+    For held-out images x0 [N, 3, S, S] with embeddings h [N, D], each image at one t drawn (seeded) in each
+    quartile of [0, T) with fixed noise: the loss of the model's prediction target with the true embeddings
+    against the same with the embeddings permuted among the images (image i gets image i+1's), and with the
+    null embedding if ``null``. ``cond_gain_q{k}`` = 1 - L_true / L_permuted in quartile k (``null_gain_q{k}``
+    likewise): 0 for a model that ignores its embedding, 1 for one that predicts perfectly from it alone.
+    """
+    n, steps = len(x0), diffusion.num_timesteps
+    g = torch.Generator().manual_seed(seed)
+    q = torch.arange(QUARTILES).repeat_interleave(n)  # [4N]
+    t = ((q + torch.rand(len(q), generator=g)) * steps / QUARTILES).long().clamp(max=steps - 1)
+    noise = torch.randn((len(q), *x0.shape[1:]), generator=g)
+    device = x0.device
+    x, t, noise = x0.repeat(QUARTILES, 1, 1, 1), t.to(device), noise.to(device)
+    conds = {"true": (h, None), "permuted": (h.roll(1, 0), None)}
+    if null:
+        conds["null"] = (h, torch.ones(len(q), dtype=torch.bool, device=device))
+    losses = {}
+    for name, (c, drop) in conds.items():
+        c = c.repeat(QUARTILES, 1)
+        parts = [diffusion.training_losses(model, x[i:i + chunk], t[i:i + chunk], c[i:i + chunk], noise[i:i + chunk],
+                                           drop=None if drop is None else drop[i:i + chunk])["mse"]
+                 for i in range(0, len(q), chunk)]
+        losses[name] = torch.cat(parts).float().cpu()
+    out = {}
+    for k in range(QUARTILES):
+        m = q == k
+        true = losses["true"][m].mean()
+        out[f"cond_gain_q{k}"] = float(1 - true / losses["permuted"][m].mean())
+        if null:
+            out[f"null_gain_q{k}"] = float(1 - true / losses["null"][m].mean())
+    return out
 
 
 class Evaluator:
@@ -34,21 +75,50 @@ class Evaluator:
                         split)
             split = info.split
         self.held = info.with_split(split)
+        self.process = cfg.process()
         self._grid = None  # (images, embeddings, keys), read on first use
+        self._diag = None  # (diffusion, images, embeddings), likewise
+        self.diagnostics: list[dict] = []  # every diagnose() result, for conditioning.json
 
     def evaluate(self, ema: torch.nn.Module, step: int, final: bool) -> dict:
         """What is due at ``step``: a grid every ``train.sample_every`` steps and at the last one; at the last
-        one (``final``) also faithfulness. Returns the metrics it logged."""
+        one (``final``) also faithfulness and the diagnostic's JSON. Returns the metrics it logged."""
         if step % self.cfg.train.sample_every == 0 or final:
             self.grid(ema, step)
-        if final and self.cfg.faithfulness.images:
-            return self.faithfulness(ema, step)
-        return {}
+        if not final:
+            return {}
+        metrics = dict(self.diagnostics[-1]) if self.diagnostics else {}
+        if self.diagnostics:
+            self._write_json("conditioning.json", {"final": self.diagnostics[-1], "history": self.diagnostics,
+                                                   "images": self.cfg.diagnostic.images, "split": self.held.split})
+        if self.cfg.faithfulness.images:
+            metrics.update(self.faithfulness(ema, step))
+        return metrics
 
-    def _draw(self, ema, h: torch.Tensor, steps: str, seed: int) -> torch.Tensor:
+    def diagnose(self, ema: torch.nn.Module, step: int) -> dict:
+        """The conditioning gains (``conditioning_gains``) of the EMA model on the fixed held-out batch."""
+        d = self.cfg.diagnostic
+        if not d.images:
+            return {}
+        if self._diag is None:
+            x, h, _ = heldout(self.held, d.images, self.cfg.storage)
+            self._diag = (self.process.build(), x.to(self.device), h.to(self.device))
+        diffusion, x, h = self._diag
+        if len(x) < 2:
+            return {}
+        with autocast(self.device):
+            gains = conditioning_gains(ema, diffusion, x, h, d.seed, null=ema.cfg.null_embedding)
+        self.diagnostics.append({"step": step, **gains})
+        return gains
+
+    def _write_json(self, name: str, obj: dict) -> None:
+        fs, root = open_fs(self.cfg.run_root, self.cfg.storage)
+        write_json(fs, join(root, name), obj)
+        self.tracker.log_bytes(json.dumps(obj, indent=2).encode(), name)
+
+    def _draw(self, ema, h: torch.Tensor, steps: str, seed: int, guidance: float) -> torch.Tensor:
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return draw(ema, self.cfg.diffusion.schedule, self.cfg.diffusion.steps, h.to(self.device), steps,
-                    sampler_for(steps), 64, gen)
+        return draw(ema, self.process, h.to(self.device), steps, sampler_for(steps), 64, gen, guidance)
 
     def grid(self, ema, step: int) -> None:
         """Each held-out image beside its samples; the same noise at every step, so grids compare."""
@@ -56,7 +126,7 @@ class Evaluator:
             self._grid = heldout(self.held, self.cfg.grid.images, self.cfg.storage)
         x, h, _ = self._grid
         samples = self._draw(ema, h.repeat_interleave(self.cfg.grid.samples, 0), self.cfg.grid.steps,
-                             self.cfg.train.seed)
+                             self.cfg.train.seed, self.cfg.grid.guidance)
         png = grid_png(x, samples)
         name = f"step-{step:09d}.png"
         fs, root = open_fs(self.cfg.run_root, self.cfg.storage)
@@ -81,16 +151,14 @@ class Evaluator:
             self.tracker.set_tag("faithfulness", f"skipped: split {self.held.split} has fewer than 2 images")
             return {}
         t0 = time.perf_counter()
-        samples = self._draw(ema, h, cfg.faithfulness.steps, cfg.train.seed + 1)
+        samples = self._draw(ema, h, cfg.faithfulness.steps, cfg.train.seed + 1, cfg.faithfulness.guidance)
         result = faithfulness(h, samples, encoder, cfg.level.name)
         result.update(split=self.held.split, keys=keys, steps=cfg.faithfulness.steps,
-                      seconds=time.perf_counter() - t0, model_step=step)
+                      guidance=cfg.faithfulness.guidance, seconds=time.perf_counter() - t0, model_step=step)
         flat = flat_metrics(result)
         self.tracker.log_metrics(flat, step, int(time.time() * 1000), once=True)  # the loss already logged this step
-        fs, root = open_fs(cfg.run_root, cfg.storage)
-        write_json(fs, join(root, "faithfulness.json"), result)
-        self.tracker.log_bytes(json.dumps(result, indent=2).encode(), "faithfulness.json")
-        log.info("faithfulness on %d held-out images (%s): MRR %.3f [%.3f, %.3f], top-1 %.3f, mean rank %.2f "
-                 "(chance MRR %.3f)", result["n"], cfg.faithfulness.steps, result["mrr"], *result["mrr_ci95"],
-                 result["top1"], result["mean_rank"], result["chance"]["mrr"])
+        self._write_json("faithfulness.json", result)
+        log.info("faithfulness on %d held-out images (%s, guidance %g): MRR %.3f [%.3f, %.3f], top-1 %.3f, "
+                 "mean rank %.2f (chance MRR %.3f)", result["n"], cfg.faithfulness.steps, cfg.faithfulness.guidance,
+                 result["mrr"], *result["mrr_ci95"], result["top1"], result["mean_rank"], result["chance"]["mrr"])
         return flat

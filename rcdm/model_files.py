@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcdm import train_checkpoints
+from rcdm.diffusion.gaussian import RELEASED, Process
 from rcdm.encoders import encoder_spec
 from rcdm.encoders.weights import WeightsRecord, fetch, load_file
 from rcdm.errors import UserError
@@ -30,8 +31,7 @@ class LoadedRCDM:
     level: str
     encoder_arch: str
     encoder_weights: WeightsRecord
-    schedule: str
-    num_steps: int
+    process: Process  # what sampling needs: schedule, steps, prediction target, learned variance or not
     source: str
     preprocess: Preprocess | None = None  # None: the encoder's own (the official one for released files)
 
@@ -73,7 +73,7 @@ def load_released(ref: str, download: bool = True) -> LoadedRCDM:
         raise UserError(f"{path} does not match the adm128 preset ({preset_config('adm128', embed_dim)}): "
                         f"{detail}") from None
     return LoadedRCDM(model=model, encoder=encoder, level=level, encoder_arch="resnet50",
-                      encoder_weights=WeightsRecord("released"), schedule="linear", num_steps=1000, source=str(path))
+                      encoder_weights=WeightsRecord("released"), process=RELEASED, source=str(path))
 
 
 def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
@@ -92,11 +92,12 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
     except ValueError as e:
         raise UserError(str(e)) from None
     meta = state["meta"]
-    model = build_unet(meta["preset"], meta["embed_dim"])
+    model = build_unet(meta["preset"], meta["embed_dim"], **meta.get("unet", {}))  # rcdm 0.1: the ADM recipe's UNet
     model.load_state_dict(state["ema"], strict=True)
     weights = WeightsRecord.from_recorded(meta["encoder_weights"], meta["encoder"], meta.get("encoder_sha256"))
     return LoadedRCDM(model=model, encoder=meta["encoder"], level=meta["level"], encoder_arch=meta["encoder_arch"],
-                      encoder_weights=weights, schedule=meta["schedule"], num_steps=meta["num_steps"], source=url,
+                      encoder_weights=weights, process=Process(**meta["process"]) if "process" in meta else
+                      Process(meta["schedule"], meta["num_steps"]), source=url,
                       preprocess=Preprocess.from_dict(meta["preprocess"]))
 
 

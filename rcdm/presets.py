@@ -20,12 +20,13 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
-def preset_config(name: str, embed_dim: int) -> UNetConfig:
+def preset_config(name: str, embed_dim: int, **options) -> UNetConfig:
+    """``options``: a recipe's output channels and conditioning options (``UNetConfig`` fields)."""
     if name not in PRESETS:
         raise KeyError(f"unknown UNet preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], embed_dim=embed_dim)
+    return replace(PRESETS[name], embed_dim=embed_dim, **options)
 
 
-def build_unet(name: str, embed_dim: int) -> RCDMUNet:
-    """The preset ``name`` conditioned on ``embed_dim``-d vectors."""
-    return RCDMUNet(preset_config(name, embed_dim))
+def build_unet(name: str, embed_dim: int, **options) -> RCDMUNet:
+    """The preset ``name`` conditioned on ``embed_dim``-d vectors (``options``: see ``preset_config``)."""
+    return RCDMUNet(preset_config(name, embed_dim, **options))

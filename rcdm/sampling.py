@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from rcdm.device import autocast, pick_device
-from rcdm.diffusion.gaussian import create_diffusion
+from rcdm.diffusion.gaussian import Process
 from rcdm.diffusion.schedules import sampler_for
 from rcdm.encoders import build_recorded_encoder, embed_in_chunks
 from rcdm.errors import UserError
@@ -35,6 +35,7 @@ class SampleConfig:
     download: bool = True
     endpoint_url: str | None = None  # S3-compatible endpoint for s3:// checkpoints
     output: str = "grid.png"
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = the plain conditional model
 
 
 def encode_images(paths: list[Path], encoder, preprocess: Preprocess, level: str, image_size: int,
@@ -63,15 +64,46 @@ def encode_pil(imgs: list, encoder, preprocess: Preprocess, level: str, image_si
     return h, torch.stack(shown)
 
 
-def draw(model, schedule: str, num_steps: int, cond: torch.Tensor, steps: str, sampler: str, batch_size: int,
-         generator: torch.Generator) -> torch.Tensor:
+class Guided(torch.nn.Module):
+    """Classifier-free guidance through the learned null embedding (Ho & Salimans 2022, with the condition
+    a representation as in RCDM): out = u + scale * (c - u), c conditioned on the embedding, u on the null
+    one, both from one batched forward. scale 1 is the plain conditional model."""
+
+    def __init__(self, model: torch.nn.Module, scale: float):
+        super().__init__()
+        self.model, self.scale, self.cfg = model, scale, model.cfg
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        drop = torch.arange(2 * n, device=x.device) >= n  # the second half on the null embedding
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop)  # [2N, C', H, W]
+        c, u = out[:n], out[n:]
+        guided = u + self.scale * (c - u)
+        if self.cfg.out_channels == 2 * self.cfg.in_channels:  # learned variance: the conditional one, unguided
+            return torch.cat([guided[:, :self.cfg.in_channels], c[:, self.cfg.in_channels:]], 1)
+        return guided
+
+
+def guided(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """``model`` with classifier-free guidance at ``scale`` (1: the model itself)."""
+    if scale == 1:
+        return model
+    if not model.cfg.null_embedding:
+        raise UserError(f"guidance={scale:g} needs a model trained with representation dropout (a recipe with "
+                        f"cond_drop > 0, such as recipe=vpred); this one has no null embedding: use guidance=1")
+    return Guided(model, scale)
+
+
+def draw(model, process: Process, cond: torch.Tensor, steps: str, sampler: str, batch_size: int,
+         generator: torch.Generator, guidance: float = 1.0) -> torch.Tensor:
     """Samples [len(cond), 3, S, S] in [-1, 1], one per conditioning row, in batches."""
-    diffusion = create_diffusion(schedule, num_steps, steps)
+    diffusion = process.build(steps)
+    net = guided(model, guidance)
     size = model.cfg.image_size
     out = []
     with autocast(cond.device):
         for chunk in cond.split(batch_size):
-            out.append(diffusion.sample(model, chunk, (len(chunk), 3, size, size), sampler,
+            out.append(diffusion.sample(net, chunk, (len(chunk), 3, size, size), sampler,
                                         generator=generator).float().clamp(-1, 1))
     return torch.cat(out)
 
@@ -100,8 +132,8 @@ def sample_grid(cfg: SampleConfig) -> dict:
     t0 = time.perf_counter()
     h, originals = encode_images(paths, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = draw(loaded.model, loaded.schedule, loaded.num_steps, h.repeat_interleave(cfg.num_samples, 0),
-                   str(cfg.steps), sampler, cfg.batch_size, generator)
+    samples = draw(loaded.model, loaded.process, h.repeat_interleave(cfg.num_samples, 0), str(cfg.steps), sampler,
+                   cfg.batch_size, generator, cfg.guidance)
     seconds = time.perf_counter() - t0
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,4 +141,5 @@ def sample_grid(cfg: SampleConfig) -> dict:
     log.info("wrote %s: %d images x %d samples, %s steps (%s) in %.1f s on %s",
              out, len(paths), cfg.num_samples, cfg.steps or "all", sampler, seconds, device)
     return {"output": str(out), "images": [str(p) for p in paths], "encoder": loaded.encoder,
-            "level": loaded.level, "steps": str(cfg.steps), "sampler": sampler, "seconds": seconds}
+            "level": loaded.level, "steps": str(cfg.steps), "sampler": sampler, "guidance": cfg.guidance,
+            "seconds": seconds}

@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from rcdm import distributed, train_checkpoints
-from rcdm.config import TrainConfig
-from rcdm.data import DatasetInfo, open_dataset, train_loader
+from rcdm.config import LoopConfig, RecipeConfig, TrainConfig
+from rcdm.data import DatasetInfo, embedding_stats, open_dataset, train_loader
 from rcdm.device import autocast
-from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
@@ -53,10 +54,14 @@ class _Flag:
 
 
 def forward_losses(net, diffusion, x: torch.Tensor, h: torch.Tensor, t: torch.Tensor,
-                   noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-sample hybrid-loss terms of a batch (images [B, 3, S, S], embeddings [B, D], timesteps [B])."""
+                   noise: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+                   recipe: RecipeConfig | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample loss terms of a batch (images [B, 3, S, S], embeddings [B, D], timesteps [B], ``drop`` [B]
+    rows on the null embedding) under ``recipe`` (default: the ADM recipe's hybrid loss)."""
+    recipe = recipe or RecipeConfig()
     with autocast(x.device):
-        return diffusion.training_losses(net, x, t, h, noise=noise)
+        return diffusion.training_losses(net, x, t, h, noise=noise, drop=drop, weighting=recipe.weighting,
+                                         min_snr_gamma=recipe.min_snr_gamma)
 
 
 def apply_update(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> float:
@@ -66,6 +71,21 @@ def apply_update(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     return float(grad_norm)
+
+
+def representation_dropout(n: int, p: float, device: torch.device) -> torch.Tensor | None:
+    """[n] bool: the rows of a batch trained on the null embedding, each with probability ``p`` (None if 0)."""
+    return torch.rand(n, device=device) < p if p > 0 else None
+
+
+def learning_rate(t: LoopConfig, warmup_steps: int, step: int) -> float:
+    """The lr of update ``step`` (0-based): linear warm-up over ``warmup_steps``, then ``t.lr_schedule``."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if t.lr_schedule == "constant":
+        return t.lr * warm
+    if t.lr_schedule == "cosine":
+        return t.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, t.steps) / t.steps))
+    raise UserError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose constant or cosine")
 
 
 def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[int, dict | None, str | None]:
@@ -106,8 +126,10 @@ def model_meta(cfg: TrainConfig, info: DatasetInfo) -> dict:
     enc = info.encoder_record
     return {"preset": cfg.model.name, "embed_dim": info.embed_dim, "image_size": info.image_size,
             "encoder": cfg.encoder.name, "level": cfg.level.name, "encoder_arch": enc.arch,
-            "encoder_weights": enc.weights.to_dict(), "preprocess": enc.preprocess, "schedule": cfg.diffusion.schedule,
-            "num_steps": cfg.diffusion.steps, "dataset": cfg.data.url}
+            "encoder_weights": enc.weights.to_dict(), "preprocess": enc.preprocess, "dataset": cfg.data.url,
+            "process": cfg.process().to_dict(), "unet": cfg.recipe.unet_options(), "recipe": asdict(cfg.recipe),
+            # rcdm 0.1's keys, for readers of that version
+            "schedule": cfg.diffusion.schedule, "num_steps": cfg.diffusion.steps}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -124,10 +146,14 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
         raise UserError(f"train.batch_size={t.batch_size} does not split over {dist.world} ranks")
     info = open_dataset(cfg.data.url, cfg.encoder.name, cfg.level.name, cfg.data.split, cfg.storage)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_unet(cfg.model.name, info.embed_dim).to(device)
+    model = build_unet(cfg.model.name, info.embed_dim, **cfg.recipe.unet_options()).to(device)
     if model.cfg.image_size != info.image_size:
         raise UserError(f"model={cfg.model.name} is for {model.cfg.image_size} px images but the dataset holds "
                         f"{info.image_size} px; pick a matching model or dataset")
+    if cfg.recipe.normalize_embeddings:  # a resumed job gets them back from its checkpoint
+        mean, std = embedding_stats(info, cfg.storage)
+        model.emb_mean.copy_(mean)
+        model.emb_std.copy_(std)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -158,7 +184,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
         log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
         evaluator = Evaluator(cfg, info, tracker, device)
     try:
-        metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator)
+        metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator,
+                        state.get("train_seconds", 0.0) if state else 0.0)
     except Preempted as e:
         if tracker:
             tracker.end("KILLED")
@@ -174,16 +201,19 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
     return metrics
 
 
-def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluator) -> dict:
+def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluator, train_s: float) -> dict:
+    """Train from ``step`` to ``train.steps``; ``train_s``: seconds of training (no evaluation) before this
+    start."""
     device, t = dist.device, cfg.train
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.world > 1 else model
     net = torch.compile(ddp) if t.compile else ddp
-    diffusion = create_diffusion(cfg.diffusion.schedule, cfg.diffusion.steps)
+    diffusion = cfg.process().build()
+    recipe = cfg.recipe
     per_rank = t.batch_size // dist.world
     batches = iter(train_loader(info, per_rank, dist.rank, dist.world, t.seed + step, t.loader_workers, cfg.storage))
     flag = _Flag()
     flag.previous = signal.signal(PREEMPT_SIGNAL, flag)
-    window: dict[str, list] = {"loss": [], "mse": [], "vb": [], "t": [], "grad_norm": []}
+    window: dict[str, list] = {"loss": [], "mse": [], "t": [], "grad_norm": []}
     wait_s, busy_t0 = 0.0, time.perf_counter()
     last, final = {}, {}
     bar = tqdm(total=t.steps, initial=step, desc=cfg.job_name, unit="step", dynamic_ncols=True,
@@ -197,7 +227,10 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             ts = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
-            losses = forward_losses(net, diffusion, x, h, ts)
+            drop = representation_dropout(len(x), recipe.cond_drop, device)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(t, recipe.warmup_steps, step)
+            losses = forward_losses(net, diffusion, x, h, ts, drop=drop, recipe=recipe)
             stop = distributed.any_flag(flag.raised, dist)
             if distributed.any_flag(not torch.isfinite(losses["loss"].mean()).item(), dist):
                 raise FloatingPointError(f"loss is {losses['loss'].mean().item()} at step {step + 1}; stopping "
@@ -206,20 +239,23 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             grad_norm = apply_update(model, opt, losses["loss"].mean(), t.grad_clip)
             step += 1
             _ema_update(ema, model, min(t.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
-            for k in ("loss", "mse", "vb"):
-                window[k].append(losses[k].detach().float().cpu())
+            train_s += time.perf_counter() - t0  # data, update and EMA: what the run's length costs
+            for k in losses:
+                window.setdefault(k, []).append(losses[k].detach().float().cpu())
             window["t"].append(ts.cpu())
             window["grad_norm"].append(grad_norm)
             bar.update(1)
             if tracker and (step % t.log_every == 0 or step == t.steps):
                 elapsed = time.perf_counter() - busy_t0
                 last = _summarise(window, diffusion.num_timesteps, opt, elapsed, wait_s, per_rank * dist.world)
+                last["train_seconds"] = train_s
+                last.update(evaluator.diagnose(ema, step))
                 tracker.log_metrics(last, step, int(time.time() * 1000))
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}", refresh=False)
                 window = {k: [] for k in window}
                 wait_s, busy_t0 = 0.0, time.perf_counter()
             if stop or step % t.checkpoint_every == 0 or step == t.steps:
-                _save(cfg, dist, model, ema, opt, step, tracker, info)
+                _save(cfg, dist, model, ema, opt, step, tracker, info, train_s)
             if evaluator:
                 final.update(evaluator.evaluate(ema, step, final=step == t.steps))
             if stop:
@@ -227,25 +263,28 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
     finally:
         bar.close()
         signal.signal(PREEMPT_SIGNAL, flag.previous if flag.previous is not None else signal.SIG_DFL)
-    return {**last, **final, "step": step}
+    return {**last, **final, "step": step, "train_seconds": train_s}
 
 
 def _summarise(window: dict, num_timesteps: int, opt, elapsed: float, wait_s: float, global_batch: int) -> dict:
-    loss, mse, vb, t = (torch.cat(window[k]) for k in ("loss", "mse", "vb", "t"))
+    loss, mse, t = (torch.cat(window[k]) for k in ("loss", "mse", "t"))
     steps = len(window["grad_norm"])
-    out = {"loss": loss.mean().item(), "mse": mse.mean().item(), "vb": vb.mean().item(),
+    out = {"loss": loss.mean().item(), "mse": mse.mean().item(),
            "grad_norm": sum(window["grad_norm"]) / steps, "lr": opt.param_groups[0]["lr"],
            "images_per_s": steps * global_batch / max(elapsed, 1e-9),
            "data_wait_fraction": wait_s / max(elapsed, 1e-9)}
     out.update(quartile_means(loss, t, num_timesteps, "loss"))
     out.update(quartile_means(mse, t, num_timesteps, "mse"))
+    if window.get("vb"):  # the learned variance's VLB term (recipe adm)
+        out["vb"] = torch.cat(window["vb"]).mean().item()
     return out
 
 
-def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info) -> None:
+def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, train_s: float) -> None:
     if dist.is_main:
         train_checkpoints.save(cfg.run_root, {
-            "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": step, "train_seconds": train_s, "model": model.state_dict(), "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
             "scaler": None, "rng": train_checkpoints.rng_state(), "config": cfg.to_dict(),
             "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_meta(cfg, info),
         }, cfg.storage, keep=cfg.train.keep_checkpoints)

@@ -34,6 +34,9 @@ class UNetConfig:
     use_scale_shift_norm: bool = True
     dropout: float = 0.0
     embed_dim: int = 2048  # conditioning vector size (backbone 2048, projector 8192/256/128, ...)
+    # Conditioning options of the newer recipes (the released models have neither):
+    normalize_embeddings: bool = False  # per-dimension (h - mean) / std with buffers set from the training split
+    null_embedding: bool = False  # a learned "no representation" vector: dropout in training, guidance in sampling
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -188,6 +191,11 @@ class RCDMUNet(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.ssl_emb = nn.Linear(cfg.embed_dim, emb_ch)
+        if cfg.normalize_embeddings:  # statistics of the training split, saved with the weights
+            self.register_buffer("emb_mean", torch.zeros(cfg.embed_dim))
+            self.register_buffer("emb_std", torch.ones(cfg.embed_dim))
+        if cfg.null_embedding:
+            self.null_emb = nn.Parameter(torch.zeros(cfg.embed_dim))
 
         ch = in_ch = int(cfg.channel_mult[0] * mc)
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
@@ -222,9 +230,25 @@ class RCDMUNet(nn.Module):
 
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(in_ch, cfg.out_channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x: [N, 3, H, W] noisy image, t: [N] timesteps, cond: [N, embed_dim] -> [N, out_channels, H, W]."""
+    def condition(self, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding as the network reads it: [N, D] normalised, rows where ``drop`` [N] is True replaced
+        by the null embedding."""
+        cond = cond.float()
+        if self.cfg.normalize_embeddings:
+            cond = (cond - self.emb_mean) / self.emb_std
+        if drop is not None:
+            if not self.cfg.null_embedding:
+                raise ValueError("this model has no null embedding: it was trained without representation dropout")
+            cond = torch.where(drop[:, None], self.null_emb.float().expand_as(cond), cond)
+        return cond
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, drop: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x: [N, 3, H, W] noisy image, t: [N] timesteps, cond: [N, embed_dim], drop: [N] bool (rows to condition
+        on the null embedding instead) -> [N, out_channels, H, W]."""
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))  # [N, 4*mc]
+        if self.cfg.normalize_embeddings or drop is not None:
+            cond = self.condition(cond, drop)
         emb = emb + self.ssl_emb(cond.to(emb.dtype))  # the only place the embedding enters
         skips, h = [], x
         for block in self.input_blocks:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from release_files import WRITERS
 
+from rcdm.diffusion.gaussian import RELEASED
 from rcdm.errors import UserError
 from rcdm.model_files import parse_released_name
 from rcdm.preprocess import center_crop
@@ -108,8 +109,8 @@ def test_same_seed_same_samples():
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     cond = torch.randn(3, 8)
-    a = draw(model, "linear", 1000, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
-    b = draw(model, "linear", 1000, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
-    c = draw(model, "linear", 1000, cond, "4", "ddpm", 2, torch.Generator().manual_seed(2))
+    a = draw(model, RELEASED, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
+    b = draw(model, RELEASED, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
+    c = draw(model, RELEASED, cond, "4", "ddpm", 2, torch.Generator().manual_seed(2))
     assert a.shape == (3, 3, 32, 32)
     assert torch.equal(a, b) and not torch.equal(a, c)

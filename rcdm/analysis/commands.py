@@ -36,6 +36,7 @@ class AnalyzeConfig:
     output: str = "analysis"
     steps: str = "ddim25"
     sampler: str | None = None  # None: ddim for "ddimN" steps, else ddpm
+    guidance: float = 1.0  # classifier-free guidance scale (recorded with every number); 1 = plain conditional
     seed: int = 0
     device: str = "auto"
     download: bool = True
@@ -107,7 +108,8 @@ def run_analysis(cfg: AnalyzeConfig) -> dict:
     pngs, numbers, scalars = ANALYSIS_FUNCS[cfg.analysis](ctx)
     numbers.update(analysis=cfg.analysis, checkpoint=cfg.checkpoint, encoder=loaded.encoder, level=loaded.level,
                    images=inputs.names if len(inputs.names) <= 256 else f"{len(inputs.names)} images",
-                   steps=str(cfg.steps), sampler=sampler, seed=cfg.seed, seconds=time.perf_counter() - t0)
+                   steps=str(cfg.steps), sampler=sampler, guidance=cfg.guidance, seed=cfg.seed,
+                   seconds=time.perf_counter() - t0)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -146,8 +148,8 @@ class _Context:
     def draw(self, h: torch.Tensor, loaded=None) -> torch.Tensor:
         lo = loaded or self.loaded
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        return draw(lo.model, lo.schedule, lo.num_steps, h.to(self.device), str(self.cfg.steps), self.sampler,
-                    self.cfg.batch_size, gen).cpu()
+        return draw(lo.model, lo.process, h.to(self.device), str(self.cfg.steps), self.sampler,
+                    self.cfg.batch_size, gen, self.cfg.guidance).cpu()
 
 
 def _interpolate(c: _Context):
@@ -155,8 +157,9 @@ def _interpolate(c: _Context):
         raise UserError(f"interpolate takes exactly 2 images, got {len(c.inputs.pils)}: images=[a.png,b.png]")
     h, originals = c.encode()
     lo = c.loaded
-    grid, numbers = explore.interpolate(lo.model, c.encoder, lo.level, lo.schedule, lo.num_steps, h[0], h[1],
-                                        c.cfg.points, c.cfg.rows, c.cfg.mode, str(c.cfg.steps), c.sampler, c.cfg.seed)
+    grid, numbers = explore.interpolate(lo.model, c.encoder, lo.level, lo.process, h[0], h[1], c.cfg.points,
+                                        c.cfg.rows, c.cfg.mode, str(c.cfg.steps), c.sampler, c.cfg.seed,
+                                        c.cfg.guidance)
     return ({"": explore.interpolation_png(originals[0], originals[1], grid)}, numbers,
             {"interpolate_monotone_fraction": numbers["monotone_fraction"]})
 

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from rcdm.analysis.faithfulness import reencode
 from rcdm.device import autocast
-from rcdm.diffusion.gaussian import create_diffusion
+from rcdm.diffusion.gaussian import Process
 from rcdm.grids import png_grid
+from rcdm.sampling import guided
 
 
 def embedding_path(h0: torch.Tensor, h1: torch.Tensor, alphas: torch.Tensor, mode: str = "linear") -> torch.Tensor:
@@ -29,12 +30,13 @@ def embedding_path(h0: torch.Tensor, h1: torch.Tensor, alphas: torch.Tensor, mod
     return direction * ((1 - a) * n0 + a * n1)
 
 
-def sample_fixed_noise(model, schedule: str, num_steps: int, cond: torch.Tensor, steps: str, sampler: str,
-                       seed: int, batch_size: int = 64) -> torch.Tensor:
+def sample_fixed_noise(model, process: Process, cond: torch.Tensor, steps: str, sampler: str,
+                       seed: int, batch_size: int = 64, guidance: float = 1.0) -> torch.Tensor:
     """One sample per row of ``cond`` [K, D], every row from the same noise: the same x_T and, for
     DDPM, the same per-step noise (each row is drawn with an identically seeded generator)."""
-    diffusion = create_diffusion(schedule, num_steps, steps)
+    diffusion = process.build(steps)
     size = model.cfg.image_size
+    model = guided(model, guidance)
     device = cond.device
     x_t = torch.randn((1, 3, size, size), generator=torch.Generator(device="cpu").manual_seed(seed)).to(device)
     out = []
@@ -51,13 +53,14 @@ def sample_fixed_noise(model, schedule: str, num_steps: int, cond: torch.Tensor,
     return torch.cat(out).clamp(-1, 1)
 
 
-def interpolate(model, encoder, level: str, schedule: str, num_steps: int, h0: torch.Tensor, h1: torch.Tensor,
-                points: int, rows: int, mode: str, steps: str, sampler: str, seed: int) -> tuple[torch.Tensor, dict]:
+def interpolate(model, encoder, level: str, process: Process, h0: torch.Tensor, h1: torch.Tensor, points: int,
+                rows: int, mode: str, steps: str, sampler: str, seed: int, guidance: float = 1.0
+                ) -> tuple[torch.Tensor, dict]:
     """Samples [rows, points, 3, S, S] along the path (a row = one noise) and the numbers: how similar each
     path point is to both ends, and how similar the re-encoded samples are to both ends."""
     alphas = torch.linspace(0, 1, points)
     path = embedding_path(h0, h1, alphas, mode)
-    grid = torch.stack([sample_fixed_noise(model, schedule, num_steps, path, steps, sampler, seed + r)
+    grid = torch.stack([sample_fixed_noise(model, process, path, steps, sampler, seed + r, guidance=guidance)
                         for r in range(rows)])  # [rows, points, 3, S, S]
     g = reencode(encoder, level, grid.flatten(0, 1)).view(rows, points, -1)
     cos = lambda x, y: F.cosine_similarity(x, y.expand_as(x), dim=-1)  # noqa: E731

@@ -1,13 +1,17 @@
-"""Gaussian diffusion with epsilon prediction and a learned-range variance (Nichol & Dhariwal 2021).
+"""Gaussian diffusion: the released models' epsilon prediction with a learned-range variance (Nichol &
+Dhariwal 2021), and the v- and x_0-prediction targets with a fixed variance of the newer recipes.
 
-Notation: ``acp`` = alpha_bar_t = prod_{s<=t} (1 - beta_s). The model outputs [eps, v] with v in [-1, 1]
-interpolating the log-variance between the clipped posterior variance (v = -1) and beta_t (v = +1).
+Notation: ``acp`` = alpha_bar_t = prod_{s<=t} (1 - beta_s). With ``learn_sigma`` the model outputs
+[prediction, v] with v in [-1, 1] interpolating the log-variance between the clipped posterior variance
+(v = -1) and beta_t (v = +1); without, it outputs the prediction and the variance is the posterior's.
+``prediction``: "epsilon" (the noise), "v" (sqrt(acp) eps - sqrt(1 - acp) x_0; Salimans & Ho 2022) or "x0".
 A respaced process keeps a subset of the original steps; ``timestep_map`` turns its indices back
 into the original timesteps that the network was trained on.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -22,10 +26,18 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-class GaussianDiffusion:
-    """Forward process, posterior, variational bound, hybrid loss and the two samplers."""
+PREDICTIONS = ("epsilon", "v", "x0")
+WEIGHTINGS = ("uniform", "min_snr")
 
-    def __init__(self, betas: torch.Tensor, timestep_map: list[int] | None = None):
+
+class GaussianDiffusion:
+    """Forward process, posterior, variational bound, training losses and the two samplers."""
+
+    def __init__(self, betas: torch.Tensor, timestep_map: list[int] | None = None, prediction: str = "epsilon",
+                 learn_sigma: bool = True):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        self.prediction, self.learn_sigma = prediction, learn_sigma
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-d tensor in (0, 1]")
@@ -67,22 +79,62 @@ class GaussianDiffusion:
         return mean, self._at(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
 
     # Reverse process ----------------------------------------------------------------------------
-    def model_output(self, model: Model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def model_output(self, model: Model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                     drop: torch.Tensor | None = None) -> torch.Tensor:
         """The network on respaced index t, fed the original timestep it was trained on; float32 out."""
-        return model(x, self.timestep_map.to(t.device)[t], cond).float()
+        t_model = self.timestep_map.to(t.device)[t]
+        return (model(x, t_model, cond) if drop is None else model(x, t_model, cond, drop)).float()
 
     def p_mean_variance(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip: bool = True) -> dict:
-        """p(x_{t-1} | x_t) from the network output ``out`` [N, 2C, H, W]."""
-        eps, v = out.chunk(2, dim=1)
+        """p(x_{t-1} | x_t) from the network output ``out`` ([N, 2C, H, W] with learn_sigma, else [N, C, H, W])."""
         min_log = self._at(self.posterior_log_variance_clipped, t, xt)
-        max_log = self._at(torch.log(self.betas), t, xt)
-        frac = (v + 1) / 2
-        log_var = frac * max_log + (1 - frac) * min_log
-        pred_x0 = self._at(self.sqrt_recip_acp, t, xt) * xt - self._at(self.sqrt_recipm1_acp, t, xt) * eps
+        if self.learn_sigma:
+            pred, v = out.chunk(2, dim=1)
+            max_log = self._at(torch.log(self.betas), t, xt)
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:
+            pred, log_var = out, min_log.expand_as(xt)
+        pred_x0 = self.x0_from_prediction(pred, xt, t)
         if clip:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _ = self.q_posterior(pred_x0, xt, t)
-        return {"mean": mean, "log_var": log_var, "pred_x0": pred_x0, "eps": eps}
+        return {"mean": mean, "log_var": log_var, "pred_x0": pred_x0}
+
+    def x0_from_prediction(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            return self._at(self.sqrt_recip_acp, t, xt) * xt - self._at(self.sqrt_recipm1_acp, t, xt) * pred
+        if self.prediction == "v":  # x_0 = sqrt(acp) x_t - sqrt(1 - acp) v
+            return self._at(self.sqrt_acp, t, xt) * xt - self._at(self.sqrt_one_minus_acp, t, xt) * pred
+        return pred
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output (its first C channels) for x_t = q_sample(x0, t, noise)."""
+        if self.prediction == "epsilon":
+            return noise
+        if self.prediction == "v":
+            return self._at(self.sqrt_acp, t, x0) * noise - self._at(self.sqrt_one_minus_acp, t, x0) * x0
+        return x0
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio acp / (1 - acp) at t [N] -> [N] float32."""
+        return (self.acp / (1.0 - self.acp)).to(t.device)[t].float()
+
+    def loss_weight(self, t: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+        """Per-sample weight [N] of the prediction MSE. ``min_snr`` (Hang et al. 2023, "Efficient Diffusion
+        Training via Min-SNR Weighting Strategy"): the x_0-space weight min(SNR, gamma), expressed for the
+        prediction target: / SNR for epsilon, / (SNR + 1) for v."""
+        if weighting == "uniform":
+            return torch.ones(len(t), device=t.device)
+        if weighting != "min_snr":
+            raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma)
+        if self.prediction == "epsilon":
+            return clipped / snr
+        if self.prediction == "v":
+            return clipped / (snr + 1)
+        return clipped
 
     def eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return (self._at(self.sqrt_recip_acp, t, xt) * xt - x0) / self._at(self.sqrt_recipm1_acp, t, xt)
@@ -97,20 +149,26 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                        noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The hybrid loss, per sample: ``mse`` on epsilon plus ``vb`` (L_t scaled by T/1000).
+                        noise: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+                        weighting: str = "uniform", min_snr_gamma: float = 5.0) -> dict[str, torch.Tensor]:
+        """Per-sample losses: ``mse`` of the prediction target, weighted by ``weighting``, plus with learn_sigma
+        ``vb`` (L_t scaled by T/1000): the released models' hybrid loss (epsilon, uniform, learned sigma).
 
         The VLB term sees the mean through a stop-gradient, so it trains only the variance and the MSE
-        alone trains the mean, as the released models were trained.
+        alone trains the mean, as the released models were trained. ``drop`` [N] bool: rows conditioned on
+        the null embedding (representation dropout).
         """
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
-        out = self.model_output(model, xt, t, cond)
-        eps, v = out.chunk(2, dim=1)
-        frozen = torch.cat([eps.detach(), v], dim=1)
+        out = self.model_output(model, xt, t, cond, drop)
+        pred = out.chunk(2, dim=1)[0] if self.learn_sigma else out
+        mse = _mean_flat((self.target(x0, noise, t) - pred) ** 2)
+        loss = mse * self.loss_weight(t, weighting, min_snr_gamma) if weighting != "uniform" else mse
+        if not self.learn_sigma:
+            return {"loss": loss, "mse": mse}
+        frozen = torch.cat([pred.detach(), out.chunk(2, dim=1)[1]], dim=1)
         vb = self.vb_terms_bpd(frozen, x0, xt, t) * (self.num_timesteps / 1000.0)
-        mse = _mean_flat((noise - eps) ** 2)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": loss + vb, "mse": mse, "vb": vb}
 
     # Sampling -----------------------------------------------------------------------------------
     def _indices(self) -> Iterator[int]:
@@ -155,7 +213,28 @@ class GaussianDiffusion:
         raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
 
 
-def create_diffusion(schedule: str = "linear", num_steps: int = 1000, respacing: str | int = "") -> GaussianDiffusion:
+@dataclass(frozen=True)
+class Process:
+    """What a model was trained to reverse and how its output reads: all that sampling it needs."""
+
+    schedule: str = "linear"
+    num_steps: int = 1000
+    prediction: str = "epsilon"
+    learn_sigma: bool = True
+
+    def build(self, respacing: str | int = "") -> GaussianDiffusion:
+        return create_diffusion(self.schedule, self.num_steps, respacing, self.prediction, self.learn_sigma)
+
+    def to_dict(self) -> dict:
+        return {"schedule": self.schedule, "num_steps": self.num_steps, "prediction": self.prediction,
+                "learn_sigma": self.learn_sigma}
+
+
+RELEASED = Process()  # the official RCDM release: linear over 1000 steps, epsilon, learned sigma
+
+
+def create_diffusion(schedule: str = "linear", num_steps: int = 1000, respacing: str | int = "",
+                     prediction: str = "epsilon", learn_sigma: bool = True) -> GaussianDiffusion:
     """The ``schedule`` process over ``num_steps``, optionally respaced (see ``space_timesteps``).
 
     Respacing keeps alpha_bar at the kept steps and recomputes each kept step's beta from it, so the
@@ -164,10 +243,11 @@ def create_diffusion(schedule: str = "linear", num_steps: int = 1000, respacing:
     betas = get_betas(schedule, num_steps)
     kept = space_timesteps(num_steps, respacing)
     if len(kept) == num_steps:
-        return GaussianDiffusion(betas)
+        return GaussianDiffusion(betas, prediction=prediction, learn_sigma=learn_sigma)
     acp = torch.cumprod(1.0 - betas, 0)
     new_betas, last = [], 1.0
     for i in kept:
         new_betas.append(1.0 - acp[i].item() / last)
         last = acp[i].item()
-    return GaussianDiffusion(torch.tensor(new_betas, dtype=torch.float64), timestep_map=kept)
+    return GaussianDiffusion(torch.tensor(new_betas, dtype=torch.float64), timestep_map=kept, prediction=prediction,
+                             learn_sigma=learn_sigma)
