@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.sweep import ensure_demo_data, train_config
 from rcdm import train_checkpoints
 from rcdm.config import TrainConfig
-from rcdm.diffusion.gaussian import create_diffusion
+from rcdm.diffusion.gaussian import RELEASED, create_diffusion
 from rcdm.errors import UserError
 from rcdm.presets import build_unet
 from rcdm.sampling import draw
@@ -98,7 +98,7 @@ def test_one_step_of_each_large_preset_on_cpu(model, size):
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     del before, opt
     with torch.no_grad():
-        out = draw(net.eval(), "linear", 1000, h, "ddim2", "ddim", 1, torch.Generator().manual_seed(0))
+        out = draw(net.eval(), RELEASED, h, "ddim2", "ddim", 1, torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
 
 
@@ -259,19 +259,27 @@ def test_the_embedded_default_sweep(tmp_path):
     assert len(children) == 8
     assert {(c.data.tags["encoder"], c.data.tags["level"]) for c in children} == {
         (e, lv) for e in ("vicreg", "dino", "barlow", "simclr") for lv in ("backbone", "projector")}
+    chance = sum(1 / k for k in range(1, 65)) / 64
     for c in children:
         assert c.info.status == "FINISHED"
+        backbone = c.data.tags["level"] == "backbone"
         losses = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "loss"), key=lambda m: m.step)]
-        assert len(losses) == 10 and losses[-1] < losses[0]  # a falling loss curve
-        for key in ("mse", "vb", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_s", "data_wait_fraction"):
+        assert len(losses) == (6 if backbone else 2) and losses[-1] < losses[0]  # a falling loss curve
+        for key in ("mse", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_s", "data_wait_fraction",
+                    "train_seconds", *(f"cond_gain_q{k}" for k in range(4)), "null_gain_q3"):
             assert key in c.data.metrics, key
         grids = [a.path for a in client.list_artifacts(c.info.run_id, "samples")]
-        assert grids == ["samples/step-000000050.png", "samples/step-000000100.png"]
-        assert c.data.params["encoder.name"] == c.data.tags["encoder"]
-        # the faithfulness protocol ran at the end, on the 64 held-out embeddings
-        assert c.data.metrics["faithfulness_mrr_chance"] == pytest.approx(sum(1 / k for k in range(1, 65)) / 64)
-        assert 1 / 64 <= c.data.metrics["faithfulness_mrr"] <= 1
-        assert "faithfulness.json" in [a.path for a in client.list_artifacts(c.info.run_id)]
+        assert grids == (["samples/step-000000120.png", "samples/step-000000240.png"] if backbone
+                         else ["samples/step-000000060.png"])
+        assert c.data.params["encoder.name"] == c.data.tags["encoder"] and c.data.params["recipe.name"] == "vpred"
+        # the faithfulness protocol ran at the end, on the 64 held-out embeddings, and beat chance
+        faith = json.loads((tmp_path / "runs" / "rcdm-demo" / "main" / f"{c.data.tags['encoder']}-"
+                            f"{c.data.tags['level']}-tiny" / "faithfulness.json").read_text())
+        assert faith["guidance"] == 1 and faith["chance"]["mrr"] == pytest.approx(chance)
+        assert c.data.metrics["faithfulness_mrr"] == pytest.approx(faith["mrr"]) and faith["mrr_ci95"][0] > chance
+        # the model uses its embedding where sampling decides colour, background and position
+        assert c.data.metrics["cond_gain_q3"] > 0.3
+        assert {"faithfulness.json", "conditioning.json"} <= {a.path for a in client.list_artifacts(c.info.run_id)}
 
 
 def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket, make_dataset, compose_sweep):

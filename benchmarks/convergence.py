@@ -1,0 +1,137 @@
+"""How fast each training recipe learns to follow its conditioning, measured side by side in one run.
+
+    python benchmarks/convergence.py [--out benchmarks/results/convergence.json] [--encoder vicreg]
+
+Every arm trains the tiny UNet on the same demo data (the README's dataset: built here if missing), the same
+encoder and level, batch and machine, and is stopped at its checkpoints: each stop is a resumed run of
+``rcdm.train.train``, whose end-of-run evaluation gives the faithfulness protocol (64 held-out images, fixed
+seeds, ddim25, guidance 1) and the conditioning gains (``cond_gain_q0..q3``). The x axis is the run's own
+``train_seconds``: data, update and EMA, no evaluation. Arms: ``adm`` (the released recipe at the demo's
+former lr 1e-3), ``vpred`` (the default), ``vpred_min_snr`` (the default with min-SNR-5 weighting).
+Goals: ``vpred`` reaches adm's 1500-step MRR in at least 10x fewer seconds; VICReg backbone MRR >= 0.5
+within 60 s of training. Writes the JSON and a PNG plot beside it.
+"""
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline import schemas
+from pipeline.sweep import ensure_demo_data, train_config
+from rcdm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {  # name: (overrides, the steps at which it is evaluated)
+    "adm": (["recipe=adm", "train.lr=1e-3"], [250, 500, 1000, 1500]),
+    "vpred": ([], [60, 120, 170, 240, 400]),
+    "vpred_min_snr": (["recipe.weighting=min_snr", "recipe.min_snr_gamma=5"], [120, 240, 400]),
+}
+
+
+def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, common: list[str]) -> list[dict]:
+    points = []
+    for steps in stops:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = train_config(compose("sweep", overrides=[*common, *overrides, f"train.steps={steps}",
+                                                           f"sweep_id={name}"], return_hydra_config=True))
+        ensure_demo_data(cfg)
+        t0 = time.perf_counter()
+        m = train(cfg)  # resumes from the previous stop
+        faith = json.loads((Path(cfg.run_root) / "faithfulness.json").read_text())
+        points.append({"step": steps, "train_seconds": m["train_seconds"], "mrr": faith["mrr"],
+                       "mrr_ci95": faith["mrr_ci95"], "top1": faith["top1"], "guidance": faith["guidance"],
+                       **{k: m[k] for k in m if k.startswith(("cond_gain", "null_gain"))},
+                       "wall_seconds_incl_eval": time.perf_counter() - t0})
+        print(name, json.dumps(points[-1]), flush=True)
+    return points
+
+
+def first_reaching(points: list[dict], mrr: float) -> float | None:
+    return next((p["train_seconds"] for p in points if p["mrr"] >= mrr), None)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, points) in enumerate(result["arms"].items()):
+        colour = f"C{i}"
+        x = [p["train_seconds"] for p in points]
+        lo = [p["mrr"] - p["mrr_ci95"][0] for p in points]
+        hi = [p["mrr_ci95"][1] - p["mrr"] for p in points]
+        a.errorbar(x, [p["mrr"] for p in points], yerr=[lo, hi], marker="o", capsize=3, color=colour, label=name)
+        b.plot(x, [p["cond_gain_q3"] for p in points], marker="o", color=colour, label=f"{name}: q3, t in [750, 1000)")
+        b.plot(x, [p["cond_gain_q0"] for p in points], marker="x", linestyle=":", color=colour, label=f"{name}: q0")
+    a.axhline(result["chance_mrr"], color="grey", linestyle="--", label="chance")
+    a.set(xscale="log", xlabel="CPU seconds of training", ylabel="faithfulness MRR (64 held-out, ddim25)",
+          title=f"{result['encoder']} {result['level']}, tiny UNet, batch {result['batch']}")
+    b.set(xscale="log", xlabel="CPU seconds of training", ylabel="conditioning gain 1 - L_true / L_permuted",
+          title="uses its embedding, per quartile of t")
+    for ax in (a, b):
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    a.legend()
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/convergence.json")
+    ap.add_argument("--encoder", default="vicreg")
+    ap.add_argument("--level", default="backbone")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--data", default="data/demo", help="the demo dataset (built there if missing)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
+    args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
+    schemas.register()
+    work = Path(tempfile.mkdtemp(prefix="rcdm-bench-conv-"))
+    common = [f"encoder={args.encoder}", f"level={args.level}", f"data.url={args.data}",
+              f"storage.run_root={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'm.db'}", "train.progress=false",
+              "train.sample_every=100000", "train.checkpoint_every=100000", "train.log_every=100000",
+              "experiment=convergence"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        base = train_config(compose("sweep", overrides=common, return_hydra_config=True))
+    result = {"encoder": args.encoder, "level": args.level, "batch": base.train.batch_size, "preset": base.model.name,
+              "chance_mrr": sum(1 / k for k in range(1, 65)) / 64, "arms": {},
+              "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()},
+              "config": {name: OmegaConf.to_yaml(OmegaConf.create({"overrides": ov, "stops": st}))
+                         for name, (ov, st) in ARMS.items()}}
+    for name in args.arms.split(","):
+        overrides, stops = ARMS[name]
+        result["arms"][name] = run_arm(name, overrides, stops, work, common)
+    arms = result["arms"]
+    if "adm" in arms and "vpred" in arms:
+        adm_final = arms["adm"][-1]
+        reach = first_reaching(arms["vpred"], adm_final["mrr"])
+        result["adm_final"] = {"step": adm_final["step"], "mrr": adm_final["mrr"],
+                               "train_seconds": adm_final["train_seconds"]}
+        result["vpred_seconds_to_adm_final_mrr"] = reach
+        result["speedup_to_adm_final_mrr"] = adm_final["train_seconds"] / reach if reach else None
+    if "vpred" in arms:
+        at60 = [p for p in arms["vpred"] if p["train_seconds"] <= 60]
+        result["vpred_best_mrr_within_60s"] = max((p["mrr"] for p in at60), default=None)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("arms", "config")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
