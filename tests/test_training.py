@@ -203,7 +203,8 @@ def test_preemption_signal_checkpoints_and_a_restart_resumes_the_same_run(tmp_pa
     assert saved["mlflow_run_id"] == run_id
 
     # the checkpoint restores model, EMA and optimizer exactly
-    model, ema = build_unet("tiny", 64), build_unet("tiny", 64)
+    unet = saved["meta"]["unet"]  # the recipe's UNet options, as the checkpoint describes itself
+    model, ema = build_unet("tiny", 64, **unet), build_unet("tiny", 64, **unet)
     opt = torch.optim.AdamW(model.parameters())
     step, _, _ = restore(str(job), None, model, ema, opt)
     assert step == k
