@@ -76,8 +76,8 @@ class Evaluator:
             split = info.split
         self.held = info.with_split(split)
         self.process = cfg.process()
-        self._grid = None  # (images, embeddings, keys), read on first use
-        self._diag = None  # (diffusion, images, embeddings), likewise
+        self._held = None  # (images, embeddings, keys): the split's first images, read once for every use
+        self._diag = None  # (diffusion, images, embeddings) on the device
         self.diagnostics: list[dict] = []  # every diagnose() result, for conditioning.json
 
     def evaluate(self, ema: torch.nn.Module, step: int, final: bool) -> dict:
@@ -101,7 +101,7 @@ class Evaluator:
         if not d.images:
             return {}
         if self._diag is None:
-            x, h, _ = heldout(self.held, d.images, self.cfg.storage)
+            x, h, _ = self._first(d.images)
             self._diag = (self.process.build(), x.to(self.device), h.to(self.device))
         diffusion, x, h = self._diag
         if len(x) < 2:
@@ -110,6 +110,16 @@ class Evaluator:
             gains = conditioning_gains(ema, diffusion, x, h, d.seed, null=ema.cfg.null_embedding)
         self.diagnostics.append({"step": step, **gains})
         return gains
+
+    def _first(self, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The held-out split's first ``count`` images, embeddings and keys (grids, diagnostic, faithfulness
+        share one read)."""
+        if self._held is None:
+            c = self.cfg
+            self._held = heldout(self.held, max(c.grid.images, c.diagnostic.images, c.faithfulness.images, 1),
+                                 c.storage)
+        x, h, keys = self._held
+        return x[:count], h[:count], keys[:count]
 
     def _write_json(self, name: str, obj: dict) -> None:
         fs, root = open_fs(self.cfg.run_root, self.cfg.storage)
@@ -122,9 +132,7 @@ class Evaluator:
 
     def grid(self, ema, step: int) -> None:
         """Each held-out image beside its samples; the same noise at every step, so grids compare."""
-        if self._grid is None:
-            self._grid = heldout(self.held, self.cfg.grid.images, self.cfg.storage)
-        x, h, _ = self._grid
+        x, h, _ = self._first(self.cfg.grid.images)
         samples = self._draw(ema, h.repeat_interleave(self.cfg.grid.samples, 0), self.cfg.grid.steps,
                              self.cfg.train.seed, self.cfg.grid.guidance)
         png = grid_png(x, samples)
@@ -146,7 +154,7 @@ class Evaluator:
             return {}
         encoder.preprocess = Preprocess.from_dict(rec.preprocess)
         encoder.to(self.device)
-        _, h, keys = heldout(self.held, cfg.faithfulness.images, cfg.storage)
+        _, h, keys = self._first(cfg.faithfulness.images)
         if len(keys) < 2:
             self.tracker.set_tag("faithfulness", f"skipped: split {self.held.split} has fewer than 2 images")
             return {}

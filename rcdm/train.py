@@ -127,9 +127,7 @@ def model_meta(cfg: TrainConfig, info: DatasetInfo) -> dict:
     return {"preset": cfg.model.name, "embed_dim": info.embed_dim, "image_size": info.image_size,
             "encoder": cfg.encoder.name, "level": cfg.level.name, "encoder_arch": enc.arch,
             "encoder_weights": enc.weights.to_dict(), "preprocess": enc.preprocess, "dataset": cfg.data.url,
-            "process": cfg.process().to_dict(), "unet": cfg.recipe.unet_options(), "recipe": asdict(cfg.recipe),
-            # rcdm 0.1's keys, for readers of that version
-            "schedule": cfg.diffusion.schedule, "num_steps": cfg.diffusion.steps}
+            "process": cfg.process().to_dict(), "unet": cfg.recipe.unet_options(), "recipe": asdict(cfg.recipe)}
 
 
 def train(cfg: TrainConfig) -> dict:
