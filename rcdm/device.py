@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -16,6 +17,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} asked for CUDA but no GPU is visible; use device=auto or device=cpu")
     return device
+
+
+def describe(device: torch.device, ranks: int = 1) -> str:
+    """The hardware a job ran on, for records: "cuda: NVIDIA H100 80GB HBM3 x 8 ranks", "cpu: 2 threads x 1 rank"."""
+    per_rank = "s" if ranks != 1 else ""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)} x {ranks} rank{per_rank}"
+    return f"{device.type}: {torch.get_num_threads()} torch threads of {os.cpu_count()} cores x {ranks} rank{per_rank}"
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

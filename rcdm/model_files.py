@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rcdm import train_checkpoints
+from rcdm import demo_release, train_checkpoints
 from rcdm.diffusion.gaussian import RELEASED, Process
 from rcdm.encoders import encoder_spec
 from rcdm.encoders.weights import WeightsRecord, fetch, load_file
@@ -81,8 +81,9 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
     url = ref
     fs, path = open_fs(ref, storage)
     if not fs.exists(path):
-        raise UserError(f"checkpoint {ref!r} not found; give a checkpoint file, a run root, or a released file name "
-                        f"such as rcdm_ema_dino_trunk.pt placed in the torch.hub cache")
+        demos = ", ".join(demo_release.PREFIX + n for n in demo_release.available()) or "demo:<encoder>-<level>"
+        raise UserError(f"checkpoint {ref!r} not found; give a checkpoint file, a run root, a demo model ({demos}) "
+                        f"or a released file name such as rcdm_ema_dino_trunk.pt placed in the torch.hub cache")
     if fs.isdir(path):
         url = train_checkpoints.latest_path(ref, storage)
         if url is None:
@@ -102,7 +103,10 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
 
 
 def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | None = None) -> LoadedRCDM:
-    """A released ``rcdm_ema_*.pt`` (by path or by name in the hub cache) or an rcdm training checkpoint."""
+    """A demo model that ships with rcdm (``demo:vicreg-backbone``), a released ``rcdm_ema_*.pt`` (by path or
+    by name in the hub cache) or an rcdm training checkpoint."""
+    if demo_release.is_demo_ref(ref):
+        return demo_release.load_demo(ref)
     if RELEASED_NAME.match(Path(ref).name) or (Path(ref).name.startswith("rcdm_ema_") and "/" not in ref):
         return load_released(ref, download)
     return load_trained(ref, storage)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from rcdm import distributed, train_checkpoints
 from rcdm.config import LoopConfig, RecipeConfig, TrainConfig
 from rcdm.data import DatasetInfo, embedding_stats, open_dataset, train_loader
-from rcdm.device import autocast
+from rcdm.device import autocast, describe
 from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
@@ -121,13 +121,14 @@ def _resolve_run_id(cfg: TrainConfig, state: dict | None) -> str | None:
     return recorded_run_id(join(cfg.run_root, "mlflow_run.json"), cfg.storage)
 
 
-def model_meta(cfg: TrainConfig, info: DatasetInfo) -> dict:
-    """What a checkpoint says about itself, so sampling needs nothing else."""
+def model_meta(cfg: TrainConfig, info: DatasetInfo, dist: distributed.DistInfo | None = None) -> dict:
+    """What a checkpoint says about itself, so sampling needs nothing else (and the hardware that trained it)."""
     enc = info.encoder_record
     return {"preset": cfg.model.name, "embed_dim": info.embed_dim, "image_size": info.image_size,
             "encoder": cfg.encoder.name, "level": cfg.level.name, "encoder_arch": enc.arch,
             "encoder_weights": enc.weights.to_dict(), "preprocess": enc.preprocess, "dataset": cfg.data.url,
-            "process": cfg.process().to_dict(), "unet": cfg.recipe.unet_options(), "recipe": asdict(cfg.recipe)}
+            "process": cfg.process().to_dict(), "unet": cfg.recipe.unet_options(), "recipe": asdict(cfg.recipe),
+            **({"device": describe(dist.device, dist.world)} if dist else {})}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -284,7 +285,7 @@ def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, train_s:
             "step": step, "train_seconds": train_s, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(),
             "scaler": None, "rng": train_checkpoints.rng_state(), "config": cfg.to_dict(),
-            "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_meta(cfg, info),
+            "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_meta(cfg, info, dist),
         }, cfg.storage, keep=cfg.train.keep_checkpoints)
         tracker.set_tag("checkpoint", join(cfg.run_root, "checkpoints"))
     distributed.barrier(dist)

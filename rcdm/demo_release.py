@@ -1,0 +1,155 @@
+"""The demo RCDMs that ship with rcdm (``rcdm/demo_models/``): one tiny RCDM per demo encoder and level,
+trained on the embedded demo far past the sweep's budget (``configs/demo_release.yaml``).
+
+Each model is two files: ``<encoder>-<level>.pt``, the EMA weights as float16 tensors (a plain state dict,
+read with ``torch.load(weights_only=True)``: nothing is unpickled), and ``<encoder>-<level>.json``, its
+record: the sha256 of the weights file (checked at every load), what sampling needs (preset, UNet options,
+process, encoder and its exact preprocessing), and how it was made (recipe, steps, batch, data and encoder
+digests, device, seconds, the final faithfulness with its interval and the conditioning gains).
+
+Anywhere a checkpoint is taken, ``demo:<encoder>-<level>`` names one (``checkpoint=demo:vicreg-backbone``).
+``export`` writes them from the training runs of ``configs/demo_release.yaml``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from rcdm import train_checkpoints
+from rcdm.diffusion.gaussian import Process
+from rcdm.encoders.weights import WeightsRecord, sha256sum
+from rcdm.errors import UserError
+from rcdm.manifest import read_manifest
+from rcdm.preprocess import Preprocess
+from rcdm.presets import build_unet
+from rcdm.storage import join, open_fs, read_json
+
+DEMO_DIR = Path(__file__).parent / "demo_models"
+PREFIX = "demo:"
+NAME = re.compile(r"^(?P<encoder>[a-z0-9]+)-(?P<level>backbone|projector)$")
+RECORD_FORMAT = 1
+
+
+def is_demo_ref(ref) -> bool:
+    return isinstance(ref, str) and ref.startswith(PREFIX)
+
+
+def available(directory: Path = DEMO_DIR) -> list[str]:
+    """The shipped demo models' names (``vicreg-backbone``, ...)."""
+    return sorted(p.stem for p in directory.glob("*.json") if NAME.match(p.stem))
+
+
+def record(name: str, directory: Path = DEMO_DIR) -> dict:
+    """The JSON record of demo model ``name`` (``vicreg-backbone`` or ``demo:vicreg-backbone``)."""
+    name = name.removeprefix(PREFIX)
+    path = directory / f"{name}.json"
+    if not NAME.match(name) or not path.exists():
+        have = ", ".join(PREFIX + n for n in available(directory)) or "none (rcdm/demo_models/ is empty)"
+        raise UserError(f"no demo model {PREFIX}{name}; the shipped ones are: {have}")
+    return json.loads(path.read_text())
+
+
+def load_demo(ref: str, directory: Path = DEMO_DIR):
+    """``demo:<encoder>-<level>`` -> a ``LoadedRCDM`` (float32 weights), after checking the file's sha256."""
+    from rcdm.model_files import LoadedRCDM  # model_files dispatches here: import it lazily
+
+    name = ref.removeprefix(PREFIX)
+    rec = record(name, directory)
+    path = directory / rec["weights_file"]
+    if not path.exists():
+        raise UserError(f"{path} is missing (the record {name}.json is there): restore rcdm/demo_models/ from "
+                        f"the repository (git checkout -- rcdm/demo_models) or reinstall rcdm")
+    digest = sha256sum(path)
+    if digest != rec["sha256"]:
+        raise UserError(f"{path} does not match the sha256 in {name}.json ({digest} != {rec['sha256']}): the file "
+                        f"is damaged or was replaced; restore it with git checkout -- rcdm/demo_models")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    m = rec["model"]
+    model = build_unet(m["preset"], m["embed_dim"], **m["unet"])
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    enc = rec["encoder"]
+    return LoadedRCDM(model=model.eval(), encoder=enc["name"], level=enc["level"], encoder_arch=enc["arch"],
+                      encoder_weights=WeightsRecord.from_recorded(enc["weights"], enc["name"]),
+                      process=Process(**m["process"]), source=f"{PREFIX}{name} ({path})",
+                      preprocess=Preprocess.from_dict(enc["preprocess"]))
+
+
+def _data_digest(url: str, split: str, encoder: str, storage) -> dict:
+    """sha256 over the (name, sha256) of every shard of ``split``: the images and ``encoder``'s embeddings."""
+    manifest = read_manifest(url, storage)
+    if manifest is None or split not in manifest.splits:
+        raise UserError(f"{url} has no {split} split: export on the machine that trained the demo models")
+    fs, root = open_fs(url, storage)
+    out = {"url": url, "split": split, "count": manifest.splits[split].count,
+           "source": manifest.splits[split].source}
+    for part in ("images", encoder):
+        h = hashlib.sha256()
+        for shard in manifest.splits[split].shard_names():
+            with fs.open(join(root, part, shard), "rb") as f:
+                h.update(f"{shard} {hashlib.sha256(f.read()).hexdigest()}\n".encode())
+        out[f"{'images' if part == 'images' else 'embeddings'}_sha256"] = h.hexdigest()
+    return out
+
+
+def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None, storage=None) -> dict:
+    """Write ``<encoder>-<level>.pt`` (float16 EMA weights) and its JSON record from a finished training run
+    of ``configs/demo_release.yaml``; returns the record."""
+    url = train_checkpoints.latest_path(run_root, storage)
+    if url is None:
+        raise UserError(f"{run_root} holds no checkpoint (no checkpoints/latest.json)")
+    state = train_checkpoints.load(url, storage)
+    meta, cfg = state["meta"], state["config"]
+    if state["step"] != cfg["train"]["steps"]:
+        raise UserError(f"{run_root} stopped at step {state['step']} of {cfg['train']['steps']}: finish the run "
+                        f"(start the same sweep command again) before exporting it")
+    fs, root = open_fs(run_root, storage)
+    results = {}
+    for name in ("faithfulness.json", "conditioning.json"):
+        if not fs.exists(join(root, name)):
+            raise UserError(f"{run_root} has no {name}: the run's final evaluation did not complete")
+        results[name] = read_json(fs, join(root, name))
+    device = device or meta.get("device")
+    if not device:
+        raise UserError(f"{run_root}'s checkpoint does not say which device trained it (runs before rcdm recorded "
+                        f"it): pass --device")
+    name = f"{meta['encoder']}-{meta['level']}"
+    directory.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in state["ema"].items()},
+               buf)
+    weights = directory / f"{name}.pt"
+    _write_atomic(weights, buf.getvalue())
+    f = results["faithfulness.json"]
+    t = cfg["train"]
+    rec = {
+        "format": RECORD_FORMAT, "name": name, "weights_file": weights.name, "sha256": sha256sum(weights),
+        "dtype": "float16", "weights": "EMA", "parameters": sum(v.numel() for v in state["ema"].values()),
+        "model": {"preset": meta["preset"], "embed_dim": meta["embed_dim"], "image_size": meta["image_size"],
+                  "unet": meta["unet"], "process": meta["process"]},
+        "encoder": {"name": meta["encoder"], "level": meta["level"], "arch": meta["encoder_arch"],
+                    "weights": meta["encoder_weights"], "preprocess": meta["preprocess"]},
+        "training": {"recipe": meta["recipe"], "steps": state["step"], "batch_size": t["batch_size"], "lr": t["lr"],
+                     "lr_schedule": t["lr_schedule"], "ema_decay": t["ema_decay"], "seed": t["seed"],
+                     "device": device, "train_seconds": round(state["train_seconds"], 1),
+                     "config": "configs/demo_release.yaml",
+                     "data": _data_digest(cfg["data"]["url"], cfg["data"]["split"], meta["encoder"], storage)},
+        "faithfulness": {k: f[k] for k in ("n", "mrr", "mrr_ci95", "top1", "top1_ci95", "mean_rank",
+                                           "mean_rank_ci95", "cosine_own", "chance", "split", "steps", "guidance")},
+        "conditioning_gains": results["conditioning.json"]["final"],
+        "evaluated_on": "the run's float32 EMA weights at its last step; launch/analyze.py re-measures the "
+                        "float16 files",
+    }
+    _write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
+    return rec
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
