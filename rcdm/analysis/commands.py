@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from rcdm import synthetic
 from rcdm.analysis import adversarial, explore, fidelity, invariance, manipulate
-from rcdm.analysis.factors import FactorNetConfig, factor_net
+from rcdm.analysis.factors import FactorNetConfig, factor_net, predict
 from rcdm.analysis.faithfulness import faithfulness, reencode
 from rcdm.device import pick_device
 from rcdm.diffusion.schedules import sampler_for
@@ -77,20 +78,33 @@ class Inputs:
     factors: list[dict] | None  # known for synthetic images only
 
 
+SYNTHETIC_NAME = re.compile(rf"^synthetic/{SYNTHETIC_SPLIT}/(\d+)$")
+
+
 def load_inputs(spec, size: int) -> Inputs:
-    """``images=`` of the analyses: "synthetic:N" (labelled demo images of a split no model trained on), a
-    folder, a file, or a list of files; resized to the checkpoint's ``size``."""
-    if isinstance(spec, str) and spec.startswith("synthetic"):
+    """``images=`` of the analyses: "synthetic:N" (the first N labelled demo images of a split no model
+    trained on), a folder, a file, or a list of files and single synthetic images by name
+    (``[synthetic/analysis/3,synthetic/analysis/7]``: factors known); resized to the checkpoint's ``size``."""
+    if isinstance(spec, str) and spec.startswith("synthetic:") or spec == "synthetic":
         _, _, n = spec.partition(":")
         try:
             count = int(n or 64)
         except ValueError:
             raise UserError(f"images={spec!r}: write synthetic:<count>, e.g. synthetic:64") from None
-        pairs = [synthetic.sample(SYNTHETIC_SEED, SYNTHETIC_SPLIT, i, size) for i in range(count)]
-        return Inputs([p for p, _ in pairs], [f"synthetic/{SYNTHETIC_SPLIT}/{i}" for i in range(count)],
-                      [f for _, f in pairs])
+        return _synthetic(list(range(count)), size)
+    items = list(spec) if isinstance(spec, (list, tuple)) else [s.strip() for s in str(spec).split(",") if s.strip()]
+    named = [SYNTHETIC_NAME.match(str(i)) for i in items]
+    if items and all(named):
+        return _synthetic([int(m[1]) for m in named], size)
+    if any(named):
+        raise UserError(f"images={spec!r} mixes synthetic images and files: give one kind")
     paths = find_images(spec)
     return Inputs(load_images(paths), [str(p) for p in paths], None)
+
+
+def _synthetic(indices: list[int], size: int) -> Inputs:
+    pairs = [synthetic.sample(SYNTHETIC_SEED, SYNTHETIC_SPLIT, i, size) for i in indices]
+    return Inputs([p for p, _ in pairs], [f"synthetic/{SYNTHETIC_SPLIT}/{i}" for i in indices], [f for _, f in pairs])
 
 
 def run_analysis(cfg: AnalyzeConfig) -> dict:
@@ -160,8 +174,15 @@ def _interpolate(c: _Context):
     grid, numbers = explore.interpolate(lo.model, c.encoder, lo.level, lo.process, h[0], h[1], c.cfg.points,
                                         c.cfg.rows, c.cfg.mode, str(c.cfg.steps), c.sampler, c.cfg.seed,
                                         c.cfg.guidance)
-    return ({"": explore.interpolation_png(originals[0], originals[1], grid)}, numbers,
-            {"interpolate_monotone_fraction": numbers["monotone_fraction"]})
+    scalars = {"interpolate_monotone_fraction": numbers["monotone_fraction"]}
+    if c.inputs.factors is not None:  # synthetic images: read the generative factors off the path's samples
+        net, report = factor_net(FactorNetConfig(image_size=lo.model.cfg.image_size, steps=c.cfg.factor_steps))
+        numbers["factors"] = explore.factor_path(net, grid, *c.inputs.factors)
+        numbers["factor_predictor"] = report["test_accuracy"]
+        ends = numbers["factors"]["shows_b"]
+        if ends:
+            scalars["interpolate_shows_b_at_a"], scalars["interpolate_shows_b_at_b"] = ends[0], ends[-1]
+    return ({"": explore.interpolation_png(originals[0], originals[1], grid)}, numbers, scalars)
 
 
 def _at_least_two(c: _Context) -> None:
@@ -198,7 +219,8 @@ def _manipulate(c: _Context):
         raise UserError("manipulate needs source=<image> (whose neighbours define the attribute) and "
                         "target=<image> (that receives it), and images=<folder> to find the neighbours in")
     pool, pool_shown = c.encode()
-    (h_src, h_tgt), shown = c.encode(load_images([Path(cfg.source), Path(cfg.target)]))
+    pair = load_inputs([cfg.source, cfg.target], c.loaded.model.cfg.image_size)
+    (h_src, h_tgt), shown = c.encode(pair.pils)
     try:
         nn_idx, dims, values = manipulate.shared_dimensions(pool.cpu(), h_src.cpu(), cfg.neighbours, cfg.fraction)
     except ValueError as e:
@@ -304,14 +326,26 @@ def _adversarial(c: _Context):
         numbers["ssl_flips_less_at_smallest_epsilon"] = (results["ssl"]["flip_rate"][small]
                                                         < results["supervised"]["flip_rate"][small])
         scalars = {f"adversarial_flip_rate_{m}_eps{eps:g}": results[m]["flip_rate"][small] for m in results}
-    # samples conditioned on the perturbed SSL embeddings: per epsilon a row of (perturbed image, sample) pairs
+    # samples conditioned on the perturbed SSL embeddings, and the factor reader's verdict on them: does the
+    # sample still show the image's true factor, as the perturbation grows?
+    reader, reader_report = factor_net(FactorNetConfig(image_size=size, steps=cfg.factor_steps))
     k = min(4, len(x))
-    rows = []
+    rows, reads = [], {"epsilon": [], "samples_show_true": [], "samples_show_true_ci95": []}
     for eps, xa in perturbed.items():
         with torch.no_grad():
-            h = probe.embed(xa[:k])
+            h = torch.cat([probe.embed(chunk) for chunk in xa.split(cfg.batch_size)])
         s = c.draw(h)
+        hit = predict(reader, s)[cfg.task] == y.cpu()
+        reads["epsilon"].append(eps)
+        reads["samples_show_true"].append(float(hit.float().mean()))
+        reads["samples_show_true_ci95"].append(invariance.wilson(int(hit.sum()), len(hit)))
         rows.append(torch.stack([t for i in range(k) for t in (xa[i].cpu(), s[i])]))
+    numbers["samples"] = {**reads, "reader": f"the synthetic-factor predictor ({cfg.task} accuracy "
+                                            f"{reader_report['test_accuracy'][cfg.task]:.3f} on rendered images)",
+                          "conditioned_on": f"{c.loaded.encoder} {c.loaded.level} embeddings of the images perturbed "
+                                            f"against the SSL probe"}
+    if small is not None:
+        scalars[f"adversarial_samples_show_true_eps{numbers['smallest_epsilon']:g}"] = reads["samples_show_true"][small]
     title = (f"FGSM on {cfg.task}: supervised tiny ResNet vs linear probe on {c.loaded.encoder} "
              f"{c.loaded.level} ({len(x)} images)")
     return ({"": adversarial.curves_png(results, title), "_samples": png_grid(torch.cat(rows), 2 * k)}, numbers,

@@ -75,6 +75,28 @@ def interpolate(model, encoder, level: str, process: Process, h0: torch.Tensor, 
     return grid, numbers
 
 
+def factor_path(net, grid: torch.Tensor, factors_a: dict, factors_b: dict) -> dict:
+    """The factor reader on the path's samples ``grid`` [rows, points, 3, S, S]: for each generative factor that
+    differs between A and B, the share of samples (over rows) at each point that show A's value and B's value,
+    and their means over those factors (``shows_a``/``shows_b``): a path that moves from A to B goes from
+    (1, 0) to (0, 1)."""
+    from rcdm.analysis.factors import predict, true_factors
+
+    truth = true_factors([factors_a, factors_b])
+    rows, points = grid.shape[:2]
+    pred = {k: v.view(rows, points) for k, v in predict(net, grid.flatten(0, 1)).items()}
+    differ = [k for k, (y, m) in truth.items() if bool(m.all()) and int(y[0]) != int(y[1])]
+    out = {"differing": differ, "per_factor": {}}
+    for k in differ:
+        y = truth[k][0]
+        out["per_factor"][k] = {"shows_a": (pred[k] == y[0]).float().mean(0).tolist(),
+                                "shows_b": (pred[k] == y[1]).float().mean(0).tolist()}
+    for end in ("shows_a", "shows_b"):
+        out[end] = ([float(sum(out["per_factor"][k][end][p] for k in differ) / len(differ)) for p in range(points)]
+                    if differ else [])
+    return out
+
+
 def interpolation_png(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor) -> bytes:
     """Rows: image A, the samples along the path, image B (all in [-1, 1])."""
     rows, points = grid.shape[:2]

@@ -13,6 +13,8 @@ The paper's findings 1 and 2: the backbone follows colour jitter and grayscale, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -95,16 +97,31 @@ def factor_table(net, factors: list[dict], originals: torch.Tensor, views: dict[
     def frac(mask: torch.Tensor) -> float | None:
         return float(mask.float().mean()) if mask.numel() else None
 
+    def ci(mask: torch.Tensor) -> list[float] | None:
+        return wilson(int(mask.sum()), mask.numel()) if mask.numel() else None
+
     p_clean = predict(net, samples_clean)
-    out: dict = {"clean": {k: frac((p_clean[k] == y)[m]) for k, (y, m) in truth.items()}}
+    hits = {k: (p_clean[k] == y)[m] for k, (y, m) in truth.items()}
+    out: dict = {"clean": {k: frac(v) for k, v in hits.items()}, "clean_ci95": {k: ci(v) for k, v in hits.items()}}
     p_orig = predict(net, originals)
     for family, view in views.items():
         p_view, p_sample = predict(net, view), predict(net, samples_view[family])
-        entry = {"preserved": {k: frac((p_sample[k] == y)[m]) for k, (y, m) in truth.items()},
-                 "follows_view": {}, "changed": {}}
+        kept = {k: (p_sample[k] == y)[m] for k, (y, m) in truth.items()}
+        entry = {"preserved": {k: frac(v) for k, v in kept.items()},
+                 "preserved_ci95": {k: ci(v) for k, v in kept.items()},
+                 "follows_view": {}, "follows_view_ci95": {}, "changed": {}}
         for k in CHANGES[family]:
             changed = p_view[k] != p_orig[k]
+            follows = (p_sample[k] == p_view[k])[changed]
             entry["changed"][k] = int(changed.sum())
-            entry["follows_view"][k] = frac((p_sample[k] == p_view[k])[changed])
+            entry["follows_view"][k], entry["follows_view_ci95"][k] = frac(follows), ci(follows)
         out[family] = entry
     return out
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score 95 % interval of a proportion (sound at 0, 1 and small n)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
