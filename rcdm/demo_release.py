@@ -40,13 +40,20 @@ def is_demo_ref(ref) -> bool:
     return isinstance(ref, str) and ref.startswith(PREFIX)
 
 
-def available(directory: Path = DEMO_DIR) -> list[str]:
-    """The shipped demo models' names (``vicreg-backbone``, ...)."""
+def demo_dir() -> Path:
+    """``$RCDM_DEMO_MODELS`` if set (another set of demo models, e.g. a retrained one), else the shipped ones."""
+    return Path(os.environ.get("RCDM_DEMO_MODELS") or DEMO_DIR)
+
+
+def available(directory: Path | None = None) -> list[str]:
+    """The demo models' names (``vicreg-backbone``, ...)."""
+    directory = directory or demo_dir()
     return sorted(p.stem for p in directory.glob("*.json") if NAME.match(p.stem))
 
 
-def record(name: str, directory: Path = DEMO_DIR) -> dict:
+def record(name: str, directory: Path | None = None) -> dict:
     """The JSON record of demo model ``name`` (``vicreg-backbone`` or ``demo:vicreg-backbone``)."""
+    directory = directory or demo_dir()
     name = name.removeprefix(PREFIX)
     path = directory / f"{name}.json"
     if not NAME.match(name) or not path.exists():
@@ -55,10 +62,11 @@ def record(name: str, directory: Path = DEMO_DIR) -> dict:
     return json.loads(path.read_text())
 
 
-def load_demo(ref: str, directory: Path = DEMO_DIR):
+def load_demo(ref: str, directory: Path | None = None):
     """``demo:<encoder>-<level>`` -> a ``LoadedRCDM`` (float32 weights), after checking the file's sha256."""
     from rcdm.model_files import LoadedRCDM  # model_files dispatches here: import it lazily
 
+    directory = directory or demo_dir()
     name = ref.removeprefix(PREFIX)
     rec = record(name, directory)
     path = directory / rec["weights_file"]

@@ -326,8 +326,11 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
     assert emb["projector"]["invariance_index"] > emb["backbone"]["invariance_index"]
     for level in ("backbone", "projector"):
         table = numbers["samples"][level]
-        assert set(table) == {"clean", "grayscale", "flip"}
+        assert set(table) == {"clean", "clean_ci95", "grayscale", "flip"}
         assert all(0 <= v <= 1 for v in table["grayscale"]["preserved"].values() if v is not None)
+        for k, v in table["grayscale"]["preserved"].items():  # each share inside its Wilson interval
+            lo, hi = table["grayscale"]["preserved_ci95"][k]
+            assert 0 <= lo <= v <= hi <= 1
     assert Image.open(tmp_path / "invariance.png").size == (2 + 4 * 34, 2 + 6 * 34)  # 3 images x 2 families
 
     analyze(["analysis=adversarial", f"checkpoint={run_root}", "images=synthetic:16", "task=background",
@@ -338,6 +341,8 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
         assert res["epsilon"] == [0, 2, 16] and res["flip_rate"][0] == 0 and res["embedding_drift"][0] == pytest.approx(0, abs=1e-6)
         assert res["flip_rate"][2] >= res["flip_rate"][0]
     assert (tmp_path / "adversarial_samples.png").exists()
+    reads = numbers["samples"]  # the factor reader on samples from the perturbed embeddings, per epsilon
+    assert reads["epsilon"] == [0, 2, 16] and all(0 <= v <= 1 for v in reads["samples_show_true"])
 
     analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=encoder", *common])
     numbers = json.loads((tmp_path / "fidelity.json").read_text())
@@ -365,3 +370,41 @@ def test_finding_command_input_errors_name_the_fix(trained, analyze):
              "choose inception or encoder")):
         with pytest.raises(UserError, match=message):
             analyze(args)
+
+
+def test_factor_path_reads_a_then_b_along_the_path_and_wilson_intervals_bound_the_share():
+    from rcdm.analysis.explore import factor_path
+    from rcdm.analysis.invariance import wilson
+    from rcdm.synthetic import SHAPES
+
+    class Brightness(torch.nn.Module):  # a "factor reader": dark images are shape 0, bright ones shape 1
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            bright = (x.mean((1, 2, 3)) > 0).long()
+            return {"shape": torch.nn.functional.one_hot(bright, len(SHAPES)).float()}
+
+    fa = {"shape": SHAPES[0], "colour": "red", "background": "dark", "scale": 0.5, "x": 0.5, "y": 0.5,
+          "grayscale": False}
+    fb = {**fa, "shape": SHAPES[1]}
+    grid = torch.cat([-torch.ones(2, 3, 3, 8, 8), torch.ones(2, 2, 3, 8, 8)], 1)  # 2 rows, 5 points: A A A B B
+    out = factor_path(Brightness(), grid, fa, fb)
+    assert out["differing"] == ["shape"]
+    assert out["shows_a"] == [1, 1, 1, 0, 0] and out["shows_b"] == [0, 0, 0, 1, 1]
+    for k, n in ((0, 10), (3, 10), (10, 10), (1, 2)):
+        lo, hi = wilson(k, n)
+        assert 0 <= lo <= k / n <= hi <= 1 and hi - lo > 0
+    assert wilson(0, 10)[0] == 0 and wilson(10, 10)[1] == 1
+
+
+def test_single_synthetic_images_by_name_carry_their_factors():
+    from rcdm.analysis.commands import load_inputs
+
+    pair = load_inputs(["synthetic/analysis/3", "synthetic/analysis/7"], 32)
+    first8 = load_inputs("synthetic:8", 32)
+    assert pair.names == ["synthetic/analysis/3", "synthetic/analysis/7"]
+    assert pair.factors == [first8.factors[3], first8.factors[7]]
+    with pytest.raises(UserError, match="mixes synthetic images and files"):
+        load_inputs(["synthetic/analysis/3", "a.png"], 32)
