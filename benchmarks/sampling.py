@@ -1,6 +1,6 @@
 """Sampling speed against faithfulness, measured side by side in one run.
 
-    python benchmarks/sampling.py [--checkpoint runs/rcdm-demo/main/vicreg-backbone-tiny] [--images 32]
+    python benchmarks/sampling.py [--checkpoint demo:vicreg-backbone] [--images 64]
 
 For 1000, 250, 100, 50 and 25 respaced DDPM steps and DDIM 50 and 25: seconds per sample (one batch of
 all images, the same conditioning embeddings and seed for every setting) and the RCDM faithfulness
@@ -28,14 +28,14 @@ SETTINGS = ("1000", "250", "100", "50", "25", "ddim50", "ddim25")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="runs/rcdm-demo/main/vicreg-backbone-tiny",
-                    help="an rcdm run root or checkpoint (the README's first line makes the default)")
-    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--checkpoint", default="demo:vicreg-backbone",
+                    help="a demo model (demo:<encoder>-<level>, shipped), an rcdm run root or checkpoint")
+    ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--out", default="benchmarks/results/sampling.json")
     args = ap.parse_args()
     device = pick_device("auto")
-    if not Path(args.checkpoint).exists() and "://" not in args.checkpoint:
+    if not Path(args.checkpoint).exists() and "://" not in args.checkpoint and not args.checkpoint.startswith("demo:"):
         sys.exit(f"no checkpoint at {args.checkpoint}: run the README's first line (the demo sweep) or pass "
                  f"--checkpoint <run root>")
     loaded, encoder = load_with_encoder(args.checkpoint, device)
