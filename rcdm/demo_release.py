@@ -28,7 +28,7 @@ from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
 from rcdm.preprocess import Preprocess
 from rcdm.presets import build_unet
-from rcdm.storage import join, open_fs, read_json
+from rcdm.storage import atomic_open, join, open_fs, read_json
 
 DEMO_DIR = Path(__file__).parent / "demo_models"
 PREFIX = "demo:"
@@ -133,10 +133,11 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
                buf)
     weights = directory / f"{name}.pt"
     _write_atomic(weights, buf.getvalue())
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
     f = results["faithfulness.json"]
     t = cfg["train"]
     rec = {
-        "format": RECORD_FORMAT, "name": name, "weights_file": weights.name, "sha256": sha256sum(weights),
+        "format": RECORD_FORMAT, "name": name, "weights_file": weights.name, "sha256": digest,
         "dtype": "float16", "weights": "EMA", "parameters": sum(v.numel() for v in state["ema"].values()),
         "model": {"preset": meta["preset"], "embed_dim": meta["embed_dim"], "image_size": meta["image_size"],
                   "unet": meta["unet"], "process": meta["process"]},
@@ -158,6 +159,6 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fs, p = open_fs(str(path))
+    with atomic_open(fs, p) as f:
+        f.write(data)
