@@ -147,6 +147,25 @@ class FaithfulnessConfig:
 
 
 @dataclass
+class InvarianceCheckConfig:
+    """At the end of every run: the embedding invariance index of the job's level for each SSL augmentation
+    family (rcdm.analysis.invariance), on the first held-out images; encoder only, no sampling."""
+
+    images: int = 64  # 0 = off
+    seed: int = 0
+
+
+@dataclass
+class FidelityCheckConfig:
+    """At the end of every run, when ``features`` is set: FID and precision/recall of the faithfulness samples
+    against the same held-out images (rcdm.analysis.fidelity). ``encoder`` works offline (the job's own
+    encoder as feature space; not comparable with published FIDs); ``inception`` is torch-fidelity's
+    Inception-v3 (fetched once). Needs faithfulness.images > 0."""
+
+    features: Optional[str] = None  # null (off) | encoder | inception
+
+
+@dataclass
 class ConditioningDiagnosticConfig:
     """How much the model uses its embedding, per quartile of t (rcdm.evaluation.conditioning_gains): on a fixed
     held-out batch with fixed noise and t, the loss with the true embeddings against permuted ones (and the null
@@ -177,8 +196,12 @@ class TrainConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
     diagnostic: ConditioningDiagnosticConfig = field(default_factory=ConditioningDiagnosticConfig)
+    invariance: InvarianceCheckConfig = field(default_factory=InvarianceCheckConfig)
+    fidelity: FidelityCheckConfig = field(default_factory=FidelityCheckConfig)
 
     def __post_init__(self) -> None:
+        if self.fidelity.features not in (None, "encoder", "inception"):
+            raise UserError(f"fidelity.features={self.fidelity.features} is not one of null, encoder, inception")
         if not self.storage.run_root:
             raise UserError("storage.run_root is not set: add storage.run_root=<a folder or s3://bucket/prefix> "
                             "for the checkpoints")

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from rcdm.analysis import fidelity, invariance
 from rcdm.analysis.faithfulness import faithfulness, flat_metrics
 from rcdm.config import TrainConfig
 from rcdm.data import DatasetInfo, heldout
@@ -82,7 +83,8 @@ class Evaluator:
 
     def evaluate(self, ema: torch.nn.Module, step: int, final: bool) -> dict:
         """What is due at ``step``: a grid every ``train.sample_every`` steps and at the last one; at the last
-        one (``final``) also faithfulness and the diagnostic's JSON. Returns the metrics it logged."""
+        one (``final``) also the diagnostic's JSON, faithfulness, the embedding invariance index and, when configured,
+        fidelity. Returns the metrics it logged."""
         if step % self.cfg.train.sample_every == 0 or final:
             self.grid(ema, step)
         if not final:
@@ -91,8 +93,17 @@ class Evaluator:
         if self.diagnostics:
             self._write_json("conditioning.json", {"final": self.diagnostics[-1], "history": self.diagnostics,
                                                    "images": self.cfg.diagnostic.images, "split": self.held.split})
+        encoder = self._encoder()
+        if encoder is None:
+            return metrics
+        samples = None
         if self.cfg.faithfulness.images:
-            metrics.update(self.faithfulness(ema, step))
+            faith, samples = self.faithfulness(ema, step, encoder)
+            metrics.update(faith)
+        if self.cfg.invariance.images:
+            metrics.update(self.invariance(encoder, step))
+        if self.cfg.fidelity.features and samples is not None:
+            metrics.update(self.fidelity(encoder, samples, step))
         return metrics
 
     def diagnose(self, ema: torch.nn.Module, step: int) -> dict:
@@ -112,11 +123,12 @@ class Evaluator:
         return gains
 
     def _first(self, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """The held-out split's first ``count`` images, embeddings and keys (grids, diagnostic, faithfulness
-        share one read)."""
+        """The held-out split's first ``count`` images, embeddings and keys (grids, diagnostic, faithfulness,
+        invariance share one read)."""
         if self._held is None:
             c = self.cfg
-            self._held = heldout(self.held, max(c.grid.images, c.diagnostic.images, c.faithfulness.images, 1),
+            self._held = heldout(self.held, max(c.grid.images, c.diagnostic.images, c.faithfulness.images,
+                                                  c.invariance.images, 1),
                                  c.storage)
         x, h, keys = self._held
         return x[:count], h[:count], keys[:count]
@@ -142,22 +154,30 @@ class Evaluator:
             f.write(png)
         self.tracker.log_bytes(png, f"samples/{name}")
 
-    def faithfulness(self, ema, step: int) -> dict:
-        """The RCDM faithfulness protocol on the first held-out embeddings, from the EMA model: scalars as
-        metrics at the final step, the full result with per-image ranks as ``faithfulness.json``."""
+    def _encoder(self):
+        """The frozen encoder the dataset was embedded with, for the end-of-run checks; None (and a tag saying
+        why) when its file is missing: the model is trained, and that must not fail the job."""
         cfg, rec = self.cfg, self.held.encoder_record
+        if not (cfg.faithfulness.images or cfg.invariance.images):
+            return None
         try:
             encoder = build_recorded_encoder(cfg.encoder.name, rec.arch, rec.weights)
-        except UserError as e:  # the model is trained; a missing encoder file must not fail the job
-            log.warning("faithfulness skipped: %s", e)
+        except UserError as e:
+            log.warning("end-of-run checks skipped: %s", e)
             self.tracker.set_tag("faithfulness", f"skipped: {e}")
-            return {}
+            return None
         encoder.preprocess = Preprocess.from_dict(rec.preprocess)
-        encoder.to(self.device)
+        return encoder.to(self.device)
+
+    def faithfulness(self, ema, step: int, encoder) -> tuple[dict, torch.Tensor | None]:
+        """The RCDM faithfulness protocol on the first held-out embeddings, from the EMA model: scalars as
+        metrics at the final step, the full result with per-image ranks as ``faithfulness.json``. Returns the
+        metrics and the samples (one per embedding, for the fidelity check)."""
+        cfg = self.cfg
         _, h, keys = self._first(cfg.faithfulness.images)
         if len(keys) < 2:
             self.tracker.set_tag("faithfulness", f"skipped: split {self.held.split} has fewer than 2 images")
-            return {}
+            return {}, None
         t0 = time.perf_counter()
         samples = self._draw(ema, h, cfg.faithfulness.steps, cfg.train.seed + 1, cfg.faithfulness.guidance)
         result = faithfulness(h, samples, encoder, cfg.level.name)
@@ -169,4 +189,37 @@ class Evaluator:
         log.info("faithfulness on %d held-out images (%s, guidance %g): MRR %.3f [%.3f, %.3f], top-1 %.3f, "
                  "mean rank %.2f (chance MRR %.3f)", result["n"], cfg.faithfulness.steps, cfg.faithfulness.guidance,
                  result["mrr"], *result["mrr_ci95"], result["top1"], result["mean_rank"], result["chance"]["mrr"])
+        return flat, samples
+
+    def invariance(self, encoder, step: int) -> dict:
+        """The embedding invariance index of this job's level per augmentation family, on the first held-out
+        images: ``invariance_<family>`` metrics and ``invariance.json`` (cosines and the cross-image baseline)."""
+        x, _, keys = self._first(self.cfg.invariance.images)
+        if len(keys) < 2:
+            return {}
+        level = self.cfg.level.name
+        x01 = ((x.float() + 1) / 2).clamp(0, 1)
+        g = torch.Generator().manual_seed(self.cfg.invariance.seed)
+        clean = {level: invariance.embed(encoder, x01)[level]}
+        views = {f: {level: invariance.embed(encoder, invariance.augment(f, x01, g))[level]}
+                 for f in invariance.FAMILIES}
+        result = invariance.embedding_invariance(clean, views)
+        table = {f: result[f][level] for f in invariance.FAMILIES}
+        self._write_json("invariance.json", {"level": level, "images": len(keys), "split": self.held.split,
+                                             "cosine_other": result["cosine_other"][level], "families": table})
+        flat = {f"invariance_{f}": v["invariance_index"] for f, v in table.items()}
+        self.tracker.log_metrics(flat, step, int(time.time() * 1000), once=True)
+        return flat
+
+    def fidelity(self, encoder, samples: torch.Tensor, step: int) -> dict:
+        """FID and precision/recall of the faithfulness samples against the same held-out images."""
+        kind = self.cfg.fidelity.features
+        x, _, _ = self._first(len(samples))
+        extractor = (fidelity.EncoderFeatures(encoder, self.cfg.level.name) if kind == "encoder"
+                     else fidelity.InceptionFeatures(self.device))
+        result = fidelity.fidelity(fidelity.extract(extractor, samples), fidelity.extract(extractor, x.to(samples)))
+        result.update(features=kind, reference=f"{self.held.split}: the first {len(x)} images")
+        self._write_json("fidelity.json", result)
+        flat = {f"fidelity_{k}": result[k] for k in ("fid", "precision", "recall") if result.get(k) is not None}
+        self.tracker.log_metrics(flat, step, int(time.time() * 1000), once=True)
         return flat

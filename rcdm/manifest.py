@@ -6,6 +6,8 @@ read into the same records.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from rcdm.encoders import WeightsRecord
@@ -72,6 +74,11 @@ class Manifest:
                    {k: SplitRecord(**v) for k, v in d["splits"].items()},
                    {k: EncoderRecord.from_dict(k, v) for k, v in d["encoders"].items()},
                    d.get("created", ""), d.get("code_version", ""))
+
+    def digest(self) -> str:
+        """sha256 of the manifest's canonical JSON: the identity of the dataset (its shards, counts and the
+        encoder weights that embedded it), recorded on every run."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def describe_contents(self) -> str:
         encs = ", ".join(f"{n} [{', '.join(sorted(e.levels))}]" for n, e in sorted(self.encoders.items()))

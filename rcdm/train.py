@@ -5,6 +5,7 @@ alone writes checkpoints and talks to MLflow; every rank resumes from the newest
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -26,6 +27,7 @@ from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
 from rcdm.presets import build_unet
+from rcdm.provenance import code_version
 from rcdm.storage import StorageOptions, join, open_fs, recorded_run_id, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
 
@@ -173,7 +175,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
                 "run_root": cfg.run_root, "dataset": cfg.data.url, "preset": cfg.model.name,
                 "world_size": str(dist.world),
                 # how often SLURM requeued this job, and where this start picked up: set again at every start
-                "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "started_at_step": str(step)}
+                "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "started_at_step": str(step),
+                "code_version": code_version(), "dataset_manifest_sha256": info.manifest.digest()}
         parent = recorded_run_id(cfg.parent_run_file, cfg.storage)
         if parent:
             tags[PARENT_TAG] = parent
@@ -191,8 +194,10 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
         if callable(e.previous_handler):  # submitit's: requeues the job (rank 0) and exits
             e.previous_handler(PREEMPT_SIGNAL, None)
         raise
-    except BaseException:
+    except BaseException as e:
         if tracker:
+            with contextlib.suppress(Exception):  # the sweep report shows why a run failed; never hide e
+                tracker.set_tag("error", f"{type(e).__name__}: {e}"[:4000])
             tracker.end("FAILED")
         raise
     if tracker:

@@ -88,4 +88,5 @@ def flat_metrics(result: dict, prefix: str = "faithfulness_") -> dict[str, float
     out = {f"{prefix}{k}": result[k] for k in keys}
     out.update({f"{prefix}{k}_chance": v for k, v in result["chance"].items()})
     out[f"{prefix}mrr_ci95_lo"], out[f"{prefix}mrr_ci95_hi"] = result["mrr_ci95"]
+    out[f"{prefix}top1_ci95_lo"], out[f"{prefix}top1_ci95_hi"] = result["top1_ci95"]
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
