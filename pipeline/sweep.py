@@ -1,6 +1,6 @@
 """The sweep's glue between the stages, in the launching process: before any job is submitted, build the
 demo dataset with the sharding stage if it is missing, refuse jobs the dataset cannot serve and open the
-sweep's parent MLflow run; after the last one, close it. Also the composed config -> ``TrainConfig``."""
+sweep's parent MLflow run; after the last one, close it and write the sweep report. Also the composed config -> ``TrainConfig``."""
 from __future__ import annotations
 
 import atexit
@@ -15,11 +15,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from rcdm.config import TrainConfig
+from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.data import open_dataset
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
+from rcdm.report import ReportConfig, write_report
 from rcdm.storage import open_fs, recorded_run_id, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
 from sharding.config import ShardJob, SyntheticInput
@@ -106,6 +107,7 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self._open_parent: Tracker | None = None  # on the sweep's parent run, until it is ended
+        self._config: DictConfig | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _prepare(config)
@@ -119,7 +121,7 @@ class SweepCallback(Callback):
                                 "kind": "sweep"},
                                {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
         write_json(*open_fs(cfg.parent_run_file, cfg.storage), {"run_id": run_id})
-        self._open_parent = tracker
+        self._open_parent, self._config = tracker, config
         atexit.register(self._end_unfinished_parent)
         _exit_on_sigterm()
         print(f"sweep {config.sweep_id}: {len(combos)} jobs, parent MLflow run {run_id}; runs: {tracker.link()}",
@@ -134,6 +136,7 @@ class SweepCallback(Callback):
         tracker.end("FINISHED" if ok else "FAILED")
         print(f"sweep {config.sweep_id}: {sum(r.info.status == 'FINISHED' for r in children)}/{len(children)} jobs "
               f"finished; runs: {tracker.link()}", flush=True)
+        _report(config, tracker.run_id)
 
     def _parent_tracker(self) -> Tracker:
         """The tracker on the parent run opened by on_multirun_start; the run counts as closed from here on."""
@@ -151,3 +154,20 @@ class SweepCallback(Callback):
                   flush=True)
         except Exception as e:  # the tracking server may be what failed; never hide the original error
             print(f"warning: could not end the sweep's parent MLflow run {run_id}: {e}", file=sys.stderr, flush=True)
+            return
+        _report(self._config, run_id)
+
+
+def _report(config: DictConfig, parent_run_id: str) -> None:
+    """The sweep report (rcdm.report) on the parent run; a report that fails never fails the sweep."""
+    try:
+        cfg = ReportConfig(tracking=TrackingConfig(config.tracking.uri), experiment=config.experiment,
+                           sweep_id=config.sweep_id, run_id=parent_run_id,
+                           output=f"reports/{config.experiment}/{config.sweep_id}")
+        out = write_report(cfg)
+        print(f"sweep {config.sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
+    except Exception as e:
+        print(f"warning: the sweep report was not written ({type(e).__name__}: {e}); write it with: python "
+              f"launch/report.py experiment={config.experiment} sweep_id={config.sweep_id} "
+              f"tracking.uri={config.tracking.uri}", file=sys.stderr,
+              flush=True)

@@ -41,6 +41,15 @@ def runs_link(tracking_uri: str, experiment_id: str) -> str:
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
 
 
+def run_link(tracking_uri: str, experiment_id: str, run_id: str, artifact: str = "") -> str:
+    """Where a person opens one run (at ``artifact`` in its artifact view, when given)."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}" + (f"/artifacts/{artifact}" if artifact else "")
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{path}"
+    return (f"run `mlflow ui --backend-store-uri {tracking_uri}` here, then open "
+            f"http://127.0.0.1:5000/{path}")
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         self.uri = tracking_uri

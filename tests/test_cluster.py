@@ -176,6 +176,11 @@ def test_sweep_on_two_nodes_per_job(stack, dataset, tmp_path):
         # the SLURM record: 2 nodes, completed
         (row,) = _sacct(stack, r.data.tags["slurm_job_id"], "NNodes,State", "-X")
         assert row == ["2", "COMPLETED"], (r.data.tags["slurm_job_id"], row)
+    # the sweep report, written by the launcher after the SLURM jobs, from the server and its S3 artifacts
+    html = (tmp_path / "reports" / experiment / "main" / "report.html").read_text()
+    assert "8/8 jobs finished" in html and html.count('class="grid"') == 8
+    assert any(k.endswith("/report/report.html") and parents[0].info.run_id in k
+               for k in _s3_keys(stack, "mlflow-artifacts/"))
 
 
 def test_requeue_resumes_the_same_run(stack, dataset, tmp_path):

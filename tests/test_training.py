@@ -131,6 +131,9 @@ def test_a_crashing_job_does_not_leave_the_sweep_parent_run_running(tmp_path, da
     assert len(parent) == 1 and parent[0].info.status == "FAILED", [(x.data.tags, x.info.status) for x in runs]
     assert len(runs) == 3 and all(run.info.status == "FAILED" for run in runs)  # each job ran, and failed
     assert "ended FAILED" in r.stderr
+    # the report still comes, and says why the jobs failed
+    html = (tmp_path / "reports" / "rcdm-demo" / "main" / "report.html").read_text()
+    assert "0/2 jobs finished" in html and "FAILED before its first logged step: FloatingPointError: loss is" in html
 
 
 def _ddp_worker(rank: int, world: int, port: int, batch: dict, out: str) -> None:
@@ -280,7 +283,14 @@ def test_the_embedded_default_sweep(tmp_path):
         assert c.data.metrics["faithfulness_mrr"] == pytest.approx(faith["mrr"]) and faith["mrr_ci95"][0] > chance
         # the model uses its embedding where sampling decides colour, background and position
         assert c.data.metrics["cond_gain_q3"] > 0.3
-        assert {"faithfulness.json", "conditioning.json"} <= {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert {"faithfulness.json", "conditioning.json", "invariance.json"} <= {
+            a.path for a in client.list_artifacts(c.info.run_id)}
+        assert c.data.tags["code_version"] and len(c.data.tags["dataset_manifest_sha256"]) == 64
+    # the sweep report on the parent run, with every job's row and grid
+    assert "report reports/rcdm-demo/main/report.html" in r.stdout
+    html = (tmp_path / "reports" / "rcdm-demo" / "main" / "report.html").read_text()
+    assert "8/8 jobs finished" in html and html.count('class="grid"') == 8 and "without a finished result" not in html
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
 
 
 def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket, make_dataset, compose_sweep):

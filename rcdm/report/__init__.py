@@ -1,0 +1,55 @@
+"""The sweep report: a finished (or unfinished) sweep's comparison of encoders and levels as one page,
+``report.html`` beside its figures, written locally and logged to the sweep's parent MLflow run.
+
+    python launch/report.py                                  # the default sweep (sqlite:///mlflow.db)
+    python launch/report.py tracking=server experiment=rcdm-imagenet sweep_id=main
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from mlflow.tracking import MlflowClient
+
+from rcdm.config import TrackingConfig
+from rcdm.report.collect import Sweep, collect
+from rcdm.report.figures import figures
+from rcdm.report.page import render
+from rcdm.tracking import run_link
+
+log = logging.getLogger(__name__)
+ARTIFACT_DIR = "report"
+
+
+@dataclass
+class ReportConfig:
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    experiment: str = "rcdm-demo"
+    sweep_id: str = "main"
+    run_id: Optional[str] = None  # the sweep's parent MLflow run; null = the newest with this sweep_id
+    output: str = "reports/${experiment}/${sweep_id}"  # local folder for report.html and its figures
+    log_to_mlflow: bool = True  # also log them as artifacts of the parent run (under report/)
+
+
+def write_report(cfg: ReportConfig) -> dict:
+    """Collect the sweep from MLflow, write the page and figures to ``cfg.output``, log them to the parent
+    run. -> {"html": local path, "link": where to open it, "sweep": Sweep}."""
+    sweep: Sweep = collect(cfg.tracking.uri, cfg.experiment, cfg.sweep_id, cfg.run_id)
+    parent = sweep.parent.info
+    link = run_link(cfg.tracking.uri, parent.experiment_id, parent.run_id, f"{ARTIFACT_DIR}/report.html")
+    figs = figures(sweep.runs)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in figs.items():
+        (out / name).write_bytes(png)
+    html = out / "report.html"
+    tmp = html.with_suffix(".html.tmp")
+    tmp.write_text(render(sweep, figs, link), encoding="utf-8")
+    tmp.replace(html)  # a half-written page never replaces a good one
+    if cfg.log_to_mlflow:
+        client = MlflowClient(tracking_uri=cfg.tracking.uri)
+        for name in ["report.html", *figs]:
+            client.log_artifact(parent.run_id, str(out / name), ARTIFACT_DIR)
+    return {"html": str(html), "link": link, "sweep": sweep}

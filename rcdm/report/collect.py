@@ -1,0 +1,148 @@
+"""Read a sweep out of MLflow: its parent run, every child run with its metrics, loss history, last sample
+grid and end-of-run JSON, and the jobs the sweep asked for that have no finished run (and why).
+
+Everything comes through the MLflow client, so any tracking URI works (a local store, an `mlflow server`,
+artifacts on S3 behind either); nothing is read from the run folders.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from rcdm.errors import UserError
+from rcdm.tracking import PARENT_TAG
+
+END_JSON = ("faithfulness", "conditioning", "invariance", "fidelity")
+
+
+@dataclass
+class JobRun:
+    """One child run, as the report needs it."""
+
+    run: Run
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    grid: bytes | None = None  # the last sample grid (PNG)
+    grid_step: int | None = None
+    end: dict[str, dict] = field(default_factory=dict)  # faithfulness.json, ... that the run logged
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.run.data.tags
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.run.data.params
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.run.data.metrics
+
+    @property
+    def encoder(self) -> str:
+        return self.tags.get("encoder", "?")
+
+    @property
+    def level(self) -> str:
+        return self.tags.get("level", "?")
+
+    @property
+    def name(self) -> str:
+        return self.run.info.run_name or self.run.info.run_id
+
+    @property
+    def status(self) -> str:
+        return self.run.info.status
+
+    def problem(self) -> str | None:
+        """Why this run is not a finished result, or None when it is."""
+        status, last = self.status, self.loss[-1][0] if self.loss else None
+        total = self.params.get("train.steps", "?")
+        at = f"at step {last} of {total}" if last is not None else "before its first logged step"
+        if status == "FINISHED":
+            return None
+        if status == "FAILED":
+            return f"FAILED {at}: {self.tags.get('error', 'no error recorded; see the job log')}"
+        if status == "KILLED":
+            return f"KILLED (preempted) {at}: a requeued or restarted job continues it"
+        return f"{status} {at} (the job is still going, or died without ending its run)"
+
+
+@dataclass
+class Sweep:
+    parent: Run
+    experiment: str
+    tracking_uri: str
+    overrides: str
+    runs: list[JobRun]
+    missing: list[tuple[dict[str, str], str]]  # (the job's sweep choices, why it has no run)
+
+
+def find_parent(client: MlflowClient, experiment: str, sweep_id: str, run_id: str | None = None) -> Run:
+    """The sweep's parent run: ``run_id``, else the newest run tagged kind=sweep with this sweep_id."""
+    if run_id:
+        return client.get_run(run_id)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise UserError(f"no MLflow experiment {experiment!r} at this tracking URI (experiments: {names}); "
+                        f"set experiment=<the sweep's experiment>")
+    runs = client.search_runs([exp.experiment_id], f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise UserError(f"experiment {experiment!r} has no sweep with sweep_id={sweep_id!r}; set sweep_id=<the "
+                        f"sweep's id> (or run_id=<its parent MLflow run>)")
+    return runs[0]
+
+
+def expected_jobs(overrides: str) -> list[dict[str, str]]:
+    """The jobs a multirun's overrides ask for, each as {key: choice} over the swept keys."""
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides.split() if o])
+    swept = [(o.get_key_element(), [str(v) for v in o.sweep_iterator()]) for o in parsed if o.is_sweep_override()]
+    return [dict(zip([k for k, _ in swept], combo)) for combo in itertools.product(*[v for _, v in swept])]
+
+
+def _matches(run: JobRun, job: dict[str, str]) -> bool:
+    """A group choice (``encoder=dino``) is the param ``encoder.name``; any other key is its own param."""
+    return all(run.params.get(k, run.params.get(f"{k}.name")) == v for k, v in job.items())
+
+
+def _read_run(client: MlflowClient, run: Run, scratch: Path) -> JobRun:
+    job = JobRun(run)
+    rid = run.info.run_id
+    job.loss = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+    names = {a.path for a in client.list_artifacts(rid)}
+    grids = sorted(a.path for a in client.list_artifacts(rid, "samples")) if "samples" in names else []
+    if grids:
+        job.grid = Path(client.download_artifacts(rid, grids[-1], str(scratch))).read_bytes()
+        job.grid_step = int(Path(grids[-1]).stem.split("-")[-1])
+    for key in END_JSON:
+        if f"{key}.json" in names:
+            job.end[key] = json.loads(Path(client.download_artifacts(rid, f"{key}.json", str(scratch))).read_text())
+    return job
+
+
+def collect(tracking_uri: str, experiment: str, sweep_id: str, run_id: str | None = None) -> Sweep:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact otherwise
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = find_parent(client, experiment, sweep_id, run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [_read_run(client, r, Path(tmp) / r.info.run_id) for r in children]
+    runs.sort(key=lambda j: (j.encoder, j.level, j.name))
+    overrides = parent.data.params.get("sweep.overrides", "")
+    missing = []
+    for job in expected_jobs(overrides):
+        if not any(_matches(r, job) for r in runs):
+            missing.append((job, "no MLflow run: not started yet, or the job failed before training began "
+                                 "(see the launcher's output, or the job's SLURM log)"))
+    exp = client.get_experiment(parent.info.experiment_id)
+    return Sweep(parent, exp.name, tracking_uri, overrides, runs, missing)

@@ -1,0 +1,98 @@
+"""The sweep report: written at the end of a real sweep, logged to its parent run, opened in a real
+headless browser (Debian's Chromium) as a person would; unfinished and failed runs are named, never a crash."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from browser import open_page
+from mlflow.tracking import MlflowClient
+
+from rcdm.config import TrackingConfig
+from rcdm.report import ReportConfig, write_report
+from rcdm.report.collect import expected_jobs
+from rcdm.tracking import Tracker
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["train.steps=6", "train.batch_size=8", "train.log_every=3", "train.checkpoint_every=6",
+         "train.sample_every=6", "train.loader_workers=0", "grid.images=4", "grid.samples=2", "grid.steps=ddim3",
+         "faithfulness.steps=ddim3", "diagnostic.images=4"]
+
+
+@pytest.mark.slow
+def test_the_report_of_a_finished_sweep_loads_in_a_browser(tmp_path, dataset):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", "encoder=dino",
+                        "level=backbone,projector", "data=shards", f"data.url={dataset}",
+                        f"storage.run_root={tmp_path / 'runs'}", f"tracking.uri={uri}", "fidelity.features=encoder",
+                        *SMALL], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    html = tmp_path / "reports" / "rcdm-demo" / "main" / "report.html"
+    assert f"report {Path('reports/rcdm-demo/main/report.html')}" in r.stdout, r.stdout[-2000:]
+    client = MlflowClient(uri)
+    (parent,) = [x for x in client.search_runs([client.get_experiment_by_name("rcdm-demo").experiment_id])
+                 if x.data.tags.get("kind") == "sweep"]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/faithfulness.png", "report/samples.png", "report/loss.png"} <= logged
+
+    page = open_page(html, tmp_path / "report.png")
+    assert page["errors"] == [] and page["failed"] == []
+    # the encoder x level table, the invariance table, the config differences, one provenance row per run
+    assert page["tables"] == {"results": 2, "invariance": 2, "config": 2, "provenance": 2}, page["tables"]
+    images = page["images"]
+    assert {i["alt"] for i in images} >= {"faithfulness.png", "conditioning.png", "loss.png",
+                                          "dino-backbone-tiny samples", "dino-projector-tiny samples"}
+    assert all(i["complete"] and i["width"] > 0 and i["src_kind"] == "data:image/png;base64," for i in images)
+    text = page["text"]
+    assert "2/2 jobs finished" in text and "FID" in text and "colour_jitter" in text
+    assert "level.name" in text  # the config table: level.name and job_name differ, nothing else
+    assert (tmp_path / "report.png").stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def _run(tracker: Tracker, parent: str, encoder: str, level: str, status: str, error: str | None = None) -> None:
+    tracker.start(None, f"{encoder}-{level}-tiny", {"encoder": encoder, "level": level,
+                                                    "mlflow.parentRunId": parent},
+                  {"encoder": {"name": encoder}, "level": {"name": level}, "train": {"steps": 100}})
+    tracker.log_metrics({"loss": 0.5}, 40, int(time.time() * 1000))
+    if error:
+        tracker.set_tag("error", error)
+    if status != "RUNNING":
+        tracker.end(status)
+
+
+def test_an_unfinished_sweep_reports_what_is_missing_and_why(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    parent = Tracker(uri, "exp")
+    pid = parent.start(None, "sweep s", {"kind": "sweep", "sweep_id": "s"},
+                       {"sweep": {"overrides": "encoder=vicreg,dino level=backbone,projector train.lr=1e-3"}})
+    _run(Tracker(uri, "exp"), pid, "vicreg", "backbone", "FINISHED")
+    _run(Tracker(uri, "exp"), pid, "vicreg", "projector", "FAILED", "FloatingPointError: loss is nan at step 40")
+    _run(Tracker(uri, "exp"), pid, "dino", "backbone", "RUNNING")
+    out = write_report(ReportConfig(TrackingConfig(uri), "exp", "s", output=str(tmp_path / "rep")))
+    sweep = out["sweep"]
+    assert sweep.missing == [({"encoder": "dino", "level": "projector"}, sweep.missing[0][1])]
+    assert "no MLflow run" in sweep.missing[0][1]
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "4 job(s) without a finished result" not in html and "3 job(s) without a finished result" in html
+    assert "FAILED at step 40 of 100: FloatingPointError: loss is nan at step 40" in html
+    assert "RUNNING at step 40 of 100" in html and "encoder=dino level=projector" in html
+    assert "1/4 jobs finished" in html
+    assert {a.path for a in MlflowClient(uri).list_artifacts(pid, "report")} >= {"report/report.html"}
+
+
+def test_a_sweep_that_does_not_exist_is_a_clear_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    Tracker(uri, "exp")
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "report.py"), f"tracking.uri={uri}", "experiment=exp",
+                        "sweep_id=nope"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "has no sweep with sweep_id='nope'" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_expected_jobs_are_the_product_of_the_swept_overrides():
+    assert expected_jobs("encoder=a,b level=x,y data.url=/d") == [
+        {"encoder": "a", "level": "x"}, {"encoder": "a", "level": "y"}, {"encoder": "b", "level": "x"},
+        {"encoder": "b", "level": "y"}]
+    assert expected_jobs("encoder=a,b level=x") == [{"encoder": "a"}, {"encoder": "b"}]  # only what is swept
+    assert expected_jobs("") == [{}]
