@@ -2,12 +2,15 @@
 one (encoder, level) embedding, resampled so that every rank and worker sees an endless stream.
 
 Each (rank, loader worker) is one stream. With at least as many shards as streams, stream s reads the
-shards s, s + S, s + 2S, ... in a fresh order every pass; with fewer shards, every stream samples shards
-at random from all of them. Either way no rank ever runs dry, so no collective waits on a starved rank.
+shards s, s + S, s + 2S, ... in a fresh order every pass; with fewer shards, every stream reads all of
+them. Either way no rank ever runs dry, so no collective waits on a starved rank. The batch of every step
+is a function of (seed, rank, step, loader workers): resumption is exact (``TrainStream``).
 """
 from __future__ import annotations
 
 import io
+import itertools
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -94,37 +97,82 @@ def decode_pair(info: DatasetInfo, img: dict, emb: dict, flip: bool) -> tuple[to
 
 
 class TrainStream(IterableDataset):
-    """Endless (image, embedding) pairs for one rank; random flips take the mirrored view's embedding."""
+    """Endless batches (images [B, 3, S, S], embeddings [B, D]) for one rank, where the batch of step k is a
+    function of (seed, rank, k, workers) alone: a job resumed at step k gets the batches an uninterrupted
+    job got from step k on, whenever and however often it was restarted.
 
-    def __init__(self, info: DatasetInfo, rank: int, world: int, seed: int, storage: StorageOptions | None = None,
-                 shuffle_buffer: int = 256):
-        self.info, self.rank, self.world, self.seed = info, rank, world, seed
+    Each rank has ``workers`` streams (one per loader worker; 1 without workers), step k belonging to
+    stream k mod workers. A stream reads its share of the shards (all of them when there are fewer shards
+    than streams), in a new random order every epoch; consecutive shards are taken in blocks of at least
+    ``shuffle_buffer`` samples, each block shuffled as a whole, each sample's flip drawn with it (the flip
+    takes the mirrored view's embedding). Its n-th batch is its samples [n*B, (n+1)*B): the shard counts in
+    the manifest say where that is, so resuming reads only the block it starts in.
+    """
+
+    def __init__(self, info: DatasetInfo, batch_size: int, rank: int, world: int, seed: int, start: int = 0,
+                 workers: int = 0, storage: StorageOptions | None = None, shuffle_buffer: int = 256):
+        self.info, self.batch_size, self.rank, self.world, self.seed = info, batch_size, rank, world, seed
+        self.start, self.streams = start, max(1, workers)
         self.storage, self.shuffle_buffer = storage, shuffle_buffer
-        self.flip = info.manifest.flip
+        counts = {s["name"]: s["count"] for s in info.manifest.splits[info.split].shards}
+        self.counts = [counts[name] for name in info.shards]
+
+    def _shards(self, stream: int) -> list[int]:
+        """Indices of the shards this stream reads (its share, or all when there are too few)."""
+        total = self.world * self.streams
+        n = len(self.counts)
+        return list(range(stream, n, total)) if n >= total else list(range(n))
+
+    def _blocks(self, stream: int, epoch: int) -> list[list[int]]:
+        mine = self._shards(stream)
+        order = random.Random(f"{self.seed}/{stream}/{epoch}").sample(mine, len(mine))
+        mean = sum(self.counts[i] for i in mine) / len(mine)
+        per = max(1, math.ceil(self.shuffle_buffer / max(mean, 1)))
+        return [order[i:i + per] for i in range(0, len(order), per)]
+
+    def _read_block(self, stream: int, epoch: int, b: int, shards: list[int]) -> list[tuple[dict, dict, bool]]:
+        """The block's samples in their shuffled order, each with its flip."""
+        items = [(img, emb) for i in shards for _, img, emb in paired_samples(self.info, self.info.shards[i],
+                                                                                self.storage)]
+        rng = random.Random(f"{self.seed}/{stream}/{epoch}/{b}")
+        rng.shuffle(items)
+        return [(img, emb, self.info.manifest.flip and rng.random() < 0.5) for img, emb in items]
+
+    def _samples_from(self, stream: int, position: int) -> Iterator[tuple[dict, dict, bool]]:
+        """The stream's samples from ``position`` on, forever."""
+        epoch_len = sum(self.counts[i] for i in self._shards(stream))
+        epoch, offset = divmod(position, epoch_len)
+        while True:
+            for b, shards in enumerate(self._blocks(stream, epoch)):
+                size = sum(self.counts[i] for i in shards)
+                if offset >= size:
+                    offset -= size
+                    continue
+                yield from self._read_block(stream, epoch, b, shards)[offset:]
+                offset = 0
+            epoch += 1
 
     def __iter__(self):
         wi = get_worker_info()
         workers, wid = (wi.num_workers, wi.id) if wi else (1, 0)
-        streams, stream = self.world * workers, self.rank * workers + wid
-        rng = random.Random(f"{self.seed}/{stream}")
-        shards = self.info.shards
-        mine = shards[stream::streams] if len(shards) >= streams else None
-        buf: list[tuple[dict, dict]] = []
+        if workers != self.streams:
+            raise RuntimeError(f"TrainStream made for {self.streams} loader workers runs in {workers}")
+        step = self.start + wid  # this worker yields steps start+wid, start+wid+W, ...: the DataLoader's order
+        local = step % self.streams
+        stream = self.rank * self.streams + local
+        samples = self._samples_from(stream, (step // self.streams) * self.batch_size)
         while True:
-            order = rng.sample(mine, len(mine)) if mine else [rng.choice(shards)]
-            for shard in order:
-                for _, img, emb in paired_samples(self.info, shard, self.storage):
-                    buf.append((img, emb))
-                    if len(buf) >= self.shuffle_buffer:
-                        yield decode_pair(self.info, *buf.pop(rng.randrange(len(buf))), rng.random() < 0.5)
-                        # the buffer also mixes across shard boundaries
+            batch = [decode_pair(self.info, img, emb, flip) for img, emb, flip in
+                     itertools.islice(samples, self.batch_size)]
+            yield torch.stack([x for x, _ in batch]), torch.stack([h for _, h in batch])
 
 
 def train_loader(info: DatasetInfo, batch_size: int, rank: int, world: int, seed: int, workers: int,
-                 storage: StorageOptions | None = None) -> DataLoader:
-    """Batches of (images [B, 3, S, S], embeddings [B, D]) for this rank, forever."""
-    return DataLoader(TrainStream(info, rank, world, seed, storage), batch_size=batch_size, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                 storage: StorageOptions | None = None, start: int = 0) -> DataLoader:
+    """Batches of (images [B, 3, S, S], embeddings [B, D]) for this rank from step ``start`` on, forever;
+    the batch of each step depends on (seed, rank, step, workers) only (``TrainStream``)."""
+    return DataLoader(TrainStream(info, batch_size, rank, world, seed, start, workers, storage), batch_size=None,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                       multiprocessing_context="spawn" if workers and "://" in info.url else None,
                       prefetch_factor=4 if workers else None)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -103,6 +104,12 @@ def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[in
     return state["step"], state, url
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of all random draws of update ``step`` on ``rank``: a resumed job draws what an
+    uninterrupted one drew, with no RNG state to carry over."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:8], "little") >> 1
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
@@ -165,8 +172,6 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
         group.update(lr=t.lr, weight_decay=t.weight_decay)
     if state:
         log.info("resuming from %s at step %d", ckpt_url, step)
-    else:
-        torch.manual_seed(t.seed + 1000 * dist.rank)  # different noise per rank from here on
 
     tracker = evaluator = None
     if dist.is_main:
@@ -214,7 +219,7 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
     diffusion = cfg.process().build()
     recipe = cfg.recipe
     per_rank = t.batch_size // dist.world
-    batches = iter(train_loader(info, per_rank, dist.rank, dist.world, t.seed + step, t.loader_workers, cfg.storage))
+    batches = iter(train_loader(info, per_rank, dist.rank, dist.world, t.seed, t.loader_workers, cfg.storage, step))
     flag = _Flag()
     flag.previous = signal.signal(PREEMPT_SIGNAL, flag)
     window: dict[str, list] = {"loss": [], "mse": [], "t": [], "grad_norm": []}
@@ -230,6 +235,7 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             x, h = x.to(device, non_blocking=True), h.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
+            torch.manual_seed(step_seed(t.seed, dist.rank, step))  # t, noise, dropout: a function of the step
             ts = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
             drop = representation_dropout(len(x), recipe.cond_drop, device)
             for group in opt.param_groups:
