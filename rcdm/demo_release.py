@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rcdm import train_checkpoints
+from rcdm import safe_load, train_checkpoints
 from rcdm.diffusion.gaussian import Process
 from rcdm.encoders.weights import WeightsRecord, sha256sum
 from rcdm.errors import UserError
@@ -77,7 +77,7 @@ def load_demo(ref: str, directory: Path | None = None):
     if digest != rec["sha256"]:
         raise UserError(f"{path} does not match the sha256 in {name}.json ({digest} != {rec['sha256']}): the file "
                         f"is damaged or was replaced; restore it with git checkout -- rcdm/demo_models")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load.load(path)
     m = rec["model"]
     model = build_unet(m["preset"], m["embed_dim"], **m["unet"])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

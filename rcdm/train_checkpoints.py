@@ -7,13 +7,13 @@ reader finds the newest complete checkpoint without listing or parsing file name
 """
 from __future__ import annotations
 
-import io
 import logging
 import random
 
 import numpy as np
 import torch
 
+from rcdm import safe_load
 from rcdm.storage import StorageOptions, atomic_open, join, open_fs, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -23,13 +23,22 @@ LATEST = "latest.json"
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """The process's RNG states as tensors and plain containers (checkpoints load with weights_only=True)."""
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    else:  # checkpoints of rcdm before 0.2 pickled numpy's tuple
+        np.random.set_state(n)
     random.setstate(state["python"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -62,11 +71,11 @@ def latest_path(run_root: str, storage: StorageOptions | None = None) -> str | N
 
 
 def load(url: str, storage: StorageOptions | None = None) -> dict:
-    """A checkpoint as saved (tensors on CPU). Checkpoints hold numpy/python RNG states, so this
-    unpickles: load only checkpoints you or your jobs wrote."""
+    """A checkpoint as saved (tensors on CPU), read with weights_only=True (rcdm.safe_load): a file that
+    needs anything else is refused, not unpickled."""
     fs, path = open_fs(url, storage)
     with fs.open(path, "rb") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        state = safe_load.load(f.read(), url)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{url} is not an rcdm training checkpoint")
     return state

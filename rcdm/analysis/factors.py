@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rcdm import safe_load
 from rcdm.encoders.backbones import TinyResNet
 from rcdm.probes import factor_labels, synthetic_set
 from rcdm.ssl.augment import blur
@@ -108,7 +109,7 @@ def factor_net(cfg: FactorNetConfig = FactorNetConfig()) -> tuple[FactorNet, dic
     """The predictor for ``cfg`` from the cache, training and caching it on a miss."""
     path = cache_dir() / "factor_net" / f"{cfg.key()}.pt"
     if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load.load(path)
         net = FactorNet({k.split(".")[1]: v.shape[0] for k, v in state["model"].items()
                          if k.startswith("heads.") and k.endswith(".bias")})
         net.load_state_dict(state["model"])

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from rcdm import safe_load
 from rcdm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,9 @@ def fetch(url: str, download: bool = True, sha256: str | None = None) -> Path:
 
 
 def load_file(path: str | Path) -> dict:
-    """torch.load on CPU; tensors-only first, full unpickling only for files with other objects."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"no such checkpoint file: {path}") from None
-    except Exception:  # noqa: BLE001 - VISSL files pickle config objects; these come from the release URLs
-        log.warning("%s holds more than tensors; loading it with full unpickling", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({e.__class__.__name__}: {e}); "
-                        f"the file is damaged or not a checkpoint: download it again") from e
+    """A weights file on CPU, read with weights_only=True (rcdm.safe_load): nothing in it is unpickled
+    beyond tensors, plain containers and the data types released files need."""
+    return safe_load.load(path)
 
 
 @dataclass(frozen=True)
