@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-from pathlib import Path
 
-import rcdm
 from rcdm.encoders import WeightsRecord
 from rcdm.errors import UserError
 from rcdm.manifest import EncoderRecord, Manifest, SplitRecord, read_manifest, write_manifest
+from rcdm.provenance import code_version
 from rcdm.storage import StorageOptions, atomic_open, join, open_fs, read_json
 from sharding.writer import progress_path, shard_name
 
@@ -22,16 +20,6 @@ class IncompleteDataset(UserError):
 
 class TooManyRejected(UserError):
     """More inputs failed than the run allows; nothing is published as complete."""
-
-
-def code_version() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"rcdm {rcdm.__version__}" + (f" ({sha})" if sha else "")
 
 
 def check_compatible(existing: Manifest | None, image_size: int, image_format: str, flip: bool) -> None:
