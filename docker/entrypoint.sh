@@ -17,6 +17,8 @@ case "$role" in
   slurmdbd)
     start_munge
     install -m 600 /etc/slurm-shared/slurmdbd.conf /etc/slurm/slurmdbd.conf
+    [ -n "${SLURM_DB_PASSWORD:-}" ] || { echo "SLURM_DB_PASSWORD is not set: bash docker/make_env.sh" >&2; exit 1; }
+    echo "StoragePass=$SLURM_DB_PASSWORD" >> /etc/slurm/slurmdbd.conf
     exec slurmdbd -D ;;
   slurmctld)
     start_munge

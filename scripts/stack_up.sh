@@ -159,8 +159,9 @@ start slurmd-n2 slurmd -D -N n2 -f "$SLURM_CONF"
 wait_for "two idle slurmd nodes" 90 bash -c '[ "$(sinfo -h -N -t idle -o %N | sort -u | wc -l)" = 2 ]'
 
 # --- S3: moto on 127.0.0.1, unless an endpoint is given -----------------------------------------
-export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-rcdm-test}
-export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-rcdm-test-secret}
+# moto accepts any credentials: made up per stack unless given (no credential lives in the repository)
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-rcdm-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')}
 export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}
 if [ -n "${RCDM_S3_ENDPOINT:-}" ]; then
   S3=$RCDM_S3_ENDPOINT
