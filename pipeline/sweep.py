@@ -1,6 +1,7 @@
 """The sweep's glue between the stages, in the launching process: before any job is submitted, build the
 demo dataset with the sharding stage if it is missing, refuse jobs the dataset cannot serve and open the
-sweep's parent MLflow run; after the last one, close it and write the sweep report. Also the composed config -> ``TrainConfig``."""
+sweep's parent MLflow run; after the last one, close it and write the sweep report. Also the composed
+config -> ``TrainConfig``."""
 from __future__ import annotations
 
 import atexit
@@ -9,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -20,6 +22,7 @@ from rcdm.data import open_dataset
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
+from rcdm.redaction import guard_logging, scrub, scrub_files
 from rcdm.report import ReportConfig, write_report
 from rcdm.storage import open_fs, recorded_run_id, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
@@ -110,9 +113,19 @@ class SweepCallback(Callback):
         self._config: DictConfig | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        guard_logging()
         _prepare(config)
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Hydra has just saved the job's config and overrides (and the launcher the sweep's): mask any
+        credential in them, and in every log line from here on."""
+        guard_logging()
+        h = config.hydra
+        hydra_dir = Path(h.runtime.output_dir) / (h.output_subdir or ".hydra")
+        scrub_files([*hydra_dir.glob("*.yaml"), Path(h.sweep.dir) / "multirun.yaml"])
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        guard_logging()  # the launcher logs each job's overrides next
         cfg, combos = _prepare(config)
         tracker = Tracker(cfg.tracking.uri, cfg.experiment)
         existing = recorded_run_id(cfg.parent_run_file, cfg.storage)  # a re-launched sweep continues its run
@@ -125,7 +138,7 @@ class SweepCallback(Callback):
         atexit.register(self._end_unfinished_parent)
         _exit_on_sigterm()
         print(f"sweep {config.sweep_id}: {len(combos)} jobs, parent MLflow run {run_id}; runs: {tracker.link()}",
-              flush=True)
+              flush=True)  # link() masks credentials in the tracking URI
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._open_parent is None:
@@ -169,5 +182,5 @@ def _report(config: DictConfig, parent_run_id: str) -> None:
     except Exception as e:
         print(f"warning: the sweep report was not written ({type(e).__name__}: {e}); write it with: python "
               f"launch/report.py experiment={config.experiment} sweep_id={config.sweep_id} "
-              f"tracking.uri={config.tracking.uri}", file=sys.stderr,
+              f"tracking.uri={scrub(config.tracking.uri)}", file=sys.stderr,
               flush=True)

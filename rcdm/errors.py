@@ -19,5 +19,7 @@ def cli_errors() -> Iterator[None]:
         print(f"error: {e.full_key} is required: add {e.full_key}=... to the command", file=sys.stderr)
         sys.exit(2)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from rcdm.redaction import scrub
+
+        print(f"error: {scrub(str(e))}", file=sys.stderr)
         sys.exit(2)

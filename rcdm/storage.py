@@ -17,6 +17,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from webdataset import tariterators as wds_tar
 
+from rcdm.redaction import split_userinfo
+
 
 @dataclass
 class StorageOptions:
@@ -24,15 +26,19 @@ class StorageOptions:
     from the AWS environment and ~/.aws, never from here."""
 
     run_root: Optional[str] = "runs"  # training checkpoints and grids: <run_root>/<experiment>/<sweep_id>/<job>
-    endpoint_url: Optional[str] = None  # S3-compatible endpoint; None = AWS's
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint; None = AWS's; http://KEY:SECRET@host works too
     region: Optional[str] = None
     anon: bool = False
 
     def fsspec_kwargs(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
             return {}
-        client = {k: v for k, v in {"endpoint_url": self.endpoint_url, "region_name": self.region}.items() if v}
-        return {"anon": self.anon, "client_kwargs": client} if client or self.anon else {}
+        endpoint, key, secret = split_userinfo(self.endpoint_url) if self.endpoint_url else (None, None, None)
+        client = {k: v for k, v in {"endpoint_url": endpoint, "region_name": self.region}.items() if v}
+        out = {"anon": self.anon, "client_kwargs": client} if client or self.anon else {}
+        if key:  # http://KEY:SECRET@host: the store's credentials, used here and recorded nowhere
+            out.update(key=key, secret=secret)
+        return out
 
 
 def open_fs(url: str, opts: StorageOptions | None = None, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -12,6 +12,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from rcdm.redaction import scrub
+
 log = logging.getLogger(__name__)
 SECRET = re.compile(r"(secret|password|passwd|token|access_key|api_key|credential)", re.I)
 PARENT_TAG = "mlflow.parentRunId"
@@ -29,15 +31,17 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def redact(params: dict[str, Any]) -> dict[str, str]:
-    """Config values as MLflow params, with anything that looks like a credential hidden."""
-    return {k: ("***" if SECRET.search(k) and v not in (None, "") else str(v))[:6000] for k, v in params.items()}
+    """Config values as MLflow params, with anything that looks like a credential hidden: keys named like
+    one, URL user information and the environment's credential values (rcdm.redaction)."""
+    return {k: ("***" if SECRET.search(k) and v not in (None, "") else scrub(str(v)))[:6000]
+            for k, v in params.items()}
 
 
 def runs_link(tracking_uri: str, experiment_id: str) -> str:
     """Where a person opens the runs table (MLflow 3 opens experiments on another tab)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return (f"run `mlflow ui --backend-store-uri {tracking_uri}` here, then open "
+        return f"{scrub(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return (f"run `mlflow ui --backend-store-uri {scrub(tracking_uri)}` here, then open "
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
 
 
@@ -45,8 +49,8 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str, artifact: str =
     """Where a person opens one run (at ``artifact`` in its artifact view, when given)."""
     path = f"#/experiments/{experiment_id}/runs/{run_id}" + (f"/artifacts/{artifact}" if artifact else "")
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/{path}"
-    return (f"run `mlflow ui --backend-store-uri {tracking_uri}` here, then open "
+        return f"{scrub(tracking_uri).rstrip('/')}/{path}"
+    return (f"run `mlflow ui --backend-store-uri {scrub(tracking_uri)}` here, then open "
             f"http://127.0.0.1:5000/{path}")
 
 
@@ -73,7 +77,7 @@ class Tracker:
             items = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, scrub(str(v))) for k, v in tags.items()])
         return self.run_id
 
     def _max_logged_step(self) -> int:
@@ -110,7 +114,7 @@ class Tracker:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.client.set_tag(self.run_id, key, scrub(value))
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED (preempted, to be continued by the requeued job)."""

@@ -29,6 +29,7 @@ from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
 from rcdm.presets import build_unet
 from rcdm.provenance import code_version
+from rcdm.redaction import guard_logging, scrub, scrub_tree
 from rcdm.storage import StorageOptions, join, open_fs, recorded_run_id, write_json
 from rcdm.tracking import PARENT_TAG, Tracker
 
@@ -141,6 +142,7 @@ def model_meta(cfg: TrainConfig, info: DatasetInfo, dist: distributed.DistInfo |
 
 
 def train(cfg: TrainConfig) -> dict:
+    guard_logging()  # no credential in a log line, on the console or in Hydra's job log
     dist = distributed.init(cfg.device)
     try:
         return _train(cfg, dist)
@@ -187,7 +189,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
             tags[PARENT_TAG] = parent
         run_id = tracker.start(_resolve_run_id(cfg, state), cfg.job_name, tags, cfg.to_dict())
         fs, root = open_fs(cfg.run_root, cfg.storage)
-        write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": cfg.tracking.uri})
+        write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": scrub(cfg.tracking.uri)})
         log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
         evaluator = Evaluator(cfg, info, tracker, device)
     try:
@@ -295,7 +297,7 @@ def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, train_s:
         train_checkpoints.save(cfg.run_root, {
             "step": step, "train_seconds": train_s, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(),
-            "scaler": None, "rng": train_checkpoints.rng_state(), "config": cfg.to_dict(),
+            "scaler": None, "rng": train_checkpoints.rng_state(), "config": scrub_tree(cfg.to_dict()),
             "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_meta(cfg, info, dist),
         }, cfg.storage, keep=cfg.train.keep_checkpoints)
         tracker.set_tag("checkpoint", join(cfg.run_root, "checkpoints"))

@@ -7,6 +7,7 @@ import datetime as dt
 from html import escape
 
 from rcdm.analysis.invariance import FAMILIES
+from rcdm.redaction import scrub
 from rcdm.report.collect import JobRun, Sweep
 from rcdm.report.figures import by_encoder
 
@@ -105,7 +106,8 @@ def invariance_table(sweep: Sweep) -> str:
                         [f'<td class="num">{inv[f]["invariance_index"]:.3f}</td>' if f in inv else "–"
                          for f in FAMILIES])
     if not rows:
-        return '<p class="meta">No run logged invariance.json (invariance.images=0, or runs from before rcdm recorded it).</p>'
+        return ('<p class="meta">No run logged invariance.json (invariance.images=0, or runs from before rcdm '
+                'recorded it).</p>')
     return (_table(["encoder", "level", *FAMILIES], rows, "invariance") +
             '<p class="meta">Embedding invariance index: (cos(h(x), h(aug x)) - cos between different images) / '
             '(1 - the latter), on the held-out images: 1 = the augmented view embeds exactly like its image, '
@@ -136,7 +138,8 @@ def config_differences(sweep: Sweep) -> str:
         return '<p class="meta">Every run has the same resolved config.</p>'
     head = ["key", *(escape(r.name) for r in runs)]
     rows = [[f"<code>{escape(k)}</code>", *(escape(str(r.params.get(k, "–"))) for r in runs)] for k in diff]
-    return _table(head, rows, "config") + f'<p class="meta">{len(keys) - len(diff)} other keys are equal in all runs.</p>'
+    equal = f'<p class="meta">{len(keys) - len(diff)} other keys are equal in all runs.</p>'
+    return _table(head, rows, "config") + equal
 
 
 def provenance_table(sweep: Sweep) -> str:
@@ -165,7 +168,7 @@ def render(sweep: Sweep, figures: dict[str, bytes], link: str) -> str:
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">{finished}/{expected} jobs finished · parent MLflow run <code>{escape(p.info.run_id)}'
         f"</code> ({escape(p.info.status)}) · <code>{escape(sweep.overrides) or 'no overrides'}</code> · tracking "
-        f"<code>{escape(sweep.tracking_uri)}</code> · {escape(link)} · report written "
+        f"<code>{escape(scrub(sweep.tracking_uri))}</code> · {escape(link)} · report written "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
         problems_section(sweep),
         "<h2>Faithfulness and conditioning, encoder × level</h2>", results_table(sweep),
