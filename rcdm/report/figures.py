@@ -49,7 +49,8 @@ def faithfulness_figure(runs: list[JobRun]) -> bytes | None:
         ax.bar(range(len(rows)), vals, yerr=[lo, hi], color=colours, capsize=3)
         chance = rows[0].end["faithfulness"]["chance"][key]
         ax.axhline(chance, ls="--", c="k", lw=1, label=f"chance {chance:.3f}")
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=45 if len(rows) > 4 else 0, ha="right"
+                      if len(rows) > 4 else "center")
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
