@@ -22,15 +22,20 @@ class Preprocess:
     ``crop``: "center" = halve with a box filter while the short side is at least twice ``size``, bicubic
     resize of the short side to ``size``, centre crop (the official RCDM/ADM recipe).
     ``normalize``: "minus_one_one" = x / 127.5 - 1 (the official RCDM encoder input) or "imagenet"
-    (mean/std of ImageNet on [0, 1] pixels).
+    (mean/std of ImageNet on [0, 1] pixels). ``resize``: DINO's, DINOv2's and MAE's evaluation transform,
+    Resize(256) then CenterCrop(224), is ``resize=256, size=224``; 0 = the short side to ``size``.
     """
 
     size: int = 224
     crop: str = "center"
     normalize: str = "minus_one_one"
+    resize: int = 0  # > size: the short side goes to ``resize`` first, then the centre size x size (ViT evals)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["resize"]:  # as rcdm recorded it before ``resize`` existed: those manifests stay the same
+            del d["resize"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
@@ -44,7 +49,7 @@ class Preprocess:
         """The geometric part, done where images are decoded: PIL RGB -> [3, size, size] uint8."""
         if self.crop != "center":
             raise ValueError(f"unknown crop {self.crop!r}; only 'center' is implemented")
-        return to_uint8_tensor(center_crop(img, self.size))
+        return to_uint8_tensor(center_crop(img, self.size, self.resize))
 
     def normalize_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """The value part, done on the encoder's device: [..., 3, H, W] uint8 -> float32."""
@@ -58,11 +63,13 @@ class Preprocess:
         raise ValueError(f"unknown normalisation {self.normalize!r}; choose 'minus_one_one' or 'imagenet'")
 
 
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Box-halve, bicubic-resize the short side to ``size``, then take the central size x size square."""
-    while min(img.size) >= 2 * size:
+def center_crop(img: Image.Image, size: int, resize: int = 0) -> Image.Image:
+    """Box-halve, bicubic-resize the short side to ``resize`` (``size`` when 0), then take the central
+    size x size square."""
+    short = max(resize, size)
+    while min(img.size) >= 2 * short:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
-    scale = size / min(img.size)
+    scale = short / min(img.size)
     img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     return img.crop((left, top, left + size, top + size))

@@ -11,7 +11,7 @@ import time
 import torch
 
 from rcdm.config import ClusterConfig
-from rcdm.encoders import encoder_spec
+from rcdm.encoders import LEVELS, encoder_spec
 from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
 from rcdm.storage import open_fs, remove_stale_temporaries
@@ -26,11 +26,13 @@ def _check_request(job: ShardJob) -> None:
     """Fail before any work on a request that cannot be met."""
     for name in job.encoders:
         spec = encoder_spec(name)
+        have = spec.levels(job.arch)
         for level in job.levels:
-            if level == "projector" and not spec.projector:
-                raise UserError(f"encoder {name} has no projector level; drop it from encoders or use levels=[backbone]")
-            if level not in ("backbone", "projector"):
-                raise UserError(f"unknown level {level!r}; choose backbone or projector")
+            if level not in LEVELS:
+                raise UserError(f"unknown level {level!r}; choose from {', '.join(LEVELS)}")
+            if level not in have:
+                raise UserError(f"encoder {name} has no {level} level (it has {', '.join(have)}); drop it from "
+                                f"encoders or choose levels=[{','.join(have)}]")
     if job.image_format not in ("png", "jpg"):
         raise UserError(f"image_format must be png or jpg, not {job.image_format!r}")
     if job.shard_size < 1 or job.image_size < 8:

@@ -85,5 +85,54 @@ def write_supervised(path: Path, arch: str, seed: int = 0) -> None:
     torch.save(trunk | {f"fc.{k}": v for k, v in nn.Linear(d, 1000).state_dict().items()}, path)
 
 
+def _vit_trunk(arch: str, seed: int) -> dict:
+    """A random ViT of ``arch`` in float16 (half the bytes; loading casts), with non-trivial norms and
+    layer scales, so a load that skips any of them is caught."""
+    torch.manual_seed(seed)
+    trunk, _ = ARCHES[arch]()
+    sd = {k: v.detach().clone() for k, v in trunk.state_dict().items()}
+    for k in sd:
+        if k.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".gamma", "cls_token")):
+            sd[k] = torch.rand_like(sd[k]) + 0.5
+    return {k: v.half() for k, v in sd.items()}
+
+
+def write_dino_vit(path: Path, arch: str, seed: int = 0) -> None:
+    # facebookresearch/dino ViT full checkpoint: the teacher is not DDP-wrapped (no "module."), its head is
+    # mlp.{0,2,4} (no BN) + a weight-normed last layer to 65536 prototypes (a small one here)
+    trunk = _vit_trunk(arch, seed)
+    d = trunk["cls_token"].shape[-1]
+    mlp = _mlp_sd([nn.Linear(d, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 256)])
+    last = nn.utils.parametrizations.weight_norm(nn.Linear(256, 1024, bias=False))
+    teacher = ({f"backbone.{k}": v for k, v in trunk.items()} | {f"head.mlp.{k}": v.half() for k, v in mlp.items()}
+               | {"head.last_layer.weight_g": last.parametrizations.weight.original0.detach().half(),
+                  "head.last_layer.weight_v": last.parametrizations.weight.original1.detach().half()})
+    student = {f"module.{k}": v for k, v in teacher.items()}
+    torch.save({"student": student, "teacher": teacher, "epoch": 100, "args": argparse.Namespace(arch=arch),
+                "dino_loss": {"center": torch.zeros(1, 1024)}}, path)
+
+
+def write_dinov2(path: Path, arch: str, seed: int = 0) -> None:
+    # facebookresearch/dinov2 dinov2_vit*14_pretrain.pth: the backbone's flat state dict, with mask_token
+    trunk = _vit_trunk(arch, seed)
+    torch.save(trunk | {"mask_token": torch.zeros(1, trunk["cls_token"].shape[-1]).half()}, path)
+
+
+def write_mae(path: Path, arch: str, seed: int = 0) -> None:
+    # facebookresearch/mae mae_pretrain_vit_base.pth: {"model": the encoder}
+    torch.save({"model": _vit_trunk(arch, seed)}, path)
+
+
 WRITERS = {"vicreg": write_vicreg, "dino": write_dino, "simclr": write_simclr, "barlow": write_barlow,
            "supervised": write_supervised}
+# the ViT releases: encoder name -> (writer, the arch its file is for)
+VIT_WRITERS = {"dino_vits16": (write_dino_vit, "vit_small_patch16"),
+               "dino_vitb16": (write_dino_vit, "vit_base_patch16"),
+               "dinov2_vits14": (write_dinov2, "vit_small_patch14_dinov2"),
+               "dinov2_vitb14": (write_dinov2, "vit_base_patch14_dinov2"), "mae_vitb16": (write_mae, "vit_base_patch16")}
+
+
+def write_vit(name: str, path: Path, seed: int = 0) -> Path:
+    writer, arch = VIT_WRITERS[name]
+    writer(path, arch, seed)
+    return path

@@ -1,6 +1,8 @@
-"""Encoder trunks: torchvision's ResNet-50 and a small ResNet with the same parameter naming."""
+"""Encoder trunks: torchvision's ResNet-50, a small ResNet with the same parameter naming, and the Vision
+Transformers of the DINO, DINOv2 and MAE releases (rcdm.encoders.vit, timm; imported when one is built)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,5 +47,33 @@ def _tiny() -> tuple[nn.Module, int]:
     return net, net.out_dim
 
 
+@dataclass(frozen=True)
+class ViTArch:
+    patch: int
+    dim: int
+    depth: int
+    heads: int
+    img_size: int = 224  # the grid of the released position embeddings
+    layer_scale: float | None = None  # DINOv2's LayerScale (ls1, ls2)
+
+
+VIT_ARCHES: dict[str, ViTArch] = {
+    "vit_small_patch16": ViTArch(16, 384, 12, 6),
+    "vit_base_patch16": ViTArch(16, 768, 12, 12),
+    "vit_small_patch14_dinov2": ViTArch(14, 384, 12, 6, img_size=518, layer_scale=1e-5),
+    "vit_base_patch14_dinov2": ViTArch(14, 768, 12, 12, img_size=518, layer_scale=1e-5),
+}
+
+
+def _vit(name: str) -> Callable[[], tuple[nn.Module, int]]:
+    def make() -> tuple[nn.Module, int]:
+        from rcdm.encoders.vit import vit_trunk
+
+        return vit_trunk(name)
+
+    return make
+
+
 # arch name -> factory returning (trunk, output dim)
-ARCHES: dict[str, Callable[[], tuple[nn.Module, int]]] = {"resnet50": _resnet50, "tiny": _tiny}
+ARCHES: dict[str, Callable[[], tuple[nn.Module, int]]] = {"resnet50": _resnet50, "tiny": _tiny,
+                                                          **{name: _vit(name) for name in VIT_ARCHES}}

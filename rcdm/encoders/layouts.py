@@ -76,9 +76,23 @@ def read_torchvision(ckpt: dict) -> tuple[StateDict, list[str]]:
     return {"backbone." + k: v for k, v in sd.items()}, dropped
 
 
+def read_dinov2(ckpt: dict) -> tuple[StateDict, list[str]]:
+    """facebookresearch/dinov2 ``dinov2_vit*14_pretrain.pth``: the backbone's own state dict; its
+    ``mask_token`` (for masked training only) is unused."""
+    sd, dropped = _split_ignored(ckpt, ("mask_token",))
+    return {"backbone." + k: v for k, v in sd.items()}, dropped
+
+
+def read_mae(ckpt: dict) -> tuple[StateDict, list[str]]:
+    """facebookresearch/mae ``mae_pretrain_vit_base.pth``: ``["model"]`` = the encoder; a decoder or mask
+    token, if a file carries them, are unused."""
+    sd, dropped = _split_ignored(_dig(ckpt, "model"), ("decoder", "mask_token"))
+    return {"backbone." + k: v for k, v in sd.items()}, dropped
+
+
 LAYOUTS: dict[str, Callable[[dict], tuple[StateDict, list[str]]]] = {
     "vicreg": read_vicreg, "dino": read_dino, "vissl_simclr": read_simclr,
-    "vissl_barlow": read_barlow, "torchvision": read_torchvision,
+    "vissl_barlow": read_barlow, "torchvision": read_torchvision, "dinov2": read_dinov2, "mae": read_mae,
 }
 
 

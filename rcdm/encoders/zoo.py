@@ -21,7 +21,8 @@ from rcdm.errors import UserError
 from rcdm.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
-LEVELS = ("backbone", "projector")
+LEVELS = ("backbone", "patch_mean", "projector")  # patch_mean: ViTs only
+VIT_PREPROCESS = Preprocess(size=224, crop="center", normalize="imagenet", resize=256)  # their eval transform
 
 
 def _vicreg_head(d: int, wide: int) -> nn.Sequential:
@@ -43,6 +44,12 @@ def _dino_head(d: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
+def _dino_vit_head(d: int) -> nn.Sequential:
+    # DINO's ViT head (no BN): 3 Linear layers with GELUs down to the 256-d bottleneck before its L2 norm and
+    # weight-normed last layer; the bottleneck is the projector level.
+    return nn.Sequential(nn.Linear(d, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 256))
+
+
 def _simclr_head(d: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, d), nn.ReLU(True), nn.Linear(d, out))
 
@@ -56,8 +63,16 @@ class EncoderSpec:
     projector: dict[str, tuple[int, Callable[[int], nn.Module]]]  # arch -> (output dim, factory(trunk dim));
     # empty = no projector
     layout: str
-    url: str | None  # the released ResNet-50 weights
+    url: str | None  # the released weights (ResNet-50, or the ViT of ``arch``)
     preprocess: Preprocess = Preprocess()
+    arch: str | None = None  # a ViT release: its own architecture, whatever arch= asks of the ResNet methods
+    licence: str = ""
+
+    def levels(self, arch: str) -> list[str]:
+        """The levels this encoder has on ``arch`` (the spec's own arch when it fixes one)."""
+        arch = self.arch or arch
+        vit = arch.startswith("vit_")
+        return ["backbone", *(["patch_mean"] if vit else []), *(["projector"] if arch in self.projector else [])]
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -84,6 +99,30 @@ ENCODERS: dict[str, EncoderSpec] = {
     "supervised": EncoderSpec(
         "supervised", "torchvision ResNet-50 trained with labels (IMAGENET1K_V1); backbone level only",
         {}, "torchvision", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+    # Vision Transformers: each release its own arch and preprocessing; CLS (backbone), mean patch token
+    # (patch_mean) and, for DINO, the head's 256-d bottleneck (projector)
+    "dino_vits16": EncoderSpec(
+        "dino_vits16", "DINO ViT-S/16 (Caron et al. 2021), full checkpoint: teacher CLS, patch mean, head bottleneck",
+        {"vit_small_patch16": (256, _dino_vit_head)}, "dino",
+        "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain_full_checkpoint.pth",
+        VIT_PREPROCESS, "vit_small_patch16", "Apache-2.0"),
+    "dino_vitb16": EncoderSpec(
+        "dino_vitb16", "DINO ViT-B/16 (Caron et al. 2021), full checkpoint: teacher CLS, patch mean, head bottleneck",
+        {"vit_base_patch16": (256, _dino_vit_head)}, "dino",
+        "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain_full_checkpoint.pth",
+        VIT_PREPROCESS, "vit_base_patch16", "Apache-2.0"),
+    "dinov2_vits14": EncoderSpec(
+        "dinov2_vits14", "DINOv2 ViT-S/14 (Oquab et al. 2024), backbone file: CLS, patch mean", {}, "dinov2",
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+        VIT_PREPROCESS, "vit_small_patch14_dinov2", "Apache-2.0"),
+    "dinov2_vitb14": EncoderSpec(
+        "dinov2_vitb14", "DINOv2 ViT-B/14 (Oquab et al. 2024), backbone file: CLS, patch mean", {}, "dinov2",
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+        VIT_PREPROCESS, "vit_base_patch14_dinov2", "Apache-2.0"),
+    "mae_vitb16": EncoderSpec(
+        "mae_vitb16", "MAE ViT-B/16 (He et al. 2022), pretrain file: CLS, patch mean", {}, "mae",
+        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+        VIT_PREPROCESS, "vit_base_patch16", "CC BY-NC 4.0"),
 }
 
 # The tiny arch sees the small demo images as they are, scaled to [-1, 1] like the official input.
@@ -111,10 +150,13 @@ class SSLEncoder(nn.Module):
         return self.weights.sha256
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.backbone(x)  # [N, trunk_dim]
-        out = {"backbone": h}
+        h = self.backbone(x)  # [N, trunk_dim], or a ViT's tokens [N, 1 + P, D]
+        if h.dim() == 3:  # CLS token, and the mean of the patch tokens
+            out = {"backbone": h[:, 0], "patch_mean": h[:, self.backbone.num_prefix_tokens:].mean(1)}
+        else:
+            out = {"backbone": h}
         if self.projector is not None:
-            out["projector"] = self.projector(h)  # [N, projector dim], reusing the trunk's output
+            out["projector"] = self.projector(out["backbone"])  # [N, projector dim], reusing the trunk's output
         return out
 
     def describe(self) -> dict:
@@ -154,14 +196,15 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
     released layout.
     """
     spec = encoder_spec(name)
+    arch = spec.arch or arch  # a ViT release is its own architecture
     if arch not in ARCHES:
         raise UserError(f"unknown encoder arch {arch!r}; choose one of {sorted(ARCHES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + zlib.crc32(name.encode()))  # each method its own random trunk
         trunk, dim = ARCHES[arch]()
-        dims = {"backbone": dim}
+        dims = {level: dim for level in spec.levels(arch) if level != "projector"}
         projector = None
-        if spec.projector:
+        if "projector" in spec.levels(arch):
             dims["projector"], factory = spec.projector[arch]
             projector = factory(dim)
     enc = SSLEncoder(name, arch, trunk, dims, projector, ARCH_PREPROCESS.get(arch, spec.preprocess))
@@ -221,6 +264,22 @@ def state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _misfit(model: dict, loaded: dict, show: int = 3) -> str:
+    """What keeps ``loaded`` from loading strictly into ``model``: missing, unexpected and reshaped keys,
+    counted, with the first few of each; "" when it fits."""
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (", ..." if len(keys) > show else "")
+
+    missing = [k for k in model if k not in loaded]
+    unexpected = [k for k in loaded if k not in model]
+    shaped = [f"{k} {tuple(loaded[k].shape)} in the file, {tuple(model[k].shape)} here" for k in model
+              if k in loaded and loaded[k].shape != model[k].shape]
+    parts = [f"{len(missing)} missing ({some(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+             f"{len(shaped)} of another shape ({some(shaped)})" if shaped else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def load_released(enc: SSLEncoder, layout: str, path) -> None:
     """Load a file in ``layout`` strictly into ``enc``; the error names the file and what differs."""
     try:
@@ -229,10 +288,9 @@ def load_released(enc: SSLEncoder, layout: str, path) -> None:
         raise UserError(f"{path} is not a {layout}-layout checkpoint for encoder {enc.name}: {e}") from None
     if dropped:
         log.info("%s: ignoring %d unused entries (%s ...)", path, len(dropped), dropped[0])
-    try:
-        enc.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:400]
-        raise UserError(f"{path} does not fit encoder {enc.name} (arch {enc.arch}): {detail}; "
-                        f"is it the right method and architecture?") from None
+    misfit = _misfit(enc.state_dict(), sd)
+    if misfit:
+        raise UserError(f"{path} does not fit encoder {enc.name} (arch {enc.arch}): {misfit}; is it the right "
+                        f"method and architecture?")
+    enc.load_state_dict(sd, strict=True)
     enc.weights = WeightsRecord("file", sha256sum(path), path=str(path))
