@@ -37,17 +37,11 @@ def redact(params: dict[str, Any]) -> dict[str, str]:
             for k, v in params.items()}
 
 
-def runs_link(tracking_uri: str, experiment_id: str) -> str:
-    """Where a person opens the runs table (MLflow 3 opens experiments on another tab)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{scrub(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return (f"run `mlflow ui --backend-store-uri {scrub(tracking_uri)}` here, then open "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
-
-
-def run_link(tracking_uri: str, experiment_id: str, run_id: str, artifact: str = "") -> str:
-    """Where a person opens one run (at ``artifact`` in its artifact view, when given)."""
-    path = f"#/experiments/{experiment_id}/runs/{run_id}" + (f"/artifacts/{artifact}" if artifact else "")
+def runs_link(tracking_uri: str, experiment_id: str, run_id: str = "", artifact: str = "") -> str:
+    """Where a person opens the runs table (MLflow 3 opens experiments on another tab), or one run (at
+    ``artifact`` in its artifact view, when given)."""
+    path = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    path += f"/artifacts/{artifact}" if artifact else ""
     if tracking_uri.startswith(("http://", "https://")):
         return f"{scrub(tracking_uri).rstrip('/')}/{path}"
     return (f"run `mlflow ui --backend-store-uri {scrub(tracking_uri)}` here, then open "

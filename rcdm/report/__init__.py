@@ -17,7 +17,7 @@ from rcdm.config import TrackingConfig
 from rcdm.report.collect import Sweep, collect
 from rcdm.report.figures import figures
 from rcdm.report.page import render
-from rcdm.tracking import run_link
+from rcdm.tracking import runs_link
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "report"
@@ -38,7 +38,7 @@ def write_report(cfg: ReportConfig) -> dict:
     run. -> {"html": local path, "link": where to open it, "sweep": Sweep}."""
     sweep: Sweep = collect(cfg.tracking.uri, cfg.experiment, cfg.sweep_id, cfg.run_id)
     parent = sweep.parent.info
-    link = run_link(cfg.tracking.uri, parent.experiment_id, parent.run_id, f"{ARTIFACT_DIR}/report.html")
+    link = runs_link(cfg.tracking.uri, parent.experiment_id, parent.run_id, f"{ARTIFACT_DIR}/report.html")
     figs = figures(sweep.runs)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
