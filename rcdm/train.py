@@ -270,11 +270,14 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
                 _save(cfg, dist, model, ema, opt, step, tracker, info, train_s)
             if evaluator:
                 final.update(evaluator.evaluate(ema, step, final=step == t.steps))
-            if stop:
+            if stop and step < t.steps:  # a signal during the last step: the job is done, not preempted
                 raise Preempted(f"checkpointed at step {step} on signal {int(PREEMPT_SIGNAL)}", flag.previous)
     finally:
         bar.close()
-        signal.signal(PREEMPT_SIGNAL, flag.previous if flag.previous is not None else signal.SIG_DFL)
+        if step >= t.steps:  # finished: a time-limit signal from now on has nothing to save, and must not end
+            signal.signal(PREEMPT_SIGNAL, signal.SIG_IGN)  # the finished job as killed (or requeue it)
+        else:
+            signal.signal(PREEMPT_SIGNAL, flag.previous if flag.previous is not None else signal.SIG_DFL)
     return {**last, **final, "step": step, "train_seconds": train_s}
 
 

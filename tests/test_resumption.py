@@ -94,3 +94,25 @@ def test_the_batch_of_a_step_does_not_depend_on_where_the_loader_started(dataset
     seen = torch.cat([next(one)[0] for _ in range(6)])
     signature = (seen + seen.flip(3)).pow(2).flatten(1).sum(1).round(decimals=2)  # the same for both views
     assert len(torch.unique(signature)) == 48
+
+
+def test_a_signal_in_the_last_step_or_after_it_leaves_the_job_finished(tmp_path, dataset, compose_sweep,
+                                                                        monkeypatch):
+    """SLURM's time-limit signal can come while the last step runs, or after the loop: the job is done, so it
+    ends normally (a preempted, requeued finished job would run again; a killed one would end FAILED)."""
+    updates, apply_update = [0], train_module.apply_update
+
+    def update_then_maybe_signal(*args, **kwargs):
+        out = apply_update(*args, **kwargs)
+        updates[0] += 1
+        if updates[0] == STEPS - 1:  # read at the start of the last step
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    monkeypatch.setattr(train_module, "apply_update", update_then_maybe_signal)
+    try:
+        assert train(_config(compose_sweep, dataset, tmp_path / "r", tmp_path / "m.db", 0))["step"] == STEPS
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN  # a later signal is ignored, not fatal
+        os.kill(os.getpid(), signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
