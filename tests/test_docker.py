@@ -83,7 +83,7 @@ def test_every_credential_of_the_stack_comes_from_docker_env(tmp_path):
 
 
 # KEY: value or KEY=value where KEY names a credential and value is a literal (not $VAR, ${VAR}, $(cmd), ...)
-LITERAL = re.compile(r"(?<![\w${])(\w*(PASSWORD|PASSWD|SECRET|TOKEN|ACCESS_KEY)\w*)[\"']?\s*[:=]\s*"
+LITERAL = re.compile(r"(?<![\w${])(\w*(PASSWORD|PASSWD|SECRET|TOKEN|ACCESS_KEY)\w*)[\"']?[ \t]*[:=][ \t]*"
                      r"[\"']?([^\s\"'$.{][^\s\"']*)", re.I)
 
 
