@@ -118,8 +118,7 @@ class SweepCallback(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Hydra has just saved the job's config and overrides (and the launcher the sweep's): mask any
-        credential in them, and in every log line from here on."""
-        guard_logging()
+        credential in them (log lines: rcdm.train.train guards them in the job's process)."""
         h = config.hydra
         hydra_dir = Path(h.runtime.output_dir) / (h.output_subdir or ".hydra")
         scrub_files([*hydra_dir.glob("*.yaml"), Path(h.sweep.dir) / "multirun.yaml"])
@@ -175,8 +174,7 @@ def _report(config: DictConfig, parent_run_id: str) -> None:
     """The sweep report (rcdm.report) on the parent run; a report that fails never fails the sweep."""
     try:
         cfg = ReportConfig(tracking=TrackingConfig(config.tracking.uri), experiment=config.experiment,
-                           sweep_id=config.sweep_id, run_id=parent_run_id,
-                           output=f"reports/{config.experiment}/{config.sweep_id}")
+                           sweep_id=config.sweep_id, run_id=parent_run_id)
         out = write_report(cfg)
         print(f"sweep {config.sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
     except Exception as e:

@@ -100,8 +100,7 @@ def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[in
     state = train_checkpoints.load(url, storage)
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])
-    train_checkpoints.set_rng_state(state["rng"])
+    opt.load_state_dict(state["optimizer"])  # no RNG state: every step reseeds (step_seed)
     return state["step"], state, url
 
 
@@ -300,7 +299,7 @@ def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, train_s:
         train_checkpoints.save(cfg.run_root, {
             "step": step, "train_seconds": train_s, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(),
-            "scaler": None, "rng": train_checkpoints.rng_state(), "config": scrub_tree(cfg.to_dict()),
+            "scaler": None, "config": scrub_tree(cfg.to_dict()),
             "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_meta(cfg, info, dist),
         }, cfg.storage, keep=cfg.train.keep_checkpoints)
         tracker.set_tag("checkpoint", join(cfg.run_root, "checkpoints"))

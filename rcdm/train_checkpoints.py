@@ -1,16 +1,15 @@
 """Full-state training checkpoints under a run root URL (local path or s3://).
 
 ``<run root>/checkpoints/ckpt-<step>.pt`` holds everything a job needs to continue exactly: model, EMA,
-optimizer, step, RNG states, the resolved config, the MLflow run id and what the model is conditioned
-on. Each file is written atomically; ``latest.json`` is then replaced atomically to point at it, so a
-reader finds the newest complete checkpoint without listing or parsing file names.
+optimizer, step, the resolved config, the MLflow run id and what the model is conditioned on (no RNG
+state: the batch and every random draw of a step are functions of the seed, rank and step). Each file is
+written atomically; ``latest.json`` is then replaced atomically to point at it, so a reader finds the
+newest complete checkpoint without listing or parsing file names.
 """
 from __future__ import annotations
 
 import logging
-import random
 
-import numpy as np
 import torch
 
 from rcdm import safe_load
@@ -20,28 +19,6 @@ log = logging.getLogger(__name__)
 FORMAT = "rcdm"
 VERSION = 1
 LATEST = "latest.json"
-
-
-def rng_state() -> dict:
-    """The process's RNG states as tensors and plain containers (checkpoints load with weights_only=True)."""
-    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    if isinstance(n, dict):
-        np.random.set_state((n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-    else:  # checkpoints of rcdm before 0.2 pickled numpy's tuple
-        np.random.set_state(n)
-    random.setstate(state["python"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save(run_root: str, state: dict, storage: StorageOptions | None = None, keep: int = 2) -> str:

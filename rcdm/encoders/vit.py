@@ -26,7 +26,6 @@ class ViTTrunk(VisionTransformer):
         super().__init__(img_size=arch.img_size, patch_size=arch.patch, embed_dim=arch.dim, depth=arch.depth,
                          num_heads=arch.heads, mlp_ratio=4.0, qkv_bias=True, init_values=arch.layer_scale,
                          num_classes=0, global_pool="", dynamic_img_size=True)
-        self.out_dim = arch.dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
@@ -34,4 +33,4 @@ class ViTTrunk(VisionTransformer):
 
 def vit_trunk(name: str) -> tuple[nn.Module, int]:
     trunk = ViTTrunk(VIT_ARCHES[name])
-    return trunk, trunk.out_dim
+    return trunk, trunk.embed_dim

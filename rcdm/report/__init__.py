@@ -29,7 +29,7 @@ class ReportConfig:
     experiment: str = "rcdm-demo"
     sweep_id: str = "main"
     run_id: Optional[str] = None  # the sweep's parent MLflow run; null = the newest with this sweep_id
-    output: str = "reports/${experiment}/${sweep_id}"  # local folder for report.html and its figures
+    output: Optional[str] = None  # local folder for report.html and its figures; null = reports/<experiment>/<sweep_id>
     log_to_mlflow: bool = True  # also log them as artifacts of the parent run (under report/)
 
 
@@ -40,7 +40,7 @@ def write_report(cfg: ReportConfig) -> dict:
     parent = sweep.parent.info
     link = runs_link(cfg.tracking.uri, parent.experiment_id, parent.run_id, f"{ARTIFACT_DIR}/report.html")
     figs = figures(sweep.runs)
-    out = Path(cfg.output)
+    out = Path(cfg.output or f"reports/{cfg.experiment}/{cfg.sweep_id}")
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
         (out / name).write_bytes(png)
