@@ -161,7 +161,7 @@ class Evaluator:
         if not (cfg.faithfulness.images or cfg.invariance.images):
             return None
         try:
-            encoder = build_recorded_encoder(cfg.encoder.name, rec.arch, rec.weights)
+            encoder = build_recorded_encoder(cfg.encoder.name, rec.arch, rec.weights, allow_url=cfg.data.allow_url)
         except UserError as e:
             log.warning("end-of-run checks skipped: %s", e)
             self.tracker.set_tag("faithfulness", f"skipped: {e}")

@@ -33,6 +33,7 @@ class SampleConfig:
     batch_size: int = 16  # samples per network call
     device: str = "auto"
     download: bool = True
+    allow_url: str | None = None  # fetch the encoder weights from this URL, which the checkpoint records (else refused)
     endpoint_url: str | None = None  # S3-compatible endpoint for s3:// checkpoints
     output: str = "grid.png"
     guidance: float = 1.0  # classifier-free guidance scale; 1 = the plain conditional model
@@ -109,10 +110,12 @@ def draw(model, process: Process, cond: torch.Tensor, steps: str, sampler: str, 
 
 
 def load_with_encoder(checkpoint: str, device: torch.device, download: bool = True,
-                      endpoint_url: str | None = None):
-    """An RCDM (released or rcdm's own) and the frozen encoder it was trained with, on ``device``."""
+                      endpoint_url: str | None = None, allow_url: str | None = None):
+    """An RCDM (released or rcdm's own) and the frozen encoder it was trained with, on ``device``; encoder
+    weights a checkpoint records as a URL are fetched only from the registry or ``allow_url``."""
     loaded = load_checkpoint(checkpoint, download=download, storage=StorageOptions(endpoint_url=endpoint_url))
-    encoder = build_recorded_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download)
+    encoder = build_recorded_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download,
+                                     allow_url)
     if loaded.preprocess is not None:
         encoder.preprocess = loaded.preprocess  # exactly as the training data was encoded
     conditioning_dim_check(loaded, encoder.dims)
@@ -127,7 +130,7 @@ def sample_grid(cfg: SampleConfig) -> dict:
     sampler = sampler_for(str(cfg.steps), cfg.sampler)
     paths = find_images(cfg.images)
     device = pick_device(cfg.device)
-    loaded, encoder = load_with_encoder(cfg.checkpoint, device, cfg.download, cfg.endpoint_url)
+    loaded, encoder = load_with_encoder(cfg.checkpoint, device, cfg.download, cfg.endpoint_url, cfg.allow_url)
 
     t0 = time.perf_counter()
     h, originals = encode_images(paths, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)

@@ -9,16 +9,39 @@ newest complete checkpoint without listing or parsing file names.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
 from rcdm import safe_load
+from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, atomic_open, join, open_fs, read_json, write_json
 
 log = logging.getLogger(__name__)
 FORMAT = "rcdm"
 VERSION = 1
 LATEST = "latest.json"
+NAME = re.compile(r"^ckpt-\d{9}\.pt$")  # the only files housekeeping ever deletes: ckpt-<step>.pt, no folder part
+
+
+def _pointer(fs, ckpt_dir: str, run_root: str) -> dict | None:
+    """``latest.json`` checked: it may only name checkpoint files of this folder (a pointer is someone else's
+    file in a shared run folder or bucket, trusted for nothing else)."""
+    path = join(ckpt_dir, LATEST)
+    if not fs.exists(path):
+        return None
+    try:
+        pointer = read_json(fs, path)
+        names = [pointer["file"], *pointer.get("history", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{join(run_root, 'checkpoints', LATEST)} is not a checkpoint pointer; restore it, or "
+                        f"delete it (the job then starts again from step 0), or start a new sweep_id") from None
+    bad = [n for n in names if not (isinstance(n, str) and NAME.match(n))]
+    if bad:
+        raise UserError(f"{join(run_root, 'checkpoints', LATEST)} names {bad[0]!r}, which is not a checkpoint "
+                        f"file of that folder (ckpt-<9 digits>.pt); it was altered: restore it, or delete it (the "
+                        f"job then starts again from step 0), or start a new sweep_id")
+    return pointer
 
 
 def save(run_root: str, state: dict, storage: StorageOptions | None = None, keep: int = 2) -> str:
@@ -28,7 +51,8 @@ def save(run_root: str, state: dict, storage: StorageOptions | None = None, keep
     name = f"ckpt-{state['step']:09d}.pt"
     with atomic_open(fs, join(ckpt_dir, name)) as f:  # streamed: no second copy of a multi-GB state in memory
         torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-    previous = read_json(fs, join(ckpt_dir, LATEST)).get("history", []) if fs.exists(join(ckpt_dir, LATEST)) else []
+    pointer = _pointer(fs, ckpt_dir, run_root)
+    previous = pointer.get("history", []) if pointer else []
     history = [h for h in previous if h != name] + [name]
     write_json(fs, join(ckpt_dir, LATEST), {"file": name, "step": state["step"], "history": history[-keep:]})
     for old in history[:-keep]:  # only after the pointer has moved on
@@ -41,10 +65,8 @@ def save(run_root: str, state: dict, storage: StorageOptions | None = None, keep
 def latest_path(run_root: str, storage: StorageOptions | None = None) -> str | None:
     """URL of the newest complete checkpoint under ``run_root``, or None."""
     fs, root = open_fs(run_root, storage)
-    pointer = join(root, "checkpoints", LATEST)
-    if not fs.exists(pointer):
-        return None
-    return join(run_root, "checkpoints", read_json(fs, pointer)["file"])
+    pointer = _pointer(fs, join(root, "checkpoints"), run_root)
+    return join(run_root, "checkpoints", pointer["file"]) if pointer else None
 
 
 def load(url: str, storage: StorageOptions | None = None) -> dict:

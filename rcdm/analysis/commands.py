@@ -41,6 +41,7 @@ class AnalyzeConfig:
     seed: int = 0
     device: str = "auto"
     download: bool = True
+    allow_url: str | None = None  # fetch the encoder weights from this URL, which the checkpoint records (else refused)
     endpoint_url: str | None = None
     batch_size: int = 64
     # interpolate
@@ -115,7 +116,7 @@ def run_analysis(cfg: AnalyzeConfig) -> dict:
     checkpoints = [cfg.checkpoint] if isinstance(cfg.checkpoint, str) else list(cfg.checkpoint)
     if len(checkpoints) > 1 and cfg.analysis != "invariance":
         raise UserError(f"{cfg.analysis} takes one checkpoint, got {len(checkpoints)}")
-    loaded, encoder = load_with_encoder(checkpoints[0], device, cfg.download, cfg.endpoint_url)
+    loaded, encoder = load_with_encoder(checkpoints[0], device, cfg.download, cfg.endpoint_url, cfg.allow_url)
     inputs = load_inputs(cfg.images, loaded.model.cfg.image_size)
     ctx = _Context(cfg, sampler, device, loaded, encoder, inputs, checkpoints)
     t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def _manipulate(c: _Context):
 def _invariance(c: _Context):
     cfg = c.cfg
     _at_least_two(c)
-    runs = [(c.loaded, c.encoder)] + [load_with_encoder(p, c.device, cfg.download, cfg.endpoint_url)
+    runs = [(c.loaded, c.encoder)] + [load_with_encoder(p, c.device, cfg.download, cfg.endpoint_url, cfg.allow_url)
                                       for p in c.checkpoints[1:]]
     for lo, enc in runs[1:]:
         if (lo.encoder, enc.weights_sha256) != (c.loaded.encoder, c.encoder.weights_sha256):

@@ -3,17 +3,24 @@
 Features come from torch-fidelity's Inception-v3 (the TF-FID port, as the FID literature uses) or, for
 small offline runs, from the RCDM's own frozen encoder (FID and precision/recall only: it has no class
 logits for an Inception Score; numbers in that space are not comparable with published FIDs). The
-Inception weights are fetched into the torch.hub cache once; offline, the error names the file, the
-URL and where to put it. Precision/recall are Kynkaenniemi et al. (2019), k = 3 neighbourhoods.
+Inception weights are fetched into the torch.hub cache once (checked against the sha256 prefix their name
+publishes); offline, the error names the file, the URL and where to put it. torch-fidelity unpickles the
+file it is given, so it is never given the cached file: rcdm reads that with ``weights_only`` and hands
+torch-fidelity a copy holding tensors only. Precision/recall are Kynkaenniemi et al. (2019), k = 3
+neighbourhoods.
 """
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from rcdm.encoders.weights import fetch
+from rcdm.encoders.weights import fetch, load_file
+from rcdm.errors import UserError
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -26,8 +33,12 @@ class InceptionFeatures:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         path = fetch(INCEPTION_URL, download=download)  # UserError naming the file and cache path offline
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(path)).to(device).eval()
+        state = tensors_only(load_file(path), path)  # weights_only: a payload in the cache is refused here
+        with tempfile.TemporaryDirectory(prefix="rcdm-inception-") as tmp:
+            plain = Path(tmp) / "inception.pth"
+            torch.save(state, plain)  # written by rcdm from tensors: the only file torch-fidelity unpickles
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=str(plain)).to(device).eval()
         self.device = device
 
     @torch.no_grad()
@@ -35,6 +46,14 @@ class InceptionFeatures:
         x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).to(self.device)
         feats, logits = self.net(x)  # resizes to 299 itself, as the TF reference does
         return {"features": feats.double().cpu(), "logits": logits.double().cpu()}
+
+
+def tensors_only(state, path) -> dict[str, torch.Tensor]:
+    """A flat state dict of tensors, or a UserError: what rcdm hands to a loader that unpickles."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"{path} is not a state dict of tensors (torch-fidelity's Inception weights are); "
+                        f"delete it and download it again")
+    return state
 
 
 class EncoderFeatures:

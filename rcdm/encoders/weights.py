@@ -17,10 +17,27 @@ from rcdm.errors import UserError
 log = logging.getLogger(__name__)
 
 
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[a-z]+$")  # torch.hub's convention: name-<sha256 prefix>.ext
+
+
 def hub_cache_path(url_or_name: str) -> Path:
     """``$TORCH_HOME/hub/checkpoints/<file name of the URL>``: where torch.hub keeps downloads."""
     name = os.path.basename(urlparse(url_or_name).path) or url_or_name
     return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def url_cache_name(url: str) -> str:
+    """The cache name of a file from a URL outside the registries: prefixed with a digest of the whole URL,
+    so that it can never take the name of a file another loader trusts (a released file, torch-fidelity's
+    Inception weights)."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(urlparse(url).path))[-80:] or "weights"
+    return f"rcdm-url-{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
+
+
+def published_prefix(url: str) -> str | None:
+    """The sha256 prefix a URL publishes in its file name (``resnet50-0676ba61.pth``), or None."""
+    m = HASH_IN_NAME.search(os.path.basename(urlparse(url).path))
+    return m[1] if m else None
 
 
 def sha256sum(path: str | Path) -> str:
@@ -31,12 +48,23 @@ def sha256sum(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def fetch(url: str, download: bool = True, sha256: str | None = None) -> Path:
-    """The local copy of ``url`` in the hub cache, downloading it there if allowed and missing.
+def _checksum_error(path: Path, url: str, digest: str, sha256: str | None, prefix: str | None) -> str | None:
+    if sha256 is not None and digest != sha256:
+        return f"{path} has sha256 {digest[:12]}..., not the {sha256[:12]}... expected of {url}"
+    if prefix is not None and not digest.startswith(prefix):
+        return f"{path} has sha256 {digest[:12]}..., but {url} publishes one starting {prefix}"
+    return None
+
+
+def fetch(url: str, download: bool = True, sha256: str | None = None, name: str | None = None) -> Path:
+    """The local copy of ``url`` in the hub cache (as ``name``, default the URL's file name), downloading it
+    there if allowed and missing. A download is checked against ``sha256`` and the prefix the URL's name
+    publishes before it takes its final name, so the cache never holds a file that failed its checksum.
 
     Raises a ``UserError`` naming the URL and the path to place the file at when it cannot be had.
     """
-    path = hub_cache_path(url)
+    path = hub_cache_path(name or url)
+    prefix = published_prefix(url)
     if not path.exists():
         if not download:
             raise UserError(f"weights not found at {path}; download {url} and place it there "
@@ -46,13 +74,22 @@ def fetch(url: str, download: bool = True, sha256: str | None = None) -> Path:
         try:
             log.info("downloading %s to %s", url, path)
             torch.hub.download_url_to_file(url, str(tmp), progress=True)
-            os.replace(tmp, path)  # never leave a truncated file under the final name
+            bad = _checksum_error(path, url, sha256sum(tmp), sha256, prefix)
+            if bad:
+                raise UserError(f"the download failed its checksum: {bad}; nothing was kept")
+            os.replace(tmp, path)  # never leave a truncated or unchecked file under the final name
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - any network or disk failure means the same to the user
-            tmp.unlink(missing_ok=True)
             raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}); offline? "
                             f"download it elsewhere and place it at {path}") from e
-    if sha256 is not None and sha256sum(path) != sha256:
-        raise UserError(f"{path} does not match the sha256 of {url}; delete it and download it again")
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+    if sha256 is not None or prefix is not None:
+        bad = _checksum_error(path, url, sha256sum(path), sha256, prefix)
+        if bad:
+            raise UserError(f"{bad}; delete it and download it again")
     return path
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from rcdm.device import autocast
 from rcdm.encoders.backbones import ARCHES
 from rcdm.encoders.layouts import LAYOUTS
-from rcdm.encoders.weights import WeightsRecord, fetch, load_file, sha256sum
+from rcdm.encoders.weights import WeightsRecord, fetch, load_file, sha256sum, url_cache_name
 from rcdm.errors import UserError
 from rcdm.preprocess import Preprocess
 
@@ -187,13 +187,14 @@ def encoder_spec(name: str) -> EncoderSpec:
 
 
 def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", download: bool = True,
-                  seed: int = 0) -> SSLEncoder:
+                  seed: int = 0, sha256: str | None = None) -> SSLEncoder:
     """The frozen encoder ``name`` on ``arch`` in eval mode.
 
     ``weights``: "released" (for resnet50 the method's published file, through the torch.hub cache;
     for tiny the encoder trained with the method's objective that ships with rcdm), "random"
     (initialised from ``seed``: an explicit choice), or a path / URL to a file in the method's
-    released layout.
+    released layout. A URL other than the registry's is cached under a name of rcdm's choosing
+    (``url_cache_name``); ``sha256``, when given, is checked before a download is kept.
     """
     spec = encoder_spec(name)
     arch = spec.arch or arch  # a ViT release is its own architecture
@@ -213,10 +214,10 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
     else:
         if weights == "released" and arch == "tiny":
             path = shipped_tiny(name)
-        elif weights == "released":
-            path = fetch(spec.url, download=download)
+        elif weights == "released" or weights == spec.url:
+            path = fetch(spec.url, download=download, sha256=sha256)
         elif "://" in weights:
-            path = fetch(weights, download=download)
+            path = fetch(weights, download=download, sha256=sha256, name=url_cache_name(weights))
         else:
             path = weights
         load_released(enc, spec.layout, path)
@@ -225,13 +226,24 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
     return enc.eval().requires_grad_(False)
 
 
-def build_recorded_encoder(name: str, arch: str, weights: WeightsRecord, download: bool = True) -> SSLEncoder:
-    """The encoder a manifest or checkpoint recorded, checked to be the same weights (sha256)."""
-    if weights.kind == "file" and "://" not in weights.path and not Path(weights.path).exists():
+def build_recorded_encoder(name: str, arch: str, weights: WeightsRecord, download: bool = True,
+                           allow_url: str | None = None) -> SSLEncoder:
+    """The encoder a manifest or checkpoint recorded, checked to be the same weights (sha256).
+
+    A record comes from whoever wrote the file, so it is trusted for its tensors only: weights recorded as a
+    URL are fetched only from the registry's URL for ``name``, or from ``allow_url`` when the user names
+    that URL explicitly; any other URL is refused before anything is downloaded."""
+    if weights.kind == "file" and "://" in (weights.path or ""):
+        url = weights.path
+        if url not in (encoder_spec(name).url, allow_url):
+            raise UserError(f"the {name} weights this file records come from {url}, which is not the registry's "
+                            f"URL for {name} ({encoder_spec(name).url}); rcdm does not fetch URLs a file names. "
+                            f"Check that file yourself and pass allow_url={url}, or place it locally")
+    elif weights.kind == "file" and not Path(weights.path).exists():
         raise UserError(f"the encoder weights this was made with ({weights.path}) are not here; "
                         f"place that file at the same path")
     arg = {"released": "released", "random": "random", "file": weights.path}[weights.kind]
-    enc = build_encoder(name, arch, arg, download=download, seed=weights.seed or 0)
+    enc = build_encoder(name, arch, arg, download=download, seed=weights.seed or 0, sha256=weights.sha256)
     if weights.sha256 and enc.weights.sha256 != weights.sha256:
         raise UserError(f"encoder {name} weights {enc.weights} (sha256 {enc.weights.sha256[:12]}...) are not "
                         f"those recorded ({weights.sha256[:12]}...); use the same file")
