@@ -5,27 +5,29 @@ config -> ``TrainConfig``."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
+import os
 import signal
 import sys
 import threading
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline.guard import GuardCallback, masked_error
 
 from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.data import open_dataset
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
-from rcdm.redaction import guard_logging, scrub, scrub_files
+from rcdm.redaction import scrub
 from rcdm.report import ReportConfig, write_report
-from rcdm.storage import open_fs, recorded_run_id, write_json
-from rcdm.tracking import PARENT_TAG, Tracker
+from rcdm.storage import atomic_open, open_fs, recorded_run_id, write_json
+from rcdm.tracking import PARENT_TAG, Tracker, check_reachable
 from sharding.config import ShardJob, SyntheticInput
 from sharding.orchestrate import shard
 
@@ -81,20 +83,43 @@ def check_jobs(cfg: TrainConfig, overrides: list[str]) -> list[tuple[str, str]]:
     return combos
 
 
-def _prepare(config: DictConfig) -> tuple[TrainConfig, list[tuple[str, str]]]:
-    """Before any job: the demo data exists, and every job's (encoder, level) is in the dataset."""
+def probe_writable(url: str, storage) -> None:
+    """Write and delete a small file under ``url``: an unwritable run root is refused before any run starts."""
+    fs, root = open_fs(url, storage)
+    probe = f"{root.rstrip('/')}/.rcdm-write-probe-{os.getpid()}"
     try:
-        cfg = train_config(config)
-        ensure_demo_data(cfg)
-        return cfg, check_jobs(cfg, list(config.hydra.overrides.task))
+        with atomic_open(fs, probe) as f:
+            f.write(b"rcdm")
+        fs.rm(probe)
+    except OSError as e:
+        raise UserError(f"cannot write under storage.run_root ({scrub(url)}): {scrub(str(e))}; give a folder or bucket "
+                        f"you can write to") from None
+
+
+def _prepare(config: DictConfig) -> tuple[TrainConfig, list[tuple[str, str]]]:
+    """Before any job: the config is valid, the tracking server answers, the run root takes writes, the demo data
+    exists, and every job's (encoder, level) is in the dataset."""
+    cfg = train_config(config)
+    check_reachable(cfg.tracking.uri)
+    probe_writable(cfg.sweep_root, cfg.storage)
+    ensure_demo_data(cfg)
+    return cfg, check_jobs(cfg, list(config.hydra.overrides.task))
+
+
+@contextlib.contextmanager
+def stop_on_error(what: str):
+    """Hydra turns a callback's exception into a warning and goes on launching jobs (without their checks or
+    their parent run): any failure here stops the sweep instead, with one line (and, for a bug, the masked
+    traceback)."""
+    try:
+        yield
     except UserError as e:
-        _refuse(e)
-
-
-def _refuse(e: UserError) -> NoReturn:
-    # Hydra turns a callback's exception into a warning and goes on launching jobs: stop here instead.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+        print(f"error: {scrub(str(e))}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001 - every kind stops the sweep
+        print(f"{masked_error(e)}\nerror: {what} failed ({type(e).__name__}: {scrub(str(e))}); nothing was "
+              f"launched", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def _exit_on_sigterm() -> None:
@@ -103,7 +128,7 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-class SweepCallback(Callback):
+class SweepCallback(GuardCallback):
     """Runs in the launching process. Hydra calls on_multirun_end only when every job returned: when a job
     raises (the basic launcher re-raises it; submitit's raises on a failed job), on Ctrl-C or on SIGTERM the
     launcher exits without it, and an exit handler ends the parent run FAILED instead of leaving it RUNNING."""
@@ -113,18 +138,16 @@ class SweepCallback(Callback):
         self._config: DictConfig | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        guard_logging()
-        _prepare(config)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Hydra has just saved the job's config and overrides (and the launcher the sweep's): mask any
-        credential in them (log lines: rcdm.train.train guards them in the job's process)."""
-        h = config.hydra
-        hydra_dir = Path(h.runtime.output_dir) / (h.output_subdir or ".hydra")
-        scrub_files([*hydra_dir.glob("*.yaml"), Path(h.sweep.dir) / "multirun.yaml"])
+        super().on_run_start(config)
+        with stop_on_error("the job's checks"):
+            _prepare(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        guard_logging()  # the launcher logs each job's overrides next
+        super().on_multirun_start(config)
+        with stop_on_error("the sweep's set-up"):
+            self._open_sweep(config)
+
+    def _open_sweep(self, config: DictConfig) -> None:
         cfg, combos = _prepare(config)
         tracker = Tracker(cfg.tracking.uri, cfg.experiment)
         existing = recorded_run_id(cfg.parent_run_file, cfg.storage)  # a re-launched sweep continues its run
@@ -132,7 +155,12 @@ class SweepCallback(Callback):
                                {"sweep_id": cfg.sweep_id, "run_root": cfg.sweep_root, "jobs": str(len(combos)),
                                 "kind": "sweep"},
                                {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
-        write_json(*open_fs(cfg.parent_run_file, cfg.storage), {"run_id": run_id})
+        try:
+            write_json(*open_fs(cfg.parent_run_file, cfg.storage), {"run_id": run_id})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                tracker.end("FAILED")  # never left RUNNING
+            raise
         self._open_parent, self._config = tracker, config
         atexit.register(self._end_unfinished_parent)
         _exit_on_sigterm()

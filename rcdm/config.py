@@ -7,6 +7,7 @@ in ``configs/sweep.yaml``. A key that is neither fails at composition with Hydra
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,6 +16,21 @@ from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join
 
 MISSING = "???"  # OmegaConf's mark of a value the command line must give
+SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")  # a name that is one folder: no '/', no '..', no space
+
+
+def path_segment(key: str, value: str) -> str:
+    """``value`` if it can be one folder or file name under a root (a split, a sweep id), else a UserError:
+    names from the command line become paths, and must never reach outside their root."""
+    if not isinstance(value, str) or not SEGMENT.match(value) or ".." in value:
+        raise UserError(f"{key}={value!r} must be one folder name (letters, digits, _ . - = , +; no '/' or '..')")
+    return value
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 @dataclass
@@ -77,6 +93,7 @@ class DataConfig:
     split: str = "train"
     heldout_split: str = "val"  # grids and faithfulness condition on its first images (else the training split's)
     build_if_missing: bool = False
+    allow_url: Optional[str] = None  # the end-of-run checks may fetch encoder weights the manifest records at this URL
     synthetic: DemoData = field(default_factory=DemoData)
 
 
@@ -99,6 +116,7 @@ class LoopConfig:
     compile: bool = False  # torch.compile the UNet (GPU)
     lr_schedule: str = "constant"  # constant | cosine (to 0 at train.steps; after the recipe's warm-up)
     progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
+    lease_s: float = 300.0  # the run root's lease (rcdm.lease): a second launch of the job is refused; 0 = none
 
 
 @dataclass
@@ -200,11 +218,37 @@ class TrainConfig:
     fidelity: FidelityCheckConfig = field(default_factory=FidelityCheckConfig)
 
     def __post_init__(self) -> None:
+        """Every value checked where it is declared: a bad one is a UserError naming the key, before any job."""
         if self.fidelity.features not in (None, "encoder", "inception"):
             raise UserError(f"fidelity.features={self.fidelity.features} is not one of null, encoder, inception")
         if not self.storage.run_root:
             raise UserError("storage.run_root is not set: add storage.run_root=<a folder or s3://bucket/prefix> "
                             "for the checkpoints")
+        for key in ("experiment", "sweep_id", "job_name", "data.split", "data.heldout_split"):
+            path_segment(key, _get(self, key))
+        t = self.train
+        for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every"):
+            if getattr(t, key) < 1:
+                raise UserError(f"train.{key}={getattr(t, key)} must be at least 1")
+        for key in ("lr", "grad_clip"):
+            if not getattr(t, key) > 0:
+                raise UserError(f"train.{key}={getattr(t, key)} must be positive")
+        checks = {"train.loader_workers": t.loader_workers >= 0, "train.weight_decay": t.weight_decay >= 0,
+                  "train.ema_decay": 0 <= t.ema_decay < 1, "train.lease_s": t.lease_s >= 0,
+                  "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
+                  "recipe.prediction": self.recipe.prediction in ("epsilon", "v", "x0"),
+                  "recipe.weighting": self.recipe.weighting in ("uniform", "min_snr"),
+                  "recipe.cond_drop": 0 <= self.recipe.cond_drop < 1, "recipe.warmup_steps": self.recipe.warmup_steps >= 0,
+                  "diffusion.steps": self.diffusion.steps >= 2, "grid.images": self.grid.images >= 0,
+                  "grid.samples": self.grid.samples >= 1, "faithfulness.images": self.faithfulness.images >= 0,
+                  "invariance.images": self.invariance.images >= 0, "diagnostic.images": self.diagnostic.images >= 0}
+        for key, ok in checks.items():
+            if not ok:
+                raise UserError(f"{key}={_get(self, key)} is out of range; see its comment in rcdm/config.py")
+        from rcdm.presets import PRESETS  # the registry imports the UNet; the schema stays light until here
+
+        if self.model.name not in PRESETS:
+            raise UserError(f"unknown model {self.model.name!r}; choose one of {sorted(PRESETS)}")
 
     @property
     def sweep_root(self) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from rcdm.redaction import scrub
+from rcdm.errors import UserError
+from rcdm.redaction import scrub, split_userinfo
 
 log = logging.getLogger(__name__)
 SECRET = re.compile(r"(secret|password|passwd|token|access_key|api_key|credential)", re.I)
@@ -46,6 +47,26 @@ def runs_link(tracking_uri: str, experiment_id: str, run_id: str = "", artifact:
         return f"{scrub(tracking_uri).rstrip('/')}/{path}"
     return (f"run `mlflow ui --backend-store-uri {scrub(tracking_uri)}` here, then open "
             f"http://127.0.0.1:5000/{path}")
+
+
+def check_reachable(tracking_uri: str | None, timeout_s: float = 5.0) -> None:
+    """An ``mlflow server`` URI must answer its /health within ``timeout_s`` (MLflow's client would retry for
+    minutes, then each job again); a UserError otherwise. Local stores (sqlite, file) need no server."""
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    base, _, _ = split_userinfo(tracking_uri)
+    try:
+        with urllib.request.urlopen(base.rstrip("/") + "/health", timeout=timeout_s) as r:  # noqa: S310 - http(s) only
+            r.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered: a server is there (authentication is the client's business)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"the MLflow tracking server at {scrub(tracking_uri)} does not answer ({reason}); start it, "
+                        f"or fix tracking.uri (tracking=local keeps runs in ./mlflow.db)") from None
 
 
 class Tracker:

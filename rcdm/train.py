@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -27,11 +28,13 @@ from rcdm.device import autocast, describe
 from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
-from rcdm.presets import build_unet
+from rcdm.lease import Lease, slurm_job_id
+from rcdm.presets import preset_config
 from rcdm.provenance import code_version
 from rcdm.redaction import guard_logging, scrub, scrub_tree
 from rcdm.storage import StorageOptions, join, open_fs, recorded_run_id, write_json
-from rcdm.tracking import PARENT_TAG, Tracker
+from rcdm.tracking import PARENT_TAG, Tracker, check_reachable
+from rcdm.unet import RCDMUNet
 
 log = logging.getLogger(__name__)
 PREEMPT_SIGNAL = signal.SIGUSR2  # what submitit (and SLURM's --signal) sends before a time limit or preemption
@@ -98,9 +101,16 @@ def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[in
     if url is None:
         return 0, None, None
     state = train_checkpoints.load(url, storage)
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])  # no RNG state: every step reseeds (step_seed)
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])  # no RNG state: every step reseeds (step_seed)
+    except (RuntimeError, ValueError, KeyError) as e:
+        was = state.get("meta", {})
+        raise UserError(f"{url} was trained with another model or recipe (preset {was.get('preset')}, recipe "
+                        f"{was.get('recipe', {}).get('name')}, {was.get('embed_dim')}-d conditioning) than this job "
+                        f"asks for, so it cannot resume from it ({' '.join(str(e).split())[:200]}); give this job a "
+                        f"new sweep_id, or the overrides that run had") from None
     return state["step"], state, url
 
 
@@ -113,14 +123,6 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-def _slurm_job_id() -> str:
-    """The id sacct knows this job by: ``<array>_<task>`` for an array task, else the job id."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID", "")
 
 
 def _resolve_run_id(cfg: TrainConfig, state: dict | None) -> str | None:
@@ -154,11 +156,30 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
     if t.batch_size % dist.world:
         raise UserError(f"train.batch_size={t.batch_size} does not split over {dist.world} ranks")
     info = open_dataset(cfg.data.url, cfg.encoder.name, cfg.level.name, cfg.data.split, cfg.storage)
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_unet(cfg.model.name, info.embed_dim, **cfg.recipe.unet_options()).to(device)
-    if model.cfg.image_size != info.image_size:
-        raise UserError(f"model={cfg.model.name} is for {model.cfg.image_size} px images but the dataset holds "
+    unet_cfg = preset_config(cfg.model.name, info.embed_dim, **cfg.recipe.unet_options())
+    if unet_cfg.image_size != info.image_size:  # refused before a (possibly huge) model is built
+        raise UserError(f"model={cfg.model.name} is for {unet_cfg.image_size} px images but the dataset holds "
                         f"{info.image_size} px; pick a matching model or dataset")
+    lease = Lease(cfg.run_root, cfg.storage, t.lease_s)
+    refused = None
+    if dist.is_main:
+        check_reachable(cfg.tracking.uri)
+        try:
+            lease.acquire()  # before anything is read or written under the run root
+        except UserError as e:
+            refused = e
+    if distributed.any_flag(refused is not None, dist):
+        raise refused or UserError(f"rank 0 could not take the lease on {cfg.run_root}")
+    try:
+        return _train_leased(cfg, dist, info, unet_cfg, lease)
+    finally:
+        lease.release()
+
+
+def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInfo, unet_cfg, lease: Lease) -> dict:
+    device, t = dist.device, cfg.train
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = RCDMUNet(unet_cfg).to(device)
     if cfg.recipe.normalize_embeddings:  # a resumed job gets them back from its checkpoint
         mean, std = embedding_stats(info, cfg.storage)
         model.emb_mean.copy_(mean)
@@ -175,43 +196,52 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
         log.info("resuming from %s at step %d", ckpt_url, step)
 
     tracker = evaluator = None
-    if dist.is_main:
-        tracker = Tracker(cfg.tracking.uri, cfg.experiment)
-        tags = {"encoder": cfg.encoder.name, "level": cfg.level.name, "slurm_job_id": _slurm_job_id(),
-                "run_root": cfg.run_root, "dataset": cfg.data.url, "preset": cfg.model.name,
-                "world_size": str(dist.world),
-                # how often SLURM requeued this job, and where this start picked up: set again at every start
-                "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "started_at_step": str(step),
-                "code_version": code_version(), "dataset_manifest_sha256": info.manifest.digest()}
-        parent = recorded_run_id(cfg.parent_run_file, cfg.storage)
-        if parent:
-            tags[PARENT_TAG] = parent
-        run_id = tracker.start(_resolve_run_id(cfg, state), cfg.job_name, tags, cfg.to_dict())
-        fs, root = open_fs(cfg.run_root, cfg.storage)
-        write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": scrub(cfg.tracking.uri)})
-        log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
-        evaluator = Evaluator(cfg, info, tracker, device)
     try:
+        if dist.is_main:
+            tracker = Tracker(cfg.tracking.uri, cfg.experiment)
+            tags = {"encoder": cfg.encoder.name, "level": cfg.level.name, "slurm_job_id": slurm_job_id(),
+                    "run_root": cfg.run_root, "dataset": cfg.data.url, "preset": cfg.model.name,
+                    "world_size": str(dist.world),
+                    # how often SLURM requeued this job, and where this start picked up: set again at every start
+                    "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "started_at_step": str(step),
+                    "code_version": code_version(), "dataset_manifest_sha256": info.manifest.digest()}
+            parent = recorded_run_id(cfg.parent_run_file, cfg.storage)
+            if parent:
+                tags[PARENT_TAG] = parent
+            run_id = tracker.start(_resolve_run_id(cfg, state), cfg.job_name, tags, cfg.to_dict())
+            fs, root = open_fs(cfg.run_root, cfg.storage)
+            write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": scrub(cfg.tracking.uri)})
+            log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
+            evaluator = Evaluator(cfg, info, tracker, device)
         metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator,
-                        state.get("train_seconds", 0.0) if state else 0.0)
+                        state.get("train_seconds", 0.0) if state else 0.0, lease)
     except Preempted as e:
-        if tracker:
+        if tracker and tracker.run_id:
             tracker.end("KILLED")
         if callable(e.previous_handler):  # submitit's: requeues the job (rank 0) and exits
-            e.previous_handler(PREEMPT_SIGNAL, None)
+            try:
+                e.previous_handler(PREEMPT_SIGNAL, None)
+            except subprocess.CalledProcessError as err:
+                # `scontrol requeue` can be killed by the very SIGTERM the accepted requeue sends the job when the
+                # node is slow: the job is requeued all the same, so this start ends as preempted
+                if err.returncode != -signal.SIGTERM:
+                    raise
+                log.warning("scontrol requeue ended with the requeue's own SIGTERM: the job is requeued")
         raise
     except BaseException as e:
-        if tracker:
+        if tracker and tracker.run_id:  # every run this start opened ends FAILED, whatever failed
             with contextlib.suppress(Exception):  # the sweep report shows why a run failed; never hide e
                 tracker.set_tag("error", f"{type(e).__name__}: {e}"[:4000])
-            tracker.end("FAILED")
+            with contextlib.suppress(Exception):
+                tracker.end("FAILED")
         raise
     if tracker:
         tracker.end("FINISHED")
     return metrics
 
 
-def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluator, train_s: float) -> dict:
+def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluator, train_s: float,
+          lease: Lease | None = None) -> dict:
     """Train from ``step`` to ``train.steps``; ``train_s``: seconds of training (no evaluation) before this
     start."""
     device, t = dist.device, cfg.train
@@ -230,6 +260,8 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
                disable=not (dist.is_main and t.progress and sys.stderr.isatty()))
     try:
         while step < t.steps:
+            if lease:
+                lease.check()  # another launch took this run root: stop before writing anything more
             t0 = time.perf_counter()
             x, h = next(batches)
             wait_s += time.perf_counter() - t0

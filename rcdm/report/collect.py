@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class JobRun:
     grid: bytes | None = None  # the last sample grid (PNG)
     grid_step: int | None = None
     end: dict[str, dict] = field(default_factory=dict)  # faithfulness.json, ... that the run logged
+    unread: list[str] = field(default_factory=list)  # artifacts listed but not readable (a run still writing them)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -114,18 +116,41 @@ def _matches(run: JobRun, job: dict[str, str]) -> bool:
     return all(run.params.get(k, run.params.get(f"{k}.name")) == v for k, v in job.items())
 
 
+def _download(client: MlflowClient, job: JobRun, path: str, scratch: Path) -> bytes | None:
+    """An artifact's bytes, or None (noted on the job) when it cannot be read: a run that is still going, or was
+    killed, may list an artifact whose upload never completed. One retry: a running upload may finish."""
+    for attempt in range(2):
+        try:
+            return Path(client.download_artifacts(job.run.info.run_id, path, str(scratch))).read_bytes()
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the report goes on without this file
+            if attempt:
+                job.unread.append(f"{path} ({type(e).__name__})")
+            else:
+                time.sleep(1.0)
+    return None
+
+
 def _read_run(client: MlflowClient, run: Run, scratch: Path) -> JobRun:
     job = JobRun(run)
     rid = run.info.run_id
     job.loss = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
     names = {a.path for a in client.list_artifacts(rid)}
-    grids = sorted(a.path for a in client.list_artifacts(rid, "samples")) if "samples" in names else []
-    if grids:
-        job.grid = Path(client.download_artifacts(rid, grids[-1], str(scratch))).read_bytes()
-        job.grid_step = int(Path(grids[-1]).stem.split("-")[-1])
+    grids = sorted((a.path if a.path.startswith("samples/") else f"samples/{a.path}")
+                   for a in client.list_artifacts(rid, "samples") if a.path.endswith(".png")) if "samples" in names else []
+    for path in reversed(grids):  # the newest grid that can be read
+        job.grid = _download(client, job, path, scratch)
+        if job.grid is not None:
+            job.grid_step = int(Path(path).stem.split("-")[-1])
+            break
     for key in END_JSON:
         if f"{key}.json" in names:
-            job.end[key] = json.loads(Path(client.download_artifacts(rid, f"{key}.json", str(scratch))).read_text())
+            data = _download(client, job, f"{key}.json", scratch)
+            try:
+                job.end[key] = json.loads(data) if data is not None else None
+            except ValueError:
+                job.unread.append(f"{key}.json (not JSON)")
+            if job.end.get(key) is None:
+                job.end.pop(key, None)
     return job
 
 

@@ -59,6 +59,8 @@ def problems_section(sweep: Sweep) -> str:
              for r in sweep.runs if r.problem()]
     items += [f"<li><b>{escape(' '.join(f'{k}={v}' for k, v in job.items()))}</b>: {escape(why)}</li>"
               for job, why in sweep.missing]
+    items += [f"<li><b>{escape(r.name)}</b>: artifacts listed but not readable yet: {escape(', '.join(r.unread))}</li>"
+              for r in sweep.runs if r.unread]
     if not items:
         return ""
     return (f'<div class="warn" id="missing"><b>{len(items)} job(s) without a finished result</b>; the tables show '
