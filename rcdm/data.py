@@ -20,9 +20,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from rcdm.errors import UserError
+from rcdm.errors import DatasetError, UserError
 from rcdm.manifest import EncoderRecord, Manifest, read_manifest
-from rcdm.storage import StorageOptions, join, open_fs, tar_samples
+from rcdm.storage import HashingReader, StorageOptions, join, open_fs
+from rcdm.tars import TruncatedTar, read_samples
+
+
+MAX_MEMBER_BYTES = 64 * 2 ** 20  # an rcdm shard member: one training image or one embedding vector
 
 
 @dataclass(frozen=True)
@@ -68,31 +72,79 @@ def open_dataset(url: str, encoder: str, level: str, split: str = "train",
     return DatasetInfo(url, manifest, encoder, level, split)
 
 
-def _samples(fs, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    with fs.open(path, "rb") as f:
-        yield from tar_samples(f)
+def _fix(info: DatasetInfo) -> str:
+    return (f"rebuild it (launch/shard.py with the command that made {info.url}: complete shards are skipped, so "
+            f"delete the damaged ones first) or restore it from a copy")
+
+
+def shard_samples(info: DatasetInfo, shard_set: str, shard: str, storage: StorageOptions | None = None,
+                  opened: tuple | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of ``<shard_set>/<shard>``; read to its end, the shard is checked against the manifest:
+    its sample count and, where the manifest records it, its sha256 (hashed as it streams). Anything wrong is a
+    ``DatasetError`` naming the shard. ``opened``: (filesystem, root) of the dataset, when the caller has them."""
+    fs, root = opened or open_fs(info.url, storage)
+    name = f"{shard_set}/{shard}"
+    entry = info.manifest.splits[info.split].entry(shard)
+    n = 0
+    try:
+        with fs.open(join(root, shard_set, shard), "rb") as f:
+            stream = HashingReader(f)
+            for sample in read_samples(stream, MAX_MEMBER_BYTES):
+                if sample.problems:
+                    raise DatasetError(f"shard {name} of {info.url}: sample {sample.key}: {sample.problems[0]}; "
+                                       f"{_fix(info)}")
+                n += 1
+                yield sample.key, sample.members
+            digest = stream.drain()
+    except FileNotFoundError:
+        raise DatasetError(f"shard {name} of {info.url} is missing; {_fix(info)}") from None
+    except TruncatedTar as e:
+        raise DatasetError(f"shard {name} of {info.url}: {e}; {_fix(info)}") from None
+    if n != entry["count"]:
+        raise DatasetError(f"shard {name} of {info.url} holds {n} samples but the manifest says {entry['count']}; the "
+                           f"shard or the manifest was altered: {_fix(info)}")
+    want = (entry.get("sha256") or {}).get(shard_set)
+    if want and digest != want:
+        raise DatasetError(f"shard {name} of {info.url} does not match its sha256 in the manifest ({digest[:12]}... "
+                           f"against {want[:12]}...): it is damaged or altered; {_fix(info)}")
 
 
 def paired_samples(info: DatasetInfo, shard: str, storage: StorageOptions | None = None, fresh: bool = True
                    ) -> Iterator[tuple[str, dict, dict]]:
     """(key, image members, embedding members) of one shard, checked to be in step."""
-    fs, root = open_fs(info.url, storage, fresh=fresh)
-    images = _samples(fs, join(root, "images", shard))
-    embeds = _samples(fs, join(root, info.encoder, shard))
-    for (k_img, img), (k_emb, emb) in zip(images, embeds, strict=True):
+    opened = open_fs(info.url, storage, fresh=fresh)
+    images = shard_samples(info, "images", shard, opened=opened)
+    embeds = shard_samples(info, info.encoder, shard, opened=opened)
+    for pair in itertools.zip_longest(images, embeds):
+        if None in pair:
+            short = "images" if pair[0] is None else info.encoder
+            raise DatasetError(f"shard {short}/{shard} of {info.url} ends before its partner: the shard sets are out of "
+                               f"step; {_fix(info)}")
+        (k_img, img), (k_emb, emb) = pair
         if k_img != k_emb:
-            raise RuntimeError(f"{shard}: image key {k_img} beside embedding key {k_emb}: the shard sets are out "
-                               f"of step; rebuild this dataset")
+            raise DatasetError(f"shard {shard} of {info.url}: image key {k_img} beside embedding key {k_emb}: the "
+                               f"shard sets are out of step; {_fix(info)}")
         yield k_img, img, emb
 
 
-def decode_pair(info: DatasetInfo, img: dict, emb: dict, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (image [3, S, S] in [-1, 1], embedding [D] float32), both of the mirrored view when ``flip``."""
-    fmt = info.manifest.image_format
-    arr = np.asarray(Image.open(io.BytesIO(img[fmt])).convert("RGB"), dtype=np.uint8)
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+def decode_pair(info: DatasetInfo, img: dict, emb: dict, flip: bool, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (image [3, S, S] in [-1, 1], embedding [D] float32), both of the mirrored view when ``flip``;
+    ``where`` (shard and key) names a sample that cannot be decoded."""
+    fmt, size, dim = info.manifest.image_format, info.image_size, info.embed_dim
     name = f"{info.level}.flip.npy" if flip else f"{info.level}.npy"
-    h = torch.from_numpy(np.load(io.BytesIO(emb[name])).astype(np.float32))
+    try:
+        with Image.open(io.BytesIO(img[fmt])) as im:
+            if im.size != (size, size):
+                raise ValueError(f"its image is {im.size[0]}x{im.size[1]}, not {size}x{size}")
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        vec = np.load(io.BytesIO(emb[name]), allow_pickle=False)
+        if vec.shape != (dim,):
+            raise ValueError(f"its {name} has shape {vec.shape}, not ({dim},)")
+    except (KeyError, ValueError, OSError, SyntaxError, EOFError) as e:
+        what = f"missing member {e}" if isinstance(e, KeyError) else str(e)
+        raise DatasetError(f"sample {where or '?'} of {info.url} cannot be read ({what}); {_fix(info)}") from None
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    h = torch.from_numpy(vec.astype(np.float32))
     return (x.flip(2) if flip else x), h
 
 
@@ -130,15 +182,15 @@ class TrainStream(IterableDataset):
         per = max(1, math.ceil(self.shuffle_buffer / max(mean, 1)))
         return [order[i:i + per] for i in range(0, len(order), per)]
 
-    def _read_block(self, stream: int, epoch: int, b: int, shards: list[int]) -> list[tuple[dict, dict, bool]]:
+    def _read_block(self, stream: int, epoch: int, b: int, shards: list[int]) -> list[tuple[str, dict, dict, bool]]:
         """The block's samples in their shuffled order, each with its flip."""
-        items = [(img, emb) for i in shards for _, img, emb in paired_samples(self.info, self.info.shards[i],
-                                                                                self.storage)]
+        items = [(f"{self.info.shards[i]}#{key}", img, emb) for i in shards
+                 for key, img, emb in paired_samples(self.info, self.info.shards[i], self.storage)]
         rng = random.Random(f"{self.seed}/{stream}/{epoch}/{b}")
         rng.shuffle(items)
-        return [(img, emb, self.info.manifest.flip and rng.random() < 0.5) for img, emb in items]
+        return [(where, img, emb, self.info.manifest.flip and rng.random() < 0.5) for where, img, emb in items]
 
-    def _samples_from(self, stream: int, position: int) -> Iterator[tuple[dict, dict, bool]]:
+    def _samples_from(self, stream: int, position: int) -> Iterator[tuple[str, dict, dict, bool]]:
         """The stream's samples from ``position`` on, forever."""
         epoch_len = sum(self.counts[i] for i in self._shards(stream))
         epoch, offset = divmod(position, epoch_len)
@@ -162,7 +214,7 @@ class TrainStream(IterableDataset):
         stream = self.rank * self.streams + local
         samples = self._samples_from(stream, (step // self.streams) * self.batch_size)
         while True:
-            batch = [decode_pair(self.info, img, emb, flip) for img, emb, flip in
+            batch = [decode_pair(self.info, img, emb, flip, where) for where, img, emb, flip in
                      itertools.islice(samples, self.batch_size)]
             yield torch.stack([x for x, _ in batch]), torch.stack([h for _, h in batch])
 
@@ -182,12 +234,16 @@ def embedding_stats(info: DatasetInfo, storage: StorageOptions | None = None, ma
     """Per-dimension mean and std [D] of the split's embeddings (both views), from at most ``max_samples``
     samples in shard order: what a recipe with normalised embeddings divides by. Reads the embedding shards
     only."""
-    fs, root = open_fs(info.url, storage)
+    opened = open_fs(info.url, storage)
     names = [f"{info.level}.npy"] + ([f"{info.level}.flip.npy"] if info.manifest.flip else [])
     rows, n = [], 0
     for shard in info.shards:
-        for _, emb in _samples(fs, join(root, info.encoder, shard)):
-            rows += [np.load(io.BytesIO(emb[name])).astype(np.float64) for name in names]
+        for key, emb in shard_samples(info, info.encoder, shard, opened=opened):
+            try:
+                rows += [np.load(io.BytesIO(emb[name]), allow_pickle=False).astype(np.float64) for name in names]
+            except (KeyError, ValueError, OSError) as e:
+                raise DatasetError(f"sample {shard}#{key} of {info.url}: its {info.encoder} embedding cannot be read "
+                                   f"({e}); {_fix(info)}") from None
             n += 1
             if n >= max_samples:
                 break
@@ -203,7 +259,7 @@ def heldout(info: DatasetInfo, count: int, storage: StorageOptions | None = None
     xs, hs, keys = [], [], []
     for shard in info.shards:
         for key, img, emb in paired_samples(info, shard, storage, fresh=False):
-            x, h = decode_pair(info, img, emb, flip=False)
+            x, h = decode_pair(info, img, emb, flip=False, where=f"{shard}#{key}")
             xs.append(x)
             hs.append(h)
             keys.append(key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from rcdm.encoders import WeightsRecord
@@ -16,6 +17,9 @@ from rcdm.storage import StorageOptions, join, open_fs, read_json, write_json
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a split or encoder: one folder name
+# sha256 of the shard sharding writes for a task whose every input was rejected (a tar with no member)
+EMPTY_SHARD_SHA256 = "84ff92691f909a05b224e1c56abb4864f01b4f8e3c854e4bb4c7baf1d3f6d652"
 
 
 @dataclass
@@ -41,12 +45,15 @@ class EncoderRecord:
 @dataclass
 class SplitRecord:
     count: int
-    shards: list[dict]  # [{"name": "<split>-NNNNNN.tar", "count": n}] in order
+    shards: list[dict]  # [{"name": "<split>-NNNNNN.tar", "count": n, "sha256": {shard set: hex}}] in order
     source: dict
     rejected: dict  # {"count": n, "file": "<split>-rejected.jsonl"}
 
     def shard_names(self) -> list[str]:
         return [s["name"] for s in self.shards if s["count"] > 0]
+
+    def entry(self, name: str) -> dict:
+        return next(s for s in self.shards if s["name"] == name)
 
 
 @dataclass
@@ -66,14 +73,60 @@ class Manifest:
                 "encoders": {k: v.to_dict() for k, v in self.encoders.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Manifest:
+    def from_dict(cls, d: dict, where: str = "the manifest") -> Manifest:
+        """A manifest read from someone's file, checked whole: a UserError names what is wrong and the fix."""
+        if not isinstance(d, dict):
+            raise _invalid(where, "it is not a JSON object")
+        if not _int(d.get("format_version", 1)):
+            raise _invalid(where, "its format_version is not a number")
         if d.get("format_version", 1) > FORMAT_VERSION:
             raise UserError(f"dataset manifest format {d['format_version']} is newer than this rcdm reads "
                             f"({FORMAT_VERSION}); upgrade rcdm")
-        return cls(d["image_size"], d["image_format"], bool(d["flip"]),
-                   {k: SplitRecord(**v) for k, v in d["splits"].items()},
-                   {k: EncoderRecord.from_dict(k, v) for k, v in d["encoders"].items()},
-                   d.get("created", ""), d.get("code_version", ""))
+        try:
+            m = cls(d["image_size"], d["image_format"], d["flip"],
+                    {k: SplitRecord(**v) for k, v in d["splits"].items()},
+                    {k: EncoderRecord.from_dict(k, v) for k, v in d["encoders"].items()},
+                    d.get("created", ""), d.get("code_version", ""))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise _invalid(where, f"{type(e).__name__}: {e}") from None
+        m.check(where)
+        return m
+
+    def check(self, where: str = "the manifest") -> None:
+        """Types, counts, dims and names: shard and encoder names must stay inside the dataset's folder."""
+        if not (_int(self.image_size) and self.image_size >= 8) or self.image_format not in ("png", "jpg") \
+                or not isinstance(self.flip, bool):
+            raise _invalid(where, "image_size, image_format or flip has an impossible value")
+        for split, rec in self.splits.items():
+            if not NAME.match(split):
+                raise _invalid(where, f"split name {split!r} is not one folder name")
+            if not (_int(rec.count) and isinstance(rec.shards, list)):
+                raise _invalid(where, f"split {split}: count or shards is not what a manifest holds")
+            for sh in rec.shards:
+                if not (isinstance(sh, dict) and isinstance(sh.get("name"), str) and _int(sh.get("count"))):
+                    raise _invalid(where, f"split {split}: a shard entry {sh!r} lacks a name or a count")
+                if not re.fullmatch(re.escape(split) + r"-\d{6}\.tar", sh["name"]):
+                    raise _invalid(where, f"split {split}: shard name {sh['name']!r} is not {split}-NNNNNN.tar (a "
+                                          f"shard must be a file of the dataset's own folders)")
+                digests = sh.get("sha256", {})
+                if not isinstance(digests, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+                                                            for v in digests.values()):
+                    raise _invalid(where, f"split {split}: shard {sh['name']} has a malformed sha256 record")
+                if sh["count"] == 0 and any(v != EMPTY_SHARD_SHA256 for v in digests.values()):
+                    raise _invalid(where, f"split {split}: shard {sh['name']} is listed as empty but its sha256 is not an "
+                                          f"empty shard's")
+            if len({sh["name"] for sh in rec.shards}) != len(rec.shards):
+                raise _invalid(where, f"split {split}: a shard is listed twice")
+            if sum(sh["count"] for sh in rec.shards) != rec.count:
+                raise _invalid(where, f"split {split}: its shards hold {sum(sh['count'] for sh in rec.shards)} samples "
+                                      f"but its count is {rec.count}")
+        for name, enc in self.encoders.items():
+            if not NAME.match(name) or name == "images":
+                raise _invalid(where, f"encoder name {name!r} is not one folder name")
+            if not enc.levels or not all(isinstance(k, str) and _int(v) and v > 0 for k, v in enc.levels.items()):
+                raise _invalid(where, f"encoder {name}: levels {enc.levels!r} are not positive dims")
+            if not isinstance(enc.preprocess, dict) or any(sp not in self.splits for sp in enc.splits):
+                raise _invalid(where, f"encoder {name}: its preprocessing or splits are not what a manifest holds")
 
     def digest(self) -> str:
         """sha256 of the manifest's canonical JSON: the identity of the dataset (its shards, counts and the
@@ -85,11 +138,28 @@ class Manifest:
         return f"encoders: {encs}; splits: {', '.join(sorted(self.splits))}"
 
 
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _invalid(where: str, what: str) -> UserError:
+    return UserError(f"{where} is not a valid rcdm dataset manifest ({what}); it was damaged or altered: rebuild the "
+                     f"dataset with launch/shard.py, or restore the manifest from a copy")
+
+
 def read_manifest(url: str, storage: StorageOptions | None = None) -> Manifest | None:
-    """The manifest of the dataset at ``url``, or None where there is none (an incomplete dataset)."""
+    """The manifest of the dataset at ``url``, checked (``Manifest.check``), or None where there is none (an
+    incomplete dataset)."""
     fs, root = open_fs(url, storage)
     path = join(root, MANIFEST)
-    return Manifest.from_dict(read_json(fs, path)) if fs.exists(path) else None
+    if not fs.exists(path):
+        return None
+    where = join(url, MANIFEST)
+    try:
+        d = read_json(fs, path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _invalid(where, f"not JSON: {e}") from None
+    return Manifest.from_dict(d, where)
 
 
 def write_manifest(url: str, manifest: Manifest, storage: StorageOptions | None = None) -> None:

@@ -6,6 +6,7 @@ S3-compatible store (MinIO, a test server on 127.0.0.1, ...).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -15,9 +16,9 @@ from typing import IO, Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from webdataset import tariterators as wds_tar
 
 from rcdm.redaction import split_userinfo
+from rcdm.tars import DEFAULT_MAX_MEMBER_BYTES, read_samples
 
 
 @dataclass
@@ -113,9 +114,37 @@ def recorded_run_id(url: str, storage: StorageOptions | None = None) -> str | No
     return read_json(fs, path)["run_id"] if fs.exists(path) else None
 
 
-def tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
+def tar_samples(fileobj, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of a WebDataset tar read as a stream, in order; the members of a sample
-    are consecutive. Keys keep their folder (``a/b/k.jpg`` -> ``a/b/k``); extensions are lower case."""
-    files = ({**f, "__url__": None} for f in wds_tar.tar_file_iterator(fileobj))  # group_by_keys wants the URL
-    for sample in wds_tar.group_by_keys(files):
-        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
+    are consecutive. Keys keep their folder (``a/b/k.jpg`` -> ``a/b/k``); extensions are lower case. For tars
+    that must hold nothing but samples (rcdm's own shards): a member that is not a plain file of at most
+    ``max_member_bytes``, a repeated member or a cut tar raises ``ValueError`` (rcdm.tars judges them)."""
+    for sample in read_samples(fileobj, max_member_bytes):
+        if sample.problems:
+            raise ValueError(f"sample {sample.key}: {sample.problems[0]}")
+        yield sample.key, sample.members
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream that hashes (sha256) and counts the bytes read through it: a shard's checksum costs
+    no extra pass."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self.raw.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.sha256.update(data)
+        self.bytes += n
+        return n
+
+    def drain(self) -> str:
+        """Read to the end (a tar reader stops at its end marker) and return the hex digest of every byte."""
+        while self.read(1 << 20):
+            pass
+        return self.sha256.hexdigest()

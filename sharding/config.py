@@ -34,7 +34,8 @@ class ShardJob:
     workers: int = 1  # disjoint parts: local processes, or SLURM array tasks with cluster=slurm
     loader_workers: int = 2  # decoding processes per part
     batch_size: int = 128
-    max_pixels: int = 256_000_000  # larger images are rejected as decompression bombs
+    max_pixels: int = 256_000_000  # larger images are rejected as decompression bombs (PIL's own limit follows it)
+    max_member_bytes: int = 512 * 2 ** 20  # larger input files or tar members are rejected unread
     max_rejected_fraction: float = 0.05
     device: str = "auto"
     download: bool = True
@@ -44,7 +45,8 @@ class ShardJob:
     def source(self):
         from sharding.sources import make_source
 
-        return make_source(self.input, self.split, self.image_size, self.shard_size, self.storage, self.synthetic)
+        return make_source(self.input, self.split, self.image_size, self.shard_size, self.storage, self.synthetic,
+                           self.max_member_bytes)
 
     def shard_sets(self) -> list[str]:
         return ["images", *self.encoders]

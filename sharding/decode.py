@@ -16,12 +16,19 @@ class Rejected(Exception):
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit (or 32-bit) grayscale: PIL's convert("RGB") clips at 255 instead of rescaling
-        arr = np.asarray(img, dtype=np.float64)
+        # 16-bit (or 32-bit) grayscale: PIL's convert("RGB") clips at 255 instead of rescaling. Rescaled a band of
+        # rows at a time, so a large image costs a float32 band, not a float64 copy of the whole.
+        arr = np.asarray(img)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         if img.mode == "F":
             top = max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        out = np.empty(arr.shape, dtype=np.uint8)
+        band = max(1, (1 << 22) // max(1, arr.shape[1]))
+        for r in range(0, arr.shape[0], band):
+            chunk = arr[r:r + band].astype(np.float32)
+            out[r:r + band] = np.clip(chunk * np.float32(255.0 / top) + 0.5, 0, 255)
+        del arr
+        img = Image.fromarray(out, "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # composite onto white: fully transparent pixels often hold arbitrary colour values
         rgba = img.convert("RGBA")
@@ -34,6 +41,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> RGB image with EXIF orientation applied; raises ``Rejected`` with the reason."""
     if not data:
         raise Rejected("empty file")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check follows rcdm's limit (a decoding process' global)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

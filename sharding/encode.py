@@ -41,6 +41,8 @@ class DecodedStream(IterableDataset):
         return buf.getvalue()
 
     def _item(self, task: Task, rec) -> dict:
+        if rec.rejected:
+            return {"task": task.index, "key": rec.key, "rejected": rec.rejected, "source": rec.meta["source"]}
         try:
             img = rec.image if rec.image is not None else decode(rec.data, self.job.max_pixels)
         except Rejected as e:

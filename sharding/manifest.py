@@ -51,7 +51,8 @@ def collect_split(fs, root: str, split: str, num_tasks: int, shard_sets: list[st
         if len(digests) != 1:
             raise IncompleteDataset(f"shard {shard_name(split, i)} has different keys across {sorted(records)}; "
                                     f"delete those shards and rerun")
-        shards.append({"name": shard_name(split, i), "count": records["images"]["count"]})
+        shards.append({"name": shard_name(split, i), "count": records["images"]["count"],
+                       "sha256": {s: r["sha256"] for s, r in records.items() if "sha256" in r}})
         rejected += records["images"].get("rejected", [])
         for s, r in records.items():
             if s == "images":
@@ -91,6 +92,9 @@ def finalize(url: str, storage: StorageOptions, split: str, num_tasks: int, enco
     if prior and prior.count != count:
         raise IncompleteDataset(f"split {split} had {prior.count} samples and now {count}: the input changed; "
                                 f"write to a new output")
+    if prior:  # an encoder added to a split: the other shard sets' checksums stay as recorded
+        for new, old in zip(shards, prior.shards):
+            new["sha256"] = {**old.get("sha256", {}), **new["sha256"]}
     manifest.splits[split] = SplitRecord(count, shards, source, {"count": len(rejected), "file": f"{split}-{REJECTED}"})
     for name, rec in encoders.items():
         old = manifest.encoders.get(name)

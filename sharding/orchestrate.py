@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from rcdm.config import ClusterConfig
+from rcdm.config import ClusterConfig, path_segment
 from rcdm.encoders import LEVELS, encoder_spec
 from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
@@ -37,6 +37,12 @@ def _check_request(job: ShardJob) -> None:
         raise UserError(f"image_format must be png or jpg, not {job.image_format!r}")
     if job.shard_size < 1 or job.image_size < 8:
         raise UserError("shard_size must be >= 1 and image_size >= 8")
+    path_segment("split", job.split)  # it names the shard files: never a path out of the output
+    for key in ("max_pixels", "max_member_bytes", "batch_size", "workers"):
+        if getattr(job, key) < 1:
+            raise UserError(f"{key}={getattr(job, key)} must be at least 1")
+    if job.loader_workers < 0 or not 0 <= job.max_rejected_fraction <= 1:
+        raise UserError("loader_workers must be >= 0 and max_rejected_fraction within [0, 1]")
 
 
 def _part_in_process(job: ShardJob, tasks: list[int], part: int, threads: int) -> dict:

@@ -54,5 +54,6 @@ def write_shard(fs: fsspec.AbstractFileSystem, root: str, shard_set: str, split:
         f.write(data)
     keys = [k for k, _ in samples]
     write_json(fs, progress_path(root, shard_set, split, index),
-               {"count": len(keys), "keys_sha256": keys_digest(keys), "bytes": len(data), **(extra or {})})
+               {"count": len(keys), "keys_sha256": keys_digest(keys), "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), **(extra or {})})
     return len(data)
