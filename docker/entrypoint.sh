@@ -16,7 +16,7 @@ start_munge() {
 case "$role" in
   slurmdbd)
     start_munge
-    install -m 600 /etc/slurm-shared/slurmdbd.conf /etc/slurm/slurmdbd.conf
+    install -o slurm -g slurm -m 600 /etc/slurm-shared/slurmdbd.conf /etc/slurm/slurmdbd.conf
     [ -n "${SLURM_DB_PASSWORD:-}" ] || { echo "SLURM_DB_PASSWORD is not set: bash docker/make_env.sh" >&2; exit 1; }
     echo "StoragePass=$SLURM_DB_PASSWORD" >> /etc/slurm/slurmdbd.conf
     exec slurmdbd -D ;;
@@ -28,7 +28,7 @@ case "$role" in
     exec slurmd -D -N "$(hostname -s)" ;;
   login)
     start_munge
-    exec sleep infinity ;;
+    exec runuser -u rcdm -- sleep infinity ;;   # attach with: docker compose exec -u rcdm login bash
   *)
     exec "$role" "$@" ;;
 esac

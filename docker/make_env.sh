@@ -7,7 +7,7 @@ OUT=${1:-$HERE/.env}
 if [ -e "$OUT" ]; then echo "make_env: $OUT exists; keeping it" >&2; exit 0; fi
 umask 077
 while IFS= read -r line; do
-  if [[ $line =~ ^([A-Z_]+)=$ ]]; then
+  if [[ $line =~ ^([A-Z0-9_]+)=$ ]]; then
     echo "${BASH_REMATCH[1]}=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
   else
     echo "$line"

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,65 @@ def test_no_credential_literal_is_committed():
     assert not hits, hits
 
 
+def test_the_image_holds_every_package_the_launchers_import(tmp_path):
+    """The image's file set, as the Dockerfile's COPY lines make it (no engine here), imports every launcher with
+    nothing of rcdm taken from outside it."""
+    root = DOCKER.parent
+    workdir = None
+    image = tmp_path / "image"
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        parts = line.split("#")[0].split()
+        if parts[:1] == ["WORKDIR"]:
+            workdir = image / parts[1].lstrip("/")
+        elif parts[:1] == ["COPY"] and not parts[1].startswith("--"):
+            *sources, dest = parts[1:]
+            target = Path(dest) if dest.startswith("/") else workdir / dest
+            target = image / target.relative_to("/") if target.is_absolute() and not str(target).startswith(
+                str(image)) else target
+            for src in sources:
+                if (root / src).is_dir():
+                    shutil.copytree(root / src, target, dirs_exist_ok=True)
+                else:
+                    (target if dest.endswith("/") else target.parent).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(root / src, target / Path(src).name if dest.endswith("/") else target)
+    launchers = sorted(p.name for p in (workdir / "launch").glob("*.py"))
+    assert "sweep.py" in launchers and "shard.py" in launchers
+    probe = (
+        "import importlib.util, sys\n"
+        f"for name in {launchers!r}:\n"
+        "    spec = importlib.util.spec_from_file_location(name[:-3], 'launch/' + name)\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "outside = sorted(m.__name__ for m in list(sys.modules.values()) if m.__name__.split('.')[0] in "
+        "('rcdm', 'sharding', 'pipeline') and getattr(m, '__file__', None) and not m.__file__.startswith(sys.argv[1]))\n"
+        "assert not outside, outside\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(workdir)], cwd=workdir, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(workdir)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_each_container_gets_only_the_credentials_it_uses():
+    """Root and admin logins stay with the services that need them; the SLURM daemons hold none; the login node
+    holds rcdm's own (non-root) S3 and MLflow users; jobs, the login shell and MLflow run as rcdm."""
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+
+    def used(name: str) -> set[str]:
+        return {_var(v) for k, v in (services[name].get("environment") or {}).items() if str(v).startswith("${")}
+
+    assert used("slurmctld") == used("c1") == used("c2") == set()
+    assert used("slurmdbd") == {"SLURM_DB_PASSWORD"}
+    assert used("login") == {"RCDM_S3_ACCESS_KEY_ID", "RCDM_S3_SECRET_ACCESS_KEY", "RCDM_MLFLOW_USERNAME",
+                             "RCDM_MLFLOW_PASSWORD"}
+    holders = {name for name in services if used(name) & {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}}
+    assert holders == {"minio", "make-bucket"}
+    holders = {name for name in services if used(name) & {"MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD"}}
+    assert holders == {"mlflow", "mlflow-user"}
+    assert services["mlflow"]["user"] == services["mlflow-user"]["user"] == "rcdm"
+    assert "runuser -u rcdm" in (DOCKER / "entrypoint.sh").read_text()
+    for conf in ("slurm.conf", "slurmdbd.conf"):
+        assert "SlurmUser=slurm" in (DOCKER / "slurm" / conf).read_text()
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (apt-get install docker-compose)")
 def test_docker_compose_parses_the_file(tmp_path):
     (tmp_path / "empty.env").write_text("")
@@ -167,5 +227,19 @@ def test_the_mlflow_server_as_compose_runs_it_asks_for_a_login(tmp_path, monkeyp
         tracker.start(None, "job", {"encoder": "dino"}, {"train": {"steps": 1}})
         tracker.end("FINISHED")
         assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+        # the compose stack's mlflow-user service: rcdm's own user, made by the admin, logs its own runs
+        rcdm_pw = "rcdm-" + os.urandom(12).hex()
+        user_env = {**os.environ, "MLFLOW_URL": url, "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": password,
+                    "RCDM_MLFLOW_USERNAME": "rcdm", "RCDM_MLFLOW_PASSWORD": rcdm_pw}
+        for _ in range(2):  # twice: the second finds the user there
+            made = subprocess.run([sys.executable, str(DOCKER / "mlflow" / "make_user.py")], env=user_env,
+                                  capture_output=True, text=True, timeout=120)
+            assert made.returncode == 0, made.stderr
+        assert status("rcdm", rcdm_pw) == 200 and status("rcdm", "wrong") == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "rcdm")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", rcdm_pw)
+        mine = Tracker(url, "rcdm-user-check")
+        mine.start(None, "job", {"encoder": "dino"}, {"train": {"steps": 1}})
+        mine.end("FINISHED")
     finally:
         stop_group(proc)
