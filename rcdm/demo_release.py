@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 
 from rcdm import safe_load, train_checkpoints
-from rcdm.diffusion.gaussian import Process
-from rcdm.encoders.weights import WeightsRecord, sha256sum
+from rcdm.encoders.weights import sha256sum
 from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
-from rcdm.preprocess import Preprocess
-from rcdm.presets import build_unet
+from rcdm.model_card import LoadedRCDM, ModelCard
 from rcdm.storage import atomic_open, join, open_fs, read_json
 
 DEMO_DIR = Path(__file__).parent / "demo_models"
@@ -62,10 +60,20 @@ def record(name: str, directory: Path | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-def load_demo(ref: str, directory: Path | None = None):
-    """``demo:<encoder>-<level>`` -> a ``LoadedRCDM`` (float32 weights), after checking the file's sha256."""
-    from rcdm.model_files import LoadedRCDM  # model_files dispatches here: import it lazily
+def card_of(rec: dict) -> ModelCard:
+    """The model card of a demo record (records before cards kept its parts under ``model`` and ``encoder``)."""
+    if "card" in rec:
+        return ModelCard.from_dict(rec["card"])
+    m, enc = rec["model"], rec["encoder"]
+    return ModelCard.from_dict({"preset": m["preset"], "embed_dim": m["embed_dim"], "image_size": m["image_size"],
+                                "unet": m["unet"], "process": m["process"], "encoder": enc["name"],
+                                "level": enc["level"], "encoder_arch": enc["arch"], "encoder_weights": enc["weights"],
+                                "preprocess": enc["preprocess"], "recipe": rec.get("training", {}).get("recipe"),
+                                "device": rec.get("training", {}).get("device")})
 
+
+def load_demo(ref: str, directory: Path | None = None) -> LoadedRCDM:
+    """``demo:<encoder>-<level>`` -> a ``LoadedRCDM`` (float32 weights), after checking the file's sha256."""
     directory = directory or demo_dir()
     name = ref.removeprefix(PREFIX)
     rec = record(name, directory)
@@ -78,14 +86,10 @@ def load_demo(ref: str, directory: Path | None = None):
         raise UserError(f"{path} does not match the sha256 in {name}.json ({digest} != {rec['sha256']}): the file "
                         f"is damaged or was replaced; restore it with git checkout -- rcdm/demo_models")
     state = safe_load.load(path)
-    m = rec["model"]
-    model = build_unet(m["preset"], m["embed_dim"], **m["unet"])
+    card = card_of(rec)
+    model = card.build()
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    enc = rec["encoder"]
-    return LoadedRCDM(model=model.eval(), encoder=enc["name"], level=enc["level"], encoder_arch=enc["arch"],
-                      encoder_weights=WeightsRecord.from_recorded(enc["weights"], enc["name"]),
-                      process=Process(**m["process"]), source=f"{PREFIX}{name} ({path})",
-                      preprocess=Preprocess.from_dict(enc["preprocess"]))
+    return LoadedRCDM(model.eval(), card, f"{PREFIX}{name} ({path})")
 
 
 def _data_digest(url: str, split: str, encoder: str, storage) -> dict:
@@ -112,7 +116,7 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
     if url is None:
         raise UserError(f"{run_root} holds no checkpoint (no checkpoints/latest.json)")
     state = train_checkpoints.load(url, storage)
-    meta, cfg = state["meta"], state["config"]
+    card, cfg = ModelCard.from_dict(state["meta"]), state["config"]
     if state["step"] != cfg["train"]["steps"]:
         raise UserError(f"{run_root} stopped at step {state['step']} of {cfg['train']['steps']}: finish the run "
                         f"(start the same sweep command again) before exporting it")
@@ -122,11 +126,12 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
         if not fs.exists(join(root, name)):
             raise UserError(f"{run_root} has no {name}: the run's final evaluation did not complete")
         results[name] = read_json(fs, join(root, name))
-    device = device or meta.get("device")
+    device = device or card.device
     if not device:
         raise UserError(f"{run_root}'s checkpoint does not say which device trained it (runs before rcdm recorded "
                         f"it): pass --device")
-    name = f"{meta['encoder']}-{meta['level']}"
+    card = card.with_device(device)
+    name = f"{card.encoder.name}-{card.encoder.level}"
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in state["ema"].items()},
@@ -139,15 +144,12 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
     rec = {
         "format": RECORD_FORMAT, "name": name, "weights_file": weights.name, "sha256": digest,
         "dtype": "float16", "weights": "EMA", "parameters": sum(v.numel() for v in state["ema"].values()),
-        "model": {"preset": meta["preset"], "embed_dim": meta["embed_dim"], "image_size": meta["image_size"],
-                  "unet": meta["unet"], "process": meta["process"]},
-        "encoder": {"name": meta["encoder"], "level": meta["level"], "arch": meta["encoder_arch"],
-                    "weights": meta["encoder_weights"], "preprocess": meta["preprocess"]},
-        "training": {"recipe": meta["recipe"], "steps": state["step"], "batch_size": t["batch_size"], "lr": t["lr"],
+        "card": card.to_dict(),
+        "training": {"steps": state["step"], "batch_size": t["batch_size"], "lr": t["lr"],
                      "lr_schedule": t["lr_schedule"], "ema_decay": t["ema_decay"], "seed": t["seed"],
                      "device": device, "train_seconds": round(state["train_seconds"], 1),
                      "config": "configs/demo_release.yaml",
-                     "data": _data_digest(cfg["data"]["url"], cfg["data"]["split"], meta["encoder"], storage)},
+                     "data": _data_digest(cfg["data"]["url"], cfg["data"]["split"], card.encoder.name, storage)},
         "faithfulness": {k: f[k] for k in ("n", "mrr", "mrr_ci95", "top1", "top1_ci95", "mean_rank",
                                            "mean_rank_ci95", "cosine_own", "chance", "split", "steps", "guidance")},
         "conditioning_gains": results["conditioning.json"]["final"],

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from rcdm.encoders import WeightsRecord
+from rcdm.encoders import WeightsRecord, recorded_weights
 from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join, open_fs, read_json, write_json
 
@@ -38,7 +38,7 @@ class EncoderRecord:
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> EncoderRecord:
-        weights = WeightsRecord.from_recorded(d["weights"], name, d.get("sha256"))
+        weights = recorded_weights(d["weights"], name, d.get("sha256"))
         return cls(d["arch"], dict(d["levels"]), weights, d["preprocess"], list(d.get("splits", [])))
 
 

@@ -1,39 +1,23 @@
 """RCDM models to sample from: the official release's ``rcdm_ema_*.pt`` files (found by path or by name
-in the torch.hub cache, and what they imply: preset, encoder, level, preprocessing) and the EMA weights
-of rcdm's own training checkpoints (which describe themselves)."""
+in the torch.hub cache; their card follows from the name: preset, encoder, level, the official input), the
+EMA weights of rcdm's own training checkpoints and the shipped demo models (both carry their card)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from rcdm import demo_release, train_checkpoints
-from rcdm.diffusion.gaussian import RELEASED, Process
-from rcdm.encoders import encoder_spec
+from rcdm.diffusion.gaussian import RELEASED
+from rcdm.encoders import EncoderCard, encoder_spec
 from rcdm.encoders.weights import WeightsRecord, fetch, load_file
 from rcdm.errors import UserError
-from rcdm.preprocess import Preprocess
+from rcdm.model_card import LoadedRCDM, ModelCard
 from rcdm.presets import build_unet, preset_config
 from rcdm.storage import StorageOptions, open_fs
-from rcdm.unet import RCDMUNet
 
 RELEASE_URL = "https://dl.fbaipublicfiles.com/rcdm/"
 RELEASED_NAME = re.compile(r"^rcdm_ema_(?P<encoder>[a-z0-9]+?)(?:_(?P<part>trunk|head))?\.pt$")
 PART_TO_LEVEL = {"trunk": "backbone", "head": "projector", None: "backbone"}
-
-
-@dataclass
-class LoadedRCDM:
-    """A UNet with its weights and everything needed to condition and sample it."""
-
-    model: RCDMUNet
-    encoder: str
-    level: str
-    encoder_arch: str
-    encoder_weights: WeightsRecord
-    process: Process  # what sampling needs: schedule, steps, prediction target, learned variance or not
-    source: str
-    preprocess: Preprocess | None = None  # None: the encoder's own (the official one for released files)
 
 
 def parse_released_name(name: str) -> tuple[str, str]:
@@ -72,8 +56,9 @@ def load_released(ref: str, download: bool = True) -> LoadedRCDM:
         detail = " ".join(str(e).split())[:400]
         raise UserError(f"{path} does not match the adm128 preset ({preset_config('adm128', embed_dim)}): "
                         f"{detail}") from None
-    return LoadedRCDM(model=model, encoder=encoder, level=level, encoder_arch="resnet50",
-                      encoder_weights=WeightsRecord("released"), process=RELEASED, source=str(path))
+    card = ModelCard("adm128", embed_dim, 128, RELEASED,
+                     EncoderCard(encoder, "resnet50", level, WeightsRecord("released")))  # the official input
+    return LoadedRCDM(model, card, str(path))
 
 
 def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
@@ -92,14 +77,10 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
         state = train_checkpoints.load(url, storage)
     except ValueError as e:
         raise UserError(str(e)) from None
-    meta = state["meta"]
-    model = build_unet(meta["preset"], meta["embed_dim"], **meta.get("unet", {}))  # rcdm 0.1: the ADM recipe's UNet
+    card = ModelCard.from_dict(state["meta"])
+    model = card.build()
     model.load_state_dict(state["ema"], strict=True)
-    weights = WeightsRecord.from_recorded(meta["encoder_weights"], meta["encoder"], meta.get("encoder_sha256"))
-    return LoadedRCDM(model=model, encoder=meta["encoder"], level=meta["level"], encoder_arch=meta["encoder_arch"],
-                      encoder_weights=weights, process=Process(**meta["process"]) if "process" in meta else
-                      Process(meta["schedule"], meta["num_steps"]), source=url,
-                      preprocess=Preprocess.from_dict(meta["preprocess"]))
+    return LoadedRCDM(model, card, url)
 
 
 def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | None = None) -> LoadedRCDM:
@@ -113,9 +94,9 @@ def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | N
 
 
 def conditioning_dim_check(loaded: LoadedRCDM, dims: dict[str, int]) -> None:
-    want = loaded.model.cfg.embed_dim
+    want, name = loaded.model.cfg.embed_dim, loaded.card.encoder.name
     if loaded.level not in dims:
-        raise UserError(f"encoder {loaded.encoder} has no {loaded.level} level (it has {sorted(dims)})")
+        raise UserError(f"encoder {name} has no {loaded.level} level (it has {sorted(dims)})")
     if dims[loaded.level] != want:
-        raise UserError(f"{loaded.source} expects {want}-d conditioning but {loaded.encoder} "
+        raise UserError(f"{loaded.source} expects {want}-d conditioning but {name} "
                         f"{loaded.level} gives {dims[loaded.level]}-d; pick the matching encoder/level")

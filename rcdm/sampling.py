@@ -114,10 +114,7 @@ def load_with_encoder(checkpoint: str, device: torch.device, download: bool = Tr
     """An RCDM (released or rcdm's own) and the frozen encoder it was trained with, on ``device``; encoder
     weights a checkpoint records as a URL are fetched only from the registry or ``allow_url``."""
     loaded = load_checkpoint(checkpoint, download=download, storage=StorageOptions(endpoint_url=endpoint_url))
-    encoder = build_recorded_encoder(loaded.encoder, loaded.encoder_arch, loaded.encoder_weights, download,
-                                     allow_url)
-    if loaded.preprocess is not None:
-        encoder.preprocess = loaded.preprocess  # exactly as the training data was encoded
+    encoder = build_recorded_encoder(loaded.card.encoder, download, allow_url)  # its recorded preprocessing too
     conditioning_dim_check(loaded, encoder.dims)
     loaded.model.to(device).eval()
     return loaded, encoder.to(device)
@@ -143,6 +140,6 @@ def sample_grid(cfg: SampleConfig) -> dict:
     out.write_bytes(grid_png(originals, samples))
     log.info("wrote %s: %d images x %d samples, %s steps (%s) in %.1f s on %s",
              out, len(paths), cfg.num_samples, cfg.steps or "all", sampler, seconds, device)
-    return {"output": str(out), "images": [str(p) for p in paths], "encoder": loaded.encoder,
+    return {"output": str(out), "images": [str(p) for p in paths], "encoder": loaded.card.encoder.name,
             "level": loaded.level, "steps": str(cfg.steps), "sampler": sampler, "guidance": cfg.guidance,
             "seconds": seconds}

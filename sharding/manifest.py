@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from rcdm.encoders import WeightsRecord
+from rcdm.encoders import recorded_weights
 from rcdm.errors import UserError
 from rcdm.manifest import EncoderRecord, Manifest, SplitRecord, read_manifest, write_manifest
 from rcdm.provenance import code_version
@@ -58,7 +58,7 @@ def collect_split(fs, root: str, split: str, num_tasks: int, shard_sets: list[st
             if s == "images":
                 continue
             desc = r["encoder"]
-            rec = EncoderRecord(desc["arch"], desc["dims"], WeightsRecord.from_recorded(desc["weights"], s),
+            rec = EncoderRecord(desc["arch"], desc["dims"], recorded_weights(desc["weights"], s),
                                 desc["preprocess"], [split])
             first = encoders.setdefault(s, rec)
             if (first.weights.sha256, first.arch) != (rec.weights.sha256, rec.arch):

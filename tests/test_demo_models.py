@@ -32,7 +32,7 @@ def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing unpickled
         assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
         loaded, encoder = load_with_encoder(f"demo:{name}", torch.device("cpu"), download=False)
-        assert (loaded.encoder, loaded.level) == tuple(name.split("-"))
+        assert (loaded.card.encoder.name, loaded.level) == tuple(name.split("-"))
         assert loaded.process.prediction == "v" and loaded.model.cfg.normalize_embeddings
         # the record says how it was made: recipe, steps, device, data and encoder digests, its faithfulness
         t = rec["training"]
@@ -54,7 +54,7 @@ def test_damaged_missing_and_unknown_demo_models_are_refused(tmp_path):
     name = "vicreg-backbone"
     for suffix in (".pt", ".json"):
         shutil.copy(demo_release.DEMO_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
-    assert demo_release.load_demo(f"demo:{name}", tmp_path).encoder == "vicreg"  # an intact copy loads
+    assert demo_release.load_demo(f"demo:{name}", tmp_path).card.encoder.name == "vicreg"  # an intact copy loads
     data = bytearray((tmp_path / f"{name}.pt").read_bytes())
     data[-100] ^= 0xFF
     (tmp_path / f"{name}.pt").write_bytes(bytes(data))
@@ -72,7 +72,7 @@ def test_an_analysis_and_the_sample_command_run_on_a_demo_model(tmp_path, typed)
     from rcdm.analysis.commands import run_analysis
 
     out = run_analysis(typed("analyze", ["analysis=faithfulness", "checkpoint=demo:dino-backbone",
-                                         "images=synthetic:8", "steps=ddim10", "boot=100", f"output={tmp_path}"]))
+                                         "images=synthetic:8", "steps=ddim10", "faithfulness.boot=100", f"output={tmp_path}"]))
     numbers = json.loads(Path(out["json"]).read_text())
     assert numbers["checkpoint"] == "demo:dino-backbone" and numbers["n"] == 8
     assert numbers["mrr"] > numbers["chance"]["mrr"]  # 8 images, a trained model: better than chance
@@ -112,7 +112,7 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     full = load_trained(str(run_root))
     for k, v in full.model.state_dict().items():  # the EMA weights, rounded to float16 and back
         assert torch.allclose(demo.model.state_dict()[k], v, rtol=1e-3, atol=1e-4), k
-    assert demo.process == full.process and demo.preprocess == full.preprocess
+    assert demo.card.process == full.card.process and demo.card.encoder == full.card.encoder
 
     # an unfinished run is not exported: its newest checkpoint now belongs to a 5-step run
     from rcdm import train_checkpoints

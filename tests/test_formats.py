@@ -8,7 +8,7 @@ import torch
 
 from rcdm import train_checkpoints
 from rcdm.data import open_dataset
-from rcdm.encoders import WeightsRecord, build_encoder, build_recorded_encoder
+from rcdm.encoders import EncoderCard, WeightsRecord, build_encoder, build_recorded_encoder, recorded_weights
 from rcdm.errors import UserError
 from rcdm.sampling import load_with_encoder
 from rcdm.train import train
@@ -46,25 +46,30 @@ def test_a_format_1_dataset_and_checkpoint_still_load_and_train(tmp_path, datase
     # the checkpoint as rcdm 0.1 wrote it: the encoder's weights as a string, its sha256 beside
     url = train_checkpoints.latest_path(cfg.run_root)
     state = train_checkpoints.load(url)
-    assert state["meta"]["encoder_weights"] == {"kind": "released", "sha256": sha, "seed": None, "path": None}
-    state["meta"].update(encoder_weights=V1_TINY_DINO, encoder_sha256=sha)
+    card = state["meta"]
+    assert card["format"] == "rcdm-model-card"
+    assert card["encoder"]["weights"] == {"kind": "released", "sha256": sha, "seed": None, "path": None}
+    state["meta"] = {"preset": card["preset"], "embed_dim": card["embed_dim"], "image_size": card["image_size"],
+                     "encoder": "dino", "level": "projector", "encoder_arch": "tiny", "encoder_weights": V1_TINY_DINO,
+                     "encoder_sha256": sha, "preprocess": card["encoder"]["preprocess"], "process": card["process"],
+                     "unet": card["unet"]}
     old = tmp_path / "old.pt"
     torch.save(state, old)
     loaded, encoder = load_with_encoder(str(old), torch.device("cpu"))
-    assert loaded.encoder_weights == WeightsRecord("released", sha) and encoder.weights.sha256 == sha
+    assert loaded.card.encoder.weights == WeightsRecord("released", sha) and encoder.weights.sha256 == sha
 
 
 def test_format_1_weight_strings_map_to_records():
     rand = build_encoder("simclr", "tiny", "random", seed=3)
-    rec = WeightsRecord.from_recorded("random (seed 3)", "simclr", rand.weights.sha256)
+    rec = recorded_weights("random (seed 3)", "simclr", rand.weights.sha256)
     assert rec == WeightsRecord("random", rand.weights.sha256, seed=3) == rand.weights
-    assert build_recorded_encoder("simclr", "tiny", rec).weights == rec
+    assert build_recorded_encoder(EncoderCard("simclr", "tiny", "backbone", rec)).weights == rec
     other = WeightsRecord("random", rand.weights.sha256, seed=4)  # another seed: other weights, refused
     with pytest.raises(UserError, match="are not those recorded"):
-        build_recorded_encoder("simclr", "tiny", other)
+        build_recorded_encoder(EncoderCard("simclr", "tiny", "backbone", other))
     cached = "/elsewhere/.cache/torch/hub/checkpoints/dino_resnet50_pretrain_full_checkpoint.pth"
-    assert WeightsRecord.from_recorded(cached, "dino", "ab").kind == "released"  # the release, cached elsewhere
-    gone = WeightsRecord.from_recorded("/gone/mine.pth", "dino", "ab")
+    assert recorded_weights(cached, "dino", "ab").kind == "released"  # the release, cached elsewhere
+    gone = recorded_weights("/gone/mine.pth", "dino", "ab")
     assert gone == WeightsRecord("file", "ab", path="/gone/mine.pth")
     with pytest.raises(UserError, match="place that file at the same path"):
-        build_recorded_encoder("dino", "tiny", gone)
+        build_recorded_encoder(EncoderCard("dino", "tiny", "backbone", gone))

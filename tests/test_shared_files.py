@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from rcdm import train_checkpoints
-from rcdm.encoders import WeightsRecord, build_encoder, build_recorded_encoder
+from rcdm.encoders import EncoderCard, WeightsRecord, build_encoder, build_recorded_encoder
 from rcdm.encoders.weights import fetch, hub_cache_path, url_cache_name
 from rcdm.errors import UserError
 from rcdm.presets import build_unet
@@ -150,8 +150,8 @@ def test_downloads_are_checked_before_they_take_their_name(tmp_path, monkeypatch
     # and a record may name it only through allow_url
     rec = WeightsRecord("file", enc.weights.sha256, path=url)
     with pytest.raises(UserError, match="not the registry's URL"):
-        build_recorded_encoder("dino", "tiny", rec)
-    assert build_recorded_encoder("dino", "tiny", rec, allow_url=rec.path).weights.sha256 == rec.sha256
+        build_recorded_encoder(EncoderCard("dino", "tiny", "backbone", rec))
+    assert build_recorded_encoder(EncoderCard("dino", "tiny", "backbone", rec), allow_url=rec.path).weights.sha256 == rec.sha256
 
 
 @pytest.mark.parametrize("entry", ["../../victim.txt", "/ABS/victim.txt", "ckpt-000000001.pt/../../victim.txt",

@@ -2,13 +2,14 @@
 Transformers of the DINO, DINOv2 and MAE releases (rcdm.encoders.vit, timm; imported when one is built)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import BasicBlock
+
+from rcdm.encoders.vit_arches import VIT_ARCHES
 
 
 def _resnet50() -> tuple[nn.Module, int]:
@@ -45,24 +46,6 @@ class TinyResNet(nn.Module):
 def _tiny() -> tuple[nn.Module, int]:
     net = TinyResNet()
     return net, net.out_dim
-
-
-@dataclass(frozen=True)
-class ViTArch:
-    patch: int
-    dim: int
-    depth: int
-    heads: int
-    img_size: int = 224  # the grid of the released position embeddings
-    layer_scale: float | None = None  # DINOv2's LayerScale (ls1, ls2)
-
-
-VIT_ARCHES: dict[str, ViTArch] = {
-    "vit_small_patch16": ViTArch(16, 384, 12, 6),
-    "vit_base_patch16": ViTArch(16, 768, 12, 12),
-    "vit_small_patch14_dinov2": ViTArch(14, 384, 12, 6, img_size=518, layer_scale=1e-5),
-    "vit_base_patch14_dinov2": ViTArch(14, 768, 12, 12, img_size=518, layer_scale=1e-5),
-}
 
 
 def _vit(name: str) -> Callable[[], tuple[nn.Module, int]]:

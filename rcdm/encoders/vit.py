@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from rcdm.encoders.backbones import VIT_ARCHES, ViTArch
+from rcdm.encoders.vit_arches import VIT_ARCHES, ViTArch
 
 
 class ViTTrunk(VisionTransformer):

@@ -122,23 +122,5 @@ class WeightsRecord:
         return asdict(self)
 
     @classmethod
-    def from_recorded(cls, recorded: str | dict, encoder: str, sha256: str | None = None) -> WeightsRecord:
-        """A record as written now (a dict), or as rcdm 0.1 wrote it: one string beside a separate sha256
-        ("random (seed N)", "released tiny (...)", or the weights file's path)."""
-        if isinstance(recorded, dict):
-            return cls(**recorded)
-        m = re.fullmatch(r"random \(seed (\d+)\)", recorded)
-        if m:
-            return cls("random", sha256, seed=int(m[1]))
-        if recorded.startswith("released tiny"):
-            return cls("released", sha256)
-        path = Path(recorded)
-        if "://" not in recorded and not path.exists():
-            from rcdm.encoders.zoo import encoder_spec  # the registry imports this module
-
-            released_url = encoder_spec(encoder).url
-            if released_url and path.name == Path(urlparse(released_url).path).name:
-                return cls("released", sha256)  # the published file, cached elsewhere on the writer's machine
-            if path.parent.name == "tiny_weights" and path.name == f"{encoder}.pt":
-                return cls("released", sha256)  # the tiny encoder shipped with rcdm, installed elsewhere
-        return cls("file", sha256, path=recorded)
+    def from_dict(cls, d: dict) -> WeightsRecord:
+        return cls(**d)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from rcdm.device import autocast
 from rcdm.encoders.backbones import ARCHES
+from rcdm.encoders.card import EncoderCard
 from rcdm.encoders.layouts import LAYOUTS
 from rcdm.encoders.weights import WeightsRecord, fetch, load_file, sha256sum, url_cache_name
 from rcdm.errors import UserError
@@ -186,20 +189,50 @@ def encoder_spec(name: str) -> EncoderSpec:
     return ENCODERS[name]
 
 
-def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", download: bool = True,
-                  seed: int = 0, sha256: str | None = None) -> SSLEncoder:
+def weights_arg(weights: str) -> WeightsRecord:
+    """A ``weights=`` value as typed (``released``, ``random``, a path or URL) -> the record it asks for."""
+    if weights in ("released", "random"):
+        return WeightsRecord(weights)
+    return WeightsRecord("file", path=weights)
+
+
+def recorded_weights(recorded: str | dict, encoder: str, sha256: str | None = None) -> WeightsRecord:
+    """A weights record as written now (a dict), or as rcdm 0.1 wrote it: one string beside a separate sha256
+    ("random (seed N)", "released tiny (...)", or the weights file's path)."""
+    if isinstance(recorded, dict):
+        return WeightsRecord.from_dict(recorded)
+    m = re.fullmatch(r"random \(seed (\d+)\)", recorded)
+    if m:
+        return WeightsRecord("random", sha256, seed=int(m[1]))
+    if recorded.startswith("released tiny"):
+        return WeightsRecord("released", sha256)
+    path = Path(recorded)
+    if "://" not in recorded and not path.exists():
+        released_url = encoder_spec(encoder).url
+        if released_url and path.name == Path(urlparse(released_url).path).name:
+            return WeightsRecord("released", sha256)  # the published file, cached elsewhere on the writer's machine
+        if path.parent.name == "tiny_weights" and path.name == f"{encoder}.pt":
+            return WeightsRecord("released", sha256)  # the tiny encoder shipped with rcdm, installed elsewhere
+    return WeightsRecord("file", sha256, path=recorded)
+
+
+def build_encoder(name: str, arch: str = "resnet50", weights: str | WeightsRecord = "released", download: bool = True,
+                  seed: int = 0, preprocess: Preprocess | None = None) -> SSLEncoder:
     """The frozen encoder ``name`` on ``arch`` in eval mode.
 
-    ``weights``: "released" (for resnet50 the method's published file, through the torch.hub cache;
-    for tiny the encoder trained with the method's objective that ships with rcdm), "random"
-    (initialised from ``seed``: an explicit choice), or a path / URL to a file in the method's
-    released layout. A URL other than the registry's is cached under a name of rcdm's choosing
-    (``url_cache_name``); ``sha256``, when given, is checked before a download is kept.
+    ``weights``: a ``WeightsRecord``, or as typed on a command line: "released" (for resnet50 the method's
+    published file, through the torch.hub cache; for tiny the encoder trained with the method's objective
+    that ships with rcdm), "random" (initialised from ``seed``: an explicit choice), or a path / URL to a file
+    in the method's released layout. A URL other than the registry's is cached under a name of rcdm's choosing
+    (``url_cache_name``); a record's sha256, when it has one, is checked before a download is kept.
+    ``preprocess``: the input it was used with (default: the encoder's own).
     """
+    rec = weights_arg(weights) if isinstance(weights, str) else weights
     spec = encoder_spec(name)
     arch = spec.arch or arch  # a ViT release is its own architecture
     if arch not in ARCHES:
         raise UserError(f"unknown encoder arch {arch!r}; choose one of {sorted(ARCHES)}")
+    seed = rec.seed if rec.seed is not None else seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + zlib.crc32(name.encode()))  # each method its own random trunk
         trunk, dim = ARCHES[arch]()
@@ -208,31 +241,32 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str = "released", 
         if "projector" in spec.levels(arch):
             dims["projector"], factory = spec.projector[arch]
             projector = factory(dim)
-    enc = SSLEncoder(name, arch, trunk, dims, projector, ARCH_PREPROCESS.get(arch, spec.preprocess))
-    if weights == "random":
+    enc = SSLEncoder(name, arch, trunk, dims, projector, preprocess or ARCH_PREPROCESS.get(arch, spec.preprocess))
+    if rec.kind == "random":
         enc.weights = WeightsRecord("random", state_digest(enc), seed=seed)
     else:
-        if weights == "released" and arch == "tiny":
+        if rec.kind == "released" and arch == "tiny":
             path = shipped_tiny(name)
-        elif weights == "released" or weights == spec.url:
-            path = fetch(spec.url, download=download, sha256=sha256)
-        elif "://" in weights:
-            path = fetch(weights, download=download, sha256=sha256, name=url_cache_name(weights))
+        elif rec.kind == "released" or rec.path == spec.url:
+            path = fetch(spec.url, download=download, sha256=rec.sha256)
+        elif "://" in rec.path:
+            path = fetch(rec.path, download=download, sha256=rec.sha256, name=url_cache_name(rec.path))
         else:
-            path = weights
+            path = rec.path
         load_released(enc, spec.layout, path)
-        if weights == "released":  # where this machine keeps the file is no part of the record
+        if rec.kind == "released":  # where this machine keeps the file is no part of the record
             enc.weights = WeightsRecord("released", enc.weights.sha256)
     return enc.eval().requires_grad_(False)
 
 
-def build_recorded_encoder(name: str, arch: str, weights: WeightsRecord, download: bool = True,
-                           allow_url: str | None = None) -> SSLEncoder:
-    """The encoder a manifest or checkpoint recorded, checked to be the same weights (sha256).
+def build_recorded_encoder(card: EncoderCard, download: bool = True, allow_url: str | None = None) -> SSLEncoder:
+    """The encoder a manifest or checkpoint recorded, with its recorded preprocessing, checked to be the same
+    weights (sha256).
 
     A record comes from whoever wrote the file, so it is trusted for its tensors only: weights recorded as a
-    URL are fetched only from the registry's URL for ``name``, or from ``allow_url`` when the user names
+    URL are fetched only from the registry's URL for the encoder, or from ``allow_url`` when the user names
     that URL explicitly; any other URL is refused before anything is downloaded."""
+    name, weights = card.name, card.weights
     if weights.kind == "file" and "://" in (weights.path or ""):
         url = weights.path
         if url not in (encoder_spec(name).url, allow_url):
@@ -242,8 +276,7 @@ def build_recorded_encoder(name: str, arch: str, weights: WeightsRecord, downloa
     elif weights.kind == "file" and not Path(weights.path).exists():
         raise UserError(f"the encoder weights this was made with ({weights.path}) are not here; "
                         f"place that file at the same path")
-    arg = {"released": "released", "random": "random", "file": weights.path}[weights.kind]
-    enc = build_encoder(name, arch, arg, download=download, seed=weights.seed or 0, sha256=weights.sha256)
+    enc = build_encoder(name, card.arch, weights, download=download, preprocess=card.preprocess)
     if weights.sha256 and enc.weights.sha256 != weights.sha256:
         raise UserError(f"encoder {name} weights {enc.weights} (sha256 {enc.weights.sha256[:12]}...) are not "
                         f"those recorded ({weights.sha256[:12]}...); use the same file")
