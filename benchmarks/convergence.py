@@ -13,7 +13,6 @@ within 60 s of training. Writes the JSON and a PNG plot beside it.
 """
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from omegaconf import OmegaConf
 from pipeline import schemas
 from pipeline.sweep import ensure_demo_data, train_config
 from rcdm.train import train
+from rcdm.provenance import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {  # name: (overrides, the steps at which it is evaluated)
@@ -108,8 +108,7 @@ def main() -> None:
         base = train_config(compose("sweep", overrides=common, return_hydra_config=True))
     result = {"encoder": args.encoder, "level": args.level, "batch": base.train.batch_size, "preset": base.model.name,
               "chance_mrr": sum(1 / k for k in range(1, 65)) / 64, "arms": {},
-              "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
+              "machine": machine(),
               "config": {name: OmegaConf.to_yaml(OmegaConf.create({"overrides": ov, "stops": st}))
                          for name, (ov, st) in ARMS.items()}}
     for name in args.arms.split(","):

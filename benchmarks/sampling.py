@@ -10,18 +10,18 @@ The conditioning images are synthetic ones no model trained on (images=synthetic
 """
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rcdm.analysis.commands import load_inputs
+from rcdm.analysis.images import load_inputs
 from rcdm.analysis.faithfulness import faithfulness
 from rcdm.device import pick_device
 from rcdm.diffusion.schedules import sampler_for
 from rcdm.sampling import draw, encode_pil, load_with_encoder
+from rcdm.provenance import machine
 
 SETTINGS = ("1000", "250", "100", "50", "25", "ddim50", "ddim25")
 
@@ -59,11 +59,10 @@ def main() -> None:
         for r in rows:
             r["speedup_vs_1000"] = base["seconds_per_sample"] / r["seconds_per_sample"]
             r["mrr_relative_to_1000"] = r["mrr"] / base["mrr"] if base["mrr"] else None
-    result = {"checkpoint": args.checkpoint, "encoder": loaded.encoder, "level": loaded.level,
+    result = {"checkpoint": args.checkpoint, "encoder": loaded.card.encoder.name, "level": loaded.level,
               "images": len(h), "chance_mrr": f["chance"]["mrr"], "rows": rows,
               "goal": "50 steps: speedup_vs_1000 >= 15 and mrr_relative_to_1000 >= 0.95",
-              "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device),
-                          "threads": torch.get_num_threads()}}
+              "machine": machine(device)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

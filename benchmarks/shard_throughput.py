@@ -11,7 +11,6 @@ Medians of --repeats runs; random weights (the cost does not depend on the value
 """
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from rcdm.encoders import build_encoder
 from rcdm.preprocess import load_rgb
 from sharding.config import ShardJob
 from sharding.orchestrate import shard
+from rcdm.provenance import machine
 
 ENCODERS = ["vicreg", "dino", "barlow", "simclr"]
 
@@ -101,7 +101,7 @@ def main() -> None:
         "one_pass_cost_ratio": med(bare_s) / med(trunk_s),
         "peak_rss_mb": rss, "peak_rss_ratio": rss[sizes[-1]] / rss[sizes[0]],
         "raw_seconds": {"sharding": shard_s, "bare": bare_s, "trunk": trunk_s},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine(),
         "note": "seconds are for 2N images: sharding as run(3N) - run(N), so start-up cancels out; bare forward "
                 "as twice the time of N in-memory images; peak RSS in MB (ru_maxrss) of a synthetic tiny-arch run",
     }

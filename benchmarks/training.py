@@ -12,7 +12,6 @@ One thread for the pipeline comparison (per core); medians.
 """
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ from rcdm.storage import StorageOptions
 from rcdm.train import apply_update, forward_losses, train
 from sharding.config import ShardJob, SyntheticInput
 from sharding.orchestrate import shard
+from rcdm.provenance import machine
 
 
 def make_jpegs(folder: Path, n: int) -> None:
@@ -118,7 +118,7 @@ def main() -> None:
     settings = {"tiny": (16, 40), "adm128": (2, 6)}  # (batch, steps) that fit a CPU in minutes
     result = {"step_overhead": [step_overhead(p, work, *settings.get(p, (2, 6))) for p in args.presets.split(",")],
               "input_pipeline": [pipeline(work, args.images, 128)],
-              "machine": {"platform": platform.platform(), "torch": torch.__version__},
+              "machine": machine(),
               "note": "loop = rcdm.train.train's own images_per_s over its last logging window (loader, EMA, "
                       "MLflow logging included); pure = forward + loss + backward + AdamW step on a resident batch"}
     print(json.dumps(result, indent=2))

@@ -6,7 +6,6 @@ Writes JSON: {preset: {params, image_size, forward_s_median, forward_s_all, devi
 """
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from rcdm.device import autocast, pick_device
 from rcdm.presets import PRESETS, build_unet
+from rcdm.provenance import machine
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
                          "device": str(device), "threads": torch.get_num_threads()}
         print(name, results[name])
         del model
-    results["_machine"] = {"platform": platform.platform(), "torch": torch.__version__}
+    results["_machine"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rcdm.analysis.factor_reads import Options as FactorReadOptions
 from rcdm.diffusion.gaussian import Process
 from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join
@@ -184,6 +185,14 @@ class FidelityCheckConfig:
 
 
 @dataclass
+class FactorReadsCheckConfig(FactorReadOptions):
+    """At the end of every run on data that records the demo generator's factors: what the faithfulness samples
+    keep, factor by factor, beside the embedding's own bound (rcdm.analysis.factor_reads)."""
+
+    enabled: bool = True
+
+
+@dataclass
 class ConditioningDiagnosticConfig:
     """How much the model uses its embedding, per quartile of t (rcdm.evaluation.conditioning_gains): on a fixed
     held-out batch with fixed noise and t, the loss with the true embeddings against permuted ones (and the null
@@ -215,6 +224,7 @@ class TrainConfig:
     faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
     diagnostic: ConditioningDiagnosticConfig = field(default_factory=ConditioningDiagnosticConfig)
     invariance: InvarianceCheckConfig = field(default_factory=InvarianceCheckConfig)
+    factor_reads: FactorReadsCheckConfig = field(default_factory=FactorReadsCheckConfig)
     fidelity: FidelityCheckConfig = field(default_factory=FidelityCheckConfig)
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -268,3 +269,44 @@ def heldout(info: DatasetInfo, count: int, storage: StorageOptions | None = None
     if not keys:
         raise UserError(f"split {info.split} of {info.url} is empty")
     return torch.stack(xs), torch.stack(hs), keys
+
+
+def heldout_factors(info: DatasetInfo, count: int, storage: StorageOptions | None = None) -> list[dict] | None:
+    """The generative factors (``json`` member ``factors``) of the split's first ``count`` samples, or None when the
+    dataset does not record them."""
+    fs, root = open_fs(info.url, storage)
+    out = []
+    for shard in info.shards:
+        with fs.open(join(root, "images", shard), "rb") as f:
+            for sample in read_samples(f, MAX_MEMBER_BYTES):
+                try:
+                    factors = json.loads(sample.members.get("json", b"{}")).get("factors")
+                except ValueError:
+                    factors = None
+                if not isinstance(factors, dict):
+                    return None
+                out.append(factors)
+                if len(out) == count:
+                    return out
+    return out or None
+
+
+def labelled_embeddings(info: DatasetInfo, count: int, storage: StorageOptions | None = None
+                        ) -> tuple[torch.Tensor, list[dict]] | None:
+    """The split's first ``count`` embeddings (unflipped) [M, D] with their generative factors, or None when the
+    dataset does not record factors: what an embedding holds about each factor is measured against these."""
+    hs, factors = [], []
+    for shard in info.shards:
+        for key, img, emb in paired_samples(info, shard, storage, fresh=False):
+            try:
+                f = json.loads(img.get("json", b"{}")).get("factors")
+                h = np.load(io.BytesIO(emb[f"{info.level}.npy"]), allow_pickle=False)
+            except (ValueError, KeyError) as e:
+                raise DatasetError(f"sample {shard}#{key} of {info.url} cannot be read ({e}); {_fix(info)}") from None
+            if not isinstance(f, dict):
+                return None
+            hs.append(torch.from_numpy(h.astype(np.float32)))
+            factors.append(f)
+            if len(factors) == count:
+                return torch.stack(hs), factors
+    return (torch.stack(hs), factors) if factors else None

@@ -11,15 +11,17 @@ import time
 
 import torch
 
-from rcdm.analysis import fidelity, invariance
-from rcdm.analysis.faithfulness import faithfulness, flat_metrics
+from rcdm.analysis import ANALYSES, faithfulness, fidelity, invariance
+from rcdm.analysis.base import Inputs, Reference, Result, Sampling
+from rcdm.analysis.factors import synthetic_reader
 from rcdm.config import TrainConfig
-from rcdm.data import DatasetInfo, heldout
+from rcdm.data import DatasetInfo, heldout, heldout_factors, labelled_embeddings
 from rcdm.device import autocast
 from rcdm.diffusion.schedules import sampler_for
-from rcdm.encoders import build_recorded_encoder
+from rcdm.encoders import EncoderCard, build_recorded_encoder
 from rcdm.errors import UserError
 from rcdm.grids import grid_png
+from rcdm.model_card import LoadedRCDM, ModelCard
 from rcdm.preprocess import Preprocess
 from rcdm.sampling import draw
 from rcdm.storage import atomic_open, join, open_fs, write_json
@@ -68,8 +70,8 @@ def conditioning_gains(model, diffusion, x0: torch.Tensor, h: torch.Tensor, seed
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainConfig, info: DatasetInfo, tracker: Tracker, device: torch.device):
-        self.cfg, self.tracker, self.device = cfg, tracker, device
+    def __init__(self, cfg: TrainConfig, info: DatasetInfo, tracker: Tracker, device: torch.device, card: ModelCard):
+        self.cfg, self.tracker, self.device, self.card = cfg, tracker, device, card
         split = cfg.data.heldout_split
         if split not in info.manifest.splits:
             log.warning("dataset has no %s split: grids and faithfulness condition on the first training images",
@@ -83,8 +85,8 @@ class Evaluator:
 
     def evaluate(self, ema: torch.nn.Module, step: int, final: bool) -> dict:
         """What is due at ``step``: a grid every ``train.sample_every`` steps and at the last one; at the last
-        one (``final``) also the diagnostic's JSON, faithfulness, the embedding invariance index and, when configured,
-        fidelity. Returns the metrics it logged."""
+        one (``final``) also the diagnostic's JSON and the end-of-run analyses (``end_analyses``). Returns the
+        metrics it logged."""
         if step % self.cfg.train.sample_every == 0 or final:
             self.grid(ema, step)
         if not final:
@@ -96,15 +98,59 @@ class Evaluator:
         encoder = self._encoder()
         if encoder is None:
             return metrics
-        samples = None
-        if self.cfg.faithfulness.images:
-            faith, samples = self.faithfulness(ema, step, encoder)
-            metrics.update(faith)
-        if self.cfg.invariance.images:
-            metrics.update(self.invariance(encoder, step))
-        if self.cfg.fidelity.features and samples is not None:
-            metrics.update(self.fidelity(encoder, samples, step))
+        for name, opts, inputs in self.end_analyses(ema, encoder):
+            t0 = time.perf_counter()
+            result = ANALYSES[name].run(inputs, opts)
+            result.numbers.update(split=self.held.split, keys=inputs.names, model_step=step,
+                                  seconds=time.perf_counter() - t0, **inputs.sampling.describe())
+            self._write_json(f"{name}.json", result.numbers)
+            self.tracker.log_metrics(result.metrics, step, int(time.time() * 1000), once=True)
+            metrics.update(result.metrics)
+            log.info("end of run, %s on %d held-out images: %s", name, len(inputs.names), _brief(name, result))
         return metrics
+
+    def end_analyses(self, ema: torch.nn.Module, encoder) -> list[tuple[str, object, Inputs]]:
+        """(name, options, inputs) of the analyses every run ends with, from the registry: faithfulness, the factor
+        reads (where the data records generative factors) and fidelity on one sample per held-out embedding
+        (shared), the embedding invariance index of the run's level. Skipped where their image count is 0."""
+        cfg, todo = self.cfg, []
+        if cfg.faithfulness.images:
+            inputs = self._inputs(ema, encoder, cfg.faithfulness.images,
+                                  Sampling(cfg.faithfulness.steps, None, cfg.faithfulness.guidance, cfg.train.seed + 1))
+            if len(inputs.names) >= 2:
+                todo.append(("faithfulness", faithfulness.Options(), inputs))
+                if cfg.factor_reads.enabled and self._with_factors(inputs):
+                    todo.append(("factor_reads", cfg.factor_reads, inputs))
+                if cfg.fidelity.features:
+                    todo.append(("fidelity", fidelity.Options(cfg.fidelity.features), inputs))
+            else:
+                self.tracker.set_tag("faithfulness", f"skipped: split {self.held.split} has fewer than 2 images")
+        if cfg.invariance.images:
+            inputs = self._inputs(ema, encoder, cfg.invariance.images, Sampling(seed=cfg.invariance.seed))
+            if len(inputs.names) >= 2:
+                todo.append(("invariance", invariance.Options(sample=False), inputs))
+        return todo
+
+    def _inputs(self, ema, encoder, count: int, sampling: Sampling) -> Inputs:
+        x, h, keys = self._first(count)
+        loaded = LoadedRCDM(ema, self.card, self.cfg.run_root)
+        return Inputs(loaded, encoder, x, h, keys, sampling, self.device)
+
+    def _with_factors(self, inputs: Inputs) -> bool:
+        """Give ``inputs`` the held-out images' factors, a reader and labelled reference embeddings, where the
+        dataset records the demo generator's factors; False where it does not."""
+        source = self.held.manifest.splits[self.held.split].source
+        if source.get("kind") != "synthetic":
+            return False
+        factors = heldout_factors(self.held, len(inputs.names), self.cfg.storage)
+        train = self.held.with_split(self.cfg.data.split)
+        ref = labelled_embeddings(train, self.cfg.factor_reads.reference_images, self.cfg.storage)
+        if factors is None or ref is None:
+            return False
+        inputs.factors = factors
+        inputs.reference = Reference(*ref, f"the first {len(ref[1])} images of split {train.split}")
+        inputs.reader, inputs.reader_report = synthetic_reader(inputs.image_size, self.cfg.factor_reads.reader_steps)
+        return True
 
     def diagnose(self, ema: torch.nn.Module, step: int) -> dict:
         """The conditioning gains (``conditioning_gains``) of the EMA model on the fixed held-out batch."""
@@ -161,65 +207,22 @@ class Evaluator:
         if not (cfg.faithfulness.images or cfg.invariance.images):
             return None
         try:
-            encoder = build_recorded_encoder(cfg.encoder.name, rec.arch, rec.weights, allow_url=cfg.data.allow_url)
+            card = EncoderCard(cfg.encoder.name, rec.arch, cfg.level.name, rec.weights,
+                               Preprocess.from_dict(rec.preprocess))
+            encoder = build_recorded_encoder(card, allow_url=cfg.data.allow_url)
         except UserError as e:
             log.warning("end-of-run checks skipped: %s", e)
             self.tracker.set_tag("faithfulness", f"skipped: {e}")
             return None
-        encoder.preprocess = Preprocess.from_dict(rec.preprocess)
         return encoder.to(self.device)
 
-    def faithfulness(self, ema, step: int, encoder) -> tuple[dict, torch.Tensor | None]:
-        """The RCDM faithfulness protocol on the first held-out embeddings, from the EMA model: scalars as
-        metrics at the final step, the full result with per-image ranks as ``faithfulness.json``. Returns the
-        metrics and the samples (one per embedding, for the fidelity check)."""
-        cfg = self.cfg
-        _, h, keys = self._first(cfg.faithfulness.images)
-        if len(keys) < 2:
-            self.tracker.set_tag("faithfulness", f"skipped: split {self.held.split} has fewer than 2 images")
-            return {}, None
-        t0 = time.perf_counter()
-        samples = self._draw(ema, h, cfg.faithfulness.steps, cfg.train.seed + 1, cfg.faithfulness.guidance)
-        result = faithfulness(h, samples, encoder, cfg.level.name)
-        result.update(split=self.held.split, keys=keys, steps=cfg.faithfulness.steps,
-                      guidance=cfg.faithfulness.guidance, seconds=time.perf_counter() - t0, model_step=step)
-        flat = flat_metrics(result)
-        self.tracker.log_metrics(flat, step, int(time.time() * 1000), once=True)  # the loss already logged this step
-        self._write_json("faithfulness.json", result)
-        log.info("faithfulness on %d held-out images (%s, guidance %g): MRR %.3f [%.3f, %.3f], top-1 %.3f, "
-                 "mean rank %.2f (chance MRR %.3f)", result["n"], cfg.faithfulness.steps, cfg.faithfulness.guidance,
-                 result["mrr"], *result["mrr_ci95"], result["top1"], result["mean_rank"], result["chance"]["mrr"])
-        return flat, samples
 
-    def invariance(self, encoder, step: int) -> dict:
-        """The embedding invariance index of this job's level per augmentation family, on the first held-out
-        images: ``invariance_<family>`` metrics and ``invariance.json`` (cosines and the cross-image baseline)."""
-        x, _, keys = self._first(self.cfg.invariance.images)
-        if len(keys) < 2:
-            return {}
-        level = self.cfg.level.name
-        x01 = ((x.float() + 1) / 2).clamp(0, 1)
-        g = torch.Generator().manual_seed(self.cfg.invariance.seed)
-        clean = {level: invariance.embed(encoder, x01)[level]}
-        views = {f: {level: invariance.embed(encoder, invariance.augment(f, x01, g))[level]}
-                 for f in invariance.FAMILIES}
-        result = invariance.embedding_invariance(clean, views)
-        table = {f: result[f][level] for f in invariance.FAMILIES}
-        self._write_json("invariance.json", {"level": level, "images": len(keys), "split": self.held.split,
-                                             "cosine_other": result["cosine_other"][level], "families": table})
-        flat = {f"invariance_{f}": v["invariance_index"] for f, v in table.items()}
-        self.tracker.log_metrics(flat, step, int(time.time() * 1000), once=True)
-        return flat
-
-    def fidelity(self, encoder, samples: torch.Tensor, step: int) -> dict:
-        """FID and precision/recall of the faithfulness samples against the same held-out images."""
-        kind = self.cfg.fidelity.features
-        x, _, _ = self._first(len(samples))
-        extractor = (fidelity.EncoderFeatures(encoder, self.cfg.level.name) if kind == "encoder"
-                     else fidelity.InceptionFeatures(self.device))
-        result = fidelity.fidelity(fidelity.extract(extractor, samples), fidelity.extract(extractor, x.to(samples)))
-        result.update(features=kind, reference=f"{self.held.split}: the first {len(x)} images")
-        self._write_json("fidelity.json", result)
-        flat = {f"fidelity_{k}": result[k] for k in ("fid", "precision", "recall") if result.get(k) is not None}
-        self.tracker.log_metrics(flat, step, int(time.time() * 1000), once=True)
-        return flat
+def _brief(name: str, result: Result) -> str:
+    n = result.numbers
+    if name == "faithfulness":
+        return (f"MRR {n['mrr']:.3f} [{n['mrr_ci95'][0]:.3f}, {n['mrr_ci95'][1]:.3f}], top-1 {n['top1']:.3f} "
+                f"(chance MRR {n['chance']['mrr']:.3f})")
+    if name == "factor_reads":
+        return ", ".join(f"{k} {v['samples']:.2f} (bound {v['bound'] if v['bound'] is None else round(v['bound'], 2)})"
+                         for k, v in n["factors"].items())
+    return ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())

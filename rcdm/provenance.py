@@ -24,3 +24,36 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return f"rcdm {rcdm.__version__}"
     return f"rcdm {rcdm.__version__} ({commit}{'+dirty' if dirty else ''})"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` shows it (from /proc/cpuinfo), or the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device=None) -> dict:
+    """What a timing was measured on: CPU model and cores, torch threads, the GPU when ``device`` is one, the
+    platform and torch, and the 1-minute load average at the time (above the thread count: other work shared
+    the cores, so the timing is an upper bound)."""
+    import os
+    import platform
+
+    import torch
+
+    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "platform": platform.platform(), "torch": torch.__version__}
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        out["load_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return out

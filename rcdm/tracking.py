@@ -79,6 +79,15 @@ class Tracker:
         self.resumed = False
         self._last_step = -1
 
+    @classmethod
+    def attach(cls, tracking_uri: str | None, run_id: str) -> Tracker:
+        """A tracker on an existing run, to add to it (an analysis of that run's model)."""
+        self = cls.__new__(cls)
+        self.uri, self.client = tracking_uri, MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        self.run_id, self.resumed, self._last_step = run_id, True, -1
+        return self
+
     def start(self, run_id: str | None, name: str, tags: dict[str, str], params: dict[str, Any] | None = None) -> str:
         """Continue ``run_id`` if given (a requeued job), else create the run and log its params once."""
         if run_id:

@@ -28,7 +28,10 @@ from rcdm.device import autocast, describe
 from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
+from rcdm.encoders import EncoderCard
 from rcdm.lease import Lease, slurm_job_id
+from rcdm.model_card import ModelCard
+from rcdm.preprocess import Preprocess
 from rcdm.presets import preset_config
 from rcdm.provenance import code_version
 from rcdm.redaction import guard_logging, scrub, scrub_tree
@@ -132,14 +135,14 @@ def _resolve_run_id(cfg: TrainConfig, state: dict | None) -> str | None:
     return recorded_run_id(join(cfg.run_root, "mlflow_run.json"), cfg.storage)
 
 
-def model_meta(cfg: TrainConfig, info: DatasetInfo, dist: distributed.DistInfo | None = None) -> dict:
+def model_card(cfg: TrainConfig, info: DatasetInfo, dist: distributed.DistInfo | None = None) -> ModelCard:
     """What a checkpoint says about itself, so sampling needs nothing else (and the hardware that trained it)."""
     enc = info.encoder_record
-    return {"preset": cfg.model.name, "embed_dim": info.embed_dim, "image_size": info.image_size,
-            "encoder": cfg.encoder.name, "level": cfg.level.name, "encoder_arch": enc.arch,
-            "encoder_weights": enc.weights.to_dict(), "preprocess": enc.preprocess, "dataset": cfg.data.url,
-            "process": cfg.process().to_dict(), "unet": cfg.recipe.unet_options(), "recipe": asdict(cfg.recipe),
-            **({"device": describe(dist.device, dist.world)} if dist else {})}
+    return ModelCard(cfg.model.name, info.embed_dim, info.image_size, cfg.process(),
+                     EncoderCard(cfg.encoder.name, enc.arch, cfg.level.name, enc.weights,
+                                 Preprocess.from_dict(enc.preprocess)),
+                     cfg.recipe.unet_options(), asdict(cfg.recipe), cfg.data.url,
+                     describe(dist.device, dist.world) if dist else None)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -212,7 +215,7 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
             fs, root = open_fs(cfg.run_root, cfg.storage)
             write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": scrub(cfg.tracking.uri)})
             log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
-            evaluator = Evaluator(cfg, info, tracker, device)
+            evaluator = Evaluator(cfg, info, tracker, device, model_card(cfg, info, dist))
         metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator,
                         state.get("train_seconds", 0.0) if state else 0.0, lease)
     except Preempted as e:
@@ -332,7 +335,7 @@ def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, train_s:
             "step": step, "train_seconds": train_s, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(),
             "scaler": None, "config": scrub_tree(cfg.to_dict()),
-            "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_meta(cfg, info, dist),
+            "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_card(cfg, info, dist).to_dict(),
         }, cfg.storage, keep=cfg.train.keep_checkpoints)
         tracker.set_tag("checkpoint", join(cfg.run_root, "checkpoints"))
     distributed.barrier(dist)

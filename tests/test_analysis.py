@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rcdm.analysis.explore import embedding_path, sample_fixed_noise, variability
+from rcdm.analysis.interpolate import embedding_path, sample_fixed_noise
+from rcdm.analysis.variability import variability
 from rcdm.analysis.faithfulness import chance_levels, faithfulness, ranks, summarise
 from rcdm.diffusion.gaussian import RELEASED
 from rcdm.encoders import build_encoder
@@ -147,19 +148,19 @@ def test_analysis_commands_write_figures_and_numbers(trained, tmp_path, analyze)
     run_root, folder, run_id, uri = trained
     common = [f"checkpoint={run_root}", "steps=ddim3", f"output={tmp_path}", f"mlflow_run_id={run_id}",
               f"tracking_uri={uri}"]
-    analyze(["analysis=interpolate", f"images=[{folder / '0.png'},{folder / '1.png'}]", "points=5", "rows=2",
+    analyze(["analysis=interpolate", f"images=[{folder / '0.png'},{folder / '1.png'}]", "interpolate.points=5", "interpolate.rows=2",
             *common])
     numbers = json.loads((tmp_path / "interpolate.json").read_text())
     assert numbers["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert numbers["path_cosine_to_a"][0] == pytest.approx(1) and numbers["path_cosine_to_b"][-1] == pytest.approx(1)
     assert Image.open(tmp_path / "interpolate.png").size == (2 + 7 * 34, 2 + 2 * 34)  # A, 5 points, B; 2 rows
 
-    analyze(["analysis=variability", f"images={folder}", "samples=3", *common])
+    analyze(["analysis=variability", f"images={folder}", "variability.samples=3", *common])
     numbers = json.loads((tmp_path / "variability.json").read_text())
     assert len(numbers["ratio"]) == 4 and all(x >= 0 for x in numbers["ratio"])
     assert Image.open(tmp_path / "variability.png").size == (2 + 5 * 34, 2 + 4 * 34)  # original, 3, heatmap
 
-    analyze(["analysis=faithfulness", f"images={folder}", "boot=50", *common])
+    analyze(["analysis=faithfulness", f"images={folder}", "faithfulness.boot=50", *common])
     numbers = json.loads((tmp_path / "faithfulness.json").read_text())
     assert {"chance", "mean_rank", "median_rank", "mrr", "mrr_ci95", "ranks", "top1"} <= set(numbers)
     assert len(numbers["ranks"]) == 4 and all(1 <= x <= 4 for x in numbers["ranks"])
@@ -204,17 +205,17 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
     run_root, folder, run_id, uri = trained
     monkeypatch.setenv("RCDM_CACHE", str(tmp_path / "cache"))
     common = ["steps=ddim2", f"output={tmp_path}", f"mlflow_run_id={run_id}", f"tracking_uri={uri}",
-              "factor_steps=30"]
+              "interpolate.reader_steps=30", "invariance.reader_steps=30", "adversarial.reader_steps=30"]
 
-    analyze(["analysis=manipulate", f"checkpoint={run_root}", "images=synthetic:12", "neighbours=3",
-             f"source={folder / '0.png'}", f"target={folder / '1.png'}", "samples=2", *common])
+    analyze(["analysis=manipulate", f"checkpoint={run_root}", "images=synthetic:12", "manipulate.neighbours=3",
+             f"manipulate.source={folder / '0.png'}", f"manipulate.target={folder / '1.png'}", "manipulate.samples=2", *common])
     numbers = json.loads((tmp_path / "manipulate.json").read_text())
     assert len(numbers["neighbours"]) == 3 and len(numbers["dims"]) == round(0.1 * numbers["embedding_dim"])
     assert math.isfinite(numbers["transfer"])
     assert Image.open(tmp_path / "manipulate.png").size == (2 + 3 * 34, 2 + 3 * 34)
 
     analyze(["analysis=invariance", f"checkpoint=[{backbone_run},{run_root}]", "images=synthetic:24",
-                  "families=[grayscale,flip]", *common])
+                  "invariance.families=[grayscale,flip]", *common])
     numbers = json.loads((tmp_path / "invariance.json").read_text())
     emb = numbers["embedding"]["grayscale"]
     # finding 2 with the shipped SSL-trained VICReg: the projector is more invariant to grayscale
@@ -228,8 +229,8 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
             assert 0 <= lo <= v <= hi <= 1
     assert Image.open(tmp_path / "invariance.png").size == (2 + 4 * 34, 2 + 6 * 34)  # 3 images x 2 families
 
-    analyze(["analysis=adversarial", f"checkpoint={run_root}", "images=synthetic:16", "task=background",
-                  "epsilons=[0,2,16]", "probe_images=200", *common])
+    analyze(["analysis=adversarial", f"checkpoint={run_root}", "images=synthetic:16", "adversarial.task=background",
+                  "adversarial.epsilons=[0,2,16]", "adversarial.probe_images=200", *common])
     numbers = json.loads((tmp_path / "adversarial.json").read_text())
     for model in ("supervised", "ssl"):
         res = numbers["models"][model]
@@ -239,7 +240,7 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
     reads = numbers["samples"]  # the factor reader on samples from the perturbed embeddings, per epsilon
     assert reads["epsilon"] == [0, 2, 16] and all(0 <= v <= 1 for v in reads["samples_show_true"])
 
-    analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=encoder", *common])
+    analyze(["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "fidelity.features=encoder", *common])
     numbers = json.loads((tmp_path / "fidelity.json").read_text())
     assert numbers["fid"] >= 0 and numbers["inception_score"] is None and numbers["samples"] == 4
 
@@ -258,10 +259,10 @@ def test_finding_command_input_errors_name_the_fix(trained, analyze):
     run_root, folder, _, _ = trained
     for args, message in (
             (["analysis=adversarial", f"checkpoint={run_root}", f"images={folder}"], "images=synthetic:N"),
-            (["analysis=manipulate", f"checkpoint={run_root}", f"images={folder}"], "source=<image>"),
+            (["analysis=manipulate", f"checkpoint={run_root}", f"images={folder}"], "manipulate.source=<image>"),
             (["analysis=invariance", f"checkpoint=[{run_root},{run_root}]", "images=synthetic:4"],
              "one checkpoint per level"),
-            (["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "features=vgg"],
+            (["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "fidelity.features=vgg"],
              "choose inception or encoder")):
         with pytest.raises(UserError, match=message):
             analyze(args)

@@ -112,7 +112,7 @@ def test_inception_weights_missing_offline_name_the_file_and_cache(tmp_path, mon
 
 
 def test_factor_path_reads_a_then_b_along_the_path_and_wilson_intervals_bound_the_share():
-    from rcdm.analysis.explore import factor_path
+    from rcdm.analysis.interpolate import factor_path
     from rcdm.analysis.invariance import wilson
     from rcdm.synthetic import SHAPES
 
@@ -139,7 +139,7 @@ def test_factor_path_reads_a_then_b_along_the_path_and_wilson_intervals_bound_th
 
 
 def test_single_synthetic_images_by_name_carry_their_factors():
-    from rcdm.analysis.commands import load_inputs
+    from rcdm.analysis.images import load_inputs
 
     pair = load_inputs(["synthetic/analysis/3", "synthetic/analysis/7"], 32)
     first8 = load_inputs("synthetic:8", 32)

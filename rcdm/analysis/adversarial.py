@@ -10,15 +10,29 @@ the SSL probe flips less than the supervised classifier at small epsilon.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
-from rcdm.analysis.factors import FactorNet
+from rcdm.analysis.base import Inputs, Result
+from rcdm.analysis.factors import FactorNet, FactorNetConfig, factor_net, predict
+from rcdm.errors import UserError
+from rcdm.grids import png_grid
 from rcdm.encoders import embed_in_chunks
 from rcdm.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rcdm.probes import fit_linear_probe
 
 EPSILONS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # in 0-255 pixel units
+NAME = "adversarial"
+
+
+@dataclass
+class Options:
+    task: str = "shape"  # the factor attacked
+    epsilons: list[float] = field(default_factory=lambda: list(EPSILONS))
+    probe_images: int = 2000  # labelled images the SSL probe is fitted on
+    reader_steps: int = 600  # training steps of the supervised baseline and of the factor reader
 
 
 def encoder_input(encoder, x: torch.Tensor) -> torch.Tensor:
@@ -129,3 +143,54 @@ def curves_png(results: dict, title: str) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def run(inputs: Inputs, opts: Options) -> Result:
+    """FGSM against a supervised classifier and a linear probe on the SSL level; samples conditioned on the
+    perturbed SSL embeddings, read by the factor reader: do they still show the image's true factor?"""
+    from rcdm.analysis.invariance import wilson
+    from rcdm.probes import factor_labels, synthetic_set
+
+    labels = factor_labels(inputs.need_factors(NAME))
+    if opts.task not in labels:
+        raise UserError(f"unknown adversarial.task {opts.task!r}; choose a factor: {', '.join(labels)}")
+    size, device, name, level = inputs.image_size, inputs.device, inputs.loaded.card.encoder.name, inputs.level
+    y, mask = labels[opts.task]
+    x, y = inputs.images[mask].to(device), y[mask].to(device)
+    train_x, train_f = synthetic_set(opts.probe_images, 13, "adversarial-probe", size)
+    ty, tmask = factor_labels(train_f)[opts.task]
+    probe = ssl_probe(inputs.encoder, level, (train_x[tmask].float() / 127.5 - 1).to(device), ty[tmask].to(device))
+    # the supervised baseline: trained on labels with no blur / noise augmentation (that would buy it robustness)
+    net, report = factor_net(FactorNetConfig(image_size=size, steps=opts.reader_steps, soften=False))
+    models = {"supervised": SupervisedHead(net.to(device), opts.task), "ssl": probe}
+    results, perturbed = attack(models, x, y, tuple(float(e) for e in opts.epsilons))
+    small = next((i for i, e in enumerate(results["ssl"]["epsilon"]) if e > 0), None)
+    numbers = {"task": opts.task, "images": len(x), "models": results,
+               "supervised_test_accuracy": report["test_accuracy"][opts.task],
+               "ssl_probe": f"linear probe on frozen {name} {level} embeddings, {int(tmask.sum())} training images"}
+    metrics = {}
+    if small is not None:
+        eps = results["ssl"]["epsilon"][small]
+        numbers["smallest_epsilon"] = eps
+        numbers["ssl_flips_less_at_smallest_epsilon"] = (results["ssl"]["flip_rate"][small]
+                                                        < results["supervised"]["flip_rate"][small])
+        metrics = {f"adversarial_flip_rate_{m}_eps{eps:g}": results[m]["flip_rate"][small] for m in results}
+    reader, reader_report = factor_net(FactorNetConfig(image_size=size, steps=opts.reader_steps))
+    k = min(4, len(x))
+    rows, reads = [], {"epsilon": [], "samples_show_true": [], "samples_show_true_ci95": []}
+    for eps, xa in perturbed.items():
+        with torch.no_grad():
+            h = torch.cat([probe.embed(chunk) for chunk in xa.split(inputs.sampling.batch_size)])
+        s = inputs.draw(h)
+        hit = predict(reader, s)[opts.task] == y.cpu()
+        reads["epsilon"].append(eps)
+        reads["samples_show_true"].append(float(hit.float().mean()))
+        reads["samples_show_true_ci95"].append(wilson(int(hit.sum()), len(hit)))
+        rows.append(torch.stack([t for i in range(k) for t in (xa[i].cpu(), s[i])]))
+    numbers["samples"] = {**reads, "reader": f"the synthetic-factor predictor ({opts.task} accuracy "
+                                            f"{reader_report['test_accuracy'][opts.task]:.3f} on rendered images)",
+                          "conditioned_on": f"{name} {level} embeddings of the images perturbed against the SSL probe"}
+    if small is not None:
+        metrics[f"adversarial_samples_show_true_eps{numbers['smallest_epsilon']:g}"] = reads["samples_show_true"][small]
+    title = f"FGSM on {opts.task}: supervised tiny ResNet vs linear probe on {name} {level} ({len(x)} images)"
+    return Result(numbers, metrics, {"": curves_png(results, title), "_samples": png_grid(torch.cat(rows), 2 * k)})

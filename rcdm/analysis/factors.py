@@ -123,6 +123,11 @@ def factor_net(cfg: FactorNetConfig = FactorNetConfig()) -> tuple[FactorNet, dic
     return net, report
 
 
+def synthetic_reader(image_size: int, steps: int = 600) -> tuple[FactorNet, dict]:
+    """The reader of the demo generator's factors at ``image_size`` (cached once trained) and its report."""
+    return factor_net(FactorNetConfig(image_size=image_size, steps=steps))
+
+
 @torch.no_grad()
 def predict(net: FactorNet, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """images [N, 3, S, S] in [-1, 1] -> {factor: predicted class [N]}."""

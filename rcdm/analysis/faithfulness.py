@@ -9,13 +9,23 @@ image for every h gets rank N, not 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders import embed_in_chunks
+from rcdm.grids import grid_png
+
+NAME = "faithfulness"
+
+
+@dataclass
+class Options:
+    boot: int = 1000  # bootstrap resamples of the intervals
 
 
 def ranks(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -90,3 +100,12 @@ def flat_metrics(result: dict, prefix: str = "faithfulness_") -> dict[str, float
     out[f"{prefix}mrr_ci95_lo"], out[f"{prefix}mrr_ci95_hi"] = result["mrr_ci95"]
     out[f"{prefix}top1_ci95_lo"], out[f"{prefix}top1_ci95_hi"] = result["top1_ci95"]
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def run(inputs: Inputs, opts: Options) -> Result:
+    """One sample per image's embedding (shared with the other analyses of these inputs), re-encoded and ranked."""
+    inputs.need(2, NAME)
+    samples = inputs.own_samples()
+    numbers = faithfulness(inputs.embeddings.cpu(), samples, inputs.encoder, inputs.level, boot=opts.boot,
+                           seed=inputs.sampling.seed)
+    return Result(numbers, flat_metrics(numbers), {"": grid_png(inputs.images[:64], samples[:64])})

@@ -12,6 +12,7 @@ neighbourhoods.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +20,17 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders.weights import fetch, load_file
 from rcdm.errors import UserError
+from rcdm.grids import grid_png
+
+NAME = "fidelity"
+
+
+@dataclass
+class Options:
+    features: str = "inception"  # inception (torch-fidelity's Inception-v3, fetched once) | encoder (offline)
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -97,3 +107,21 @@ def fidelity(samples: dict, reference: dict, is_splits: int = 10, neighbourhood:
         out["warning"] = (f"{min(n_s, n_r)} images for {out['feature_dim']}-d features: the covariance is rank "
                           f"deficient and FID is biased upwards; use thousands of images for numbers to compare")
     return out
+
+
+def run(inputs: Inputs, opts: Options) -> Result:
+    """FID, precision/recall (and IS with Inception) of one sample per image against the images themselves."""
+    inputs.need(2, NAME)
+    if opts.features == "inception":
+        extractor = InceptionFeatures(inputs.device, inputs.download)
+    elif opts.features == "encoder":
+        extractor = EncoderFeatures(inputs.encoder, inputs.level)
+    else:
+        raise UserError(f"unknown fidelity.features {opts.features!r}; choose inception or encoder")
+    samples, originals = inputs.own_samples(), inputs.images
+    numbers = fidelity(extract(extractor, samples, inputs.sampling.batch_size),
+                       extract(extractor, originals.to(samples), inputs.sampling.batch_size))
+    numbers["features"] = opts.features
+    metrics = {f"fidelity_{k}": numbers[k] for k in ("fid", "precision", "recall", "inception_score")
+               if numbers.get(k) is not None}
+    return Result(numbers, metrics, {"": grid_png(originals[:16], samples[:16])})

@@ -14,12 +14,16 @@ The paper's findings 1 and 2: the backbone follows colour jitter and grayscale, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from rcdm.analysis.factors import predict, true_factors
+from rcdm.analysis.base import Inputs, Result
+from rcdm.analysis.factors import predict, synthetic_reader, true_factors
+from rcdm.errors import UserError
+from rcdm.grids import png_grid
 from rcdm.encoders import embed_in_chunks
 from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
 
@@ -27,6 +31,14 @@ from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
 CHANGES = {"colour_jitter": ("colour", "background"), "grayscale": ("grayscale",),
            "crop_scale": ("scale",), "crop_position": ("x", "y"), "flip": ("x",)}
 FAMILIES = tuple(CHANGES)
+NAME = "invariance"
+
+
+@dataclass
+class Options:
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    sample: bool = True  # also draw from the views' embeddings, per level (false: the embedding index alone)
+    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
 
 
 def _crop(x: torch.Tensor, side: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
@@ -109,12 +121,18 @@ def factor_table(net, factors: list[dict], originals: torch.Tensor, views: dict[
         kept = {k: (p_sample[k] == y)[m] for k, (y, m) in truth.items()}
         entry = {"preserved": {k: frac(v) for k, v in kept.items()},
                  "preserved_ci95": {k: ci(v) for k, v in kept.items()},
-                 "follows_view": {}, "follows_view_ci95": {}, "changed": {}}
+                 "follows_view": {}, "follows_view_ci95": {}, "changed": {},
+                 "shape_and_follows_view": {}, "shape_and_follows_view_ci95": {}}
+        shape_y, shape_m = truth["shape"]
+        keeps_shape = p_sample["shape"] == shape_y
         for k in CHANGES[family]:
             changed = p_view[k] != p_orig[k]
             follows = (p_sample[k] == p_view[k])[changed]
             entry["changed"][k] = int(changed.sum())
             entry["follows_view"][k], entry["follows_view_ci95"][k] = frac(follows), ci(follows)
+            # the paper's picture of a backbone sample: the original's object, in the view's colour / grayscale
+            both = (keeps_shape & (p_sample[k] == p_view[k]))[changed & shape_m]
+            entry["shape_and_follows_view"][k], entry["shape_and_follows_view_ci95"][k] = frac(both), ci(both)
         out[family] = entry
     return out
 
@@ -125,3 +143,54 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def run(inputs: Inputs, opts: Options) -> Result:
+    """The embedding invariance index of every level of the encoder per family; with samples, for each model
+    given (one per level, ``inputs.others`` beyond the first) samples from the views, and on images with known
+    factors the factor reader's table."""
+    inputs.need(2, NAME)
+    runs = [(inputs.loaded, inputs.encoder), *inputs.others]
+    name, sha = inputs.loaded.card.encoder.name, inputs.encoder.weights_sha256
+    for lo, enc in inputs.others:
+        if (lo.card.encoder.name, enc.weights_sha256) != (name, sha):
+            raise UserError(f"invariance compares levels of one encoder: {inputs.loaded.source} is {name} and "
+                            f"{lo.source} is {lo.card.encoder.name} ({enc.weights_source}); pick runs of the same one")
+    if len({lo.level for lo, _ in runs}) != len(runs):
+        raise UserError("invariance: give one checkpoint per level, e.g. checkpoint=[<backbone run>,<projector run>]")
+    unknown = [f for f in opts.families if f not in FAMILIES]
+    if unknown:
+        raise UserError(f"unknown augmentation families {unknown}; choose from {', '.join(FAMILIES)}")
+    shown, level = inputs.images, inputs.level
+    x01 = (shown + 1) / 2
+    g = torch.Generator().manual_seed(inputs.sampling.seed)
+    views = {f: augment(f, x01, g) for f in opts.families}
+    clean = embed(inputs.encoder, x01)
+    view_emb = {f: embed(inputs.encoder, v) for f, v in views.items()}
+    emb = embedding_invariance(clean, view_emb)
+    numbers: dict = {"level": level, "images": len(shown), "families_sampled": list(opts.families), "embedding": emb,
+                     "cosine_other": emb["cosine_other"][level], "families": {f: emb[f][level] for f in opts.families}}
+    metrics = {f"invariance_{f}": emb[f][level]["invariance_index"] for f in opts.families}
+    if "backbone" in clean and "projector" in clean:
+        numbers["projector_more_invariant"] = {
+            f: emb[f]["projector"]["invariance_index"] > emb[f]["backbone"]["invariance_index"] for f in opts.families}
+    if not opts.sample:
+        return Result(numbers, metrics)
+    numbers["levels_sampled"] = [lo.level for lo, _ in runs]
+    samples = {lo.level: {"clean": inputs.draw(clean[lo.level], lo),
+                          **{f: inputs.draw(view_emb[f][lo.level], lo) for f in opts.families}} for lo, _ in runs}
+    if inputs.factors is not None:
+        reader, report = inputs.reader_or(synthetic_reader, opts.reader_steps)
+        numbers["factor_predictor"] = report.get("test_accuracy")
+        numbers["samples"] = {lv: factor_table(reader, inputs.factors, shown, {f: v * 2 - 1 for f, v in views.items()},
+                                               sm["clean"], {f: sm[f] for f in opts.families})
+                              for lv, sm in samples.items()}
+        for lv, t in numbers["samples"].items():
+            if "grayscale" in t and t["grayscale"]["follows_view"]["grayscale"] is not None:
+                metrics[f"invariance_samples_follow_grayscale_{lv}"] = t["grayscale"]["follows_view"]["grayscale"]
+    else:
+        numbers["samples"] = "factors unknown for these images: use images=synthetic:N for the factor table"
+    # figure: for the first 3 images, one row per family: image, view, a sample per level from the view
+    rows = [torch.stack([shown[i], views[f][i] * 2 - 1] + [samples[lo.level][f][i] for lo, _ in runs])
+            for i in range(min(3, len(shown))) for f in opts.families]
+    return Result(numbers, metrics, {"": png_grid(torch.cat(rows), 2 + len(runs))})

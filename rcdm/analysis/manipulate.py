@@ -15,8 +15,28 @@ reported beside it (what the edit left alone).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from rcdm.analysis.base import Inputs, Result
+from rcdm.analysis.factors import predict, synthetic_reader, true_factors
+from rcdm.analysis.faithfulness import reencode
+from rcdm.errors import UserError
+from rcdm.grids import png_grid
+
+NAME = "manipulate"
+
+
+@dataclass
+class Options:
+    source: str | None = None  # the image whose neighbours (among the analysed images) define the attribute
+    target: str | None = None  # the image that receives it
+    neighbours: int = 10
+    fraction: float = 0.1  # share of the dimensions carried over
+    samples: int = 8  # draws per embedding
+    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
 
 
 def shared_dimensions(pool: torch.Tensor, source: torch.Tensor, k: int, fraction: float
@@ -53,3 +73,53 @@ def transfer_numbers(g_edit: torch.Tensor, g_target: torch.Tensor, dims: torch.T
     return {"distance_to_neighbours_edited": d_edit, "distance_to_neighbours_target": d_target,
             "transfer": 1 - d_edit / max(d_target, 1e-8),
             "other_dims_shift": dist(g_edit, rest, g_target.mean(0)) if rest.any() else 0.0}
+
+
+def run(inputs: Inputs, opts: Options) -> Result:
+    from rcdm.analysis.images import load_inputs
+
+    if not opts.source or not opts.target:
+        raise UserError("manipulate needs manipulate.source=<image> (whose neighbours define the attribute) and "
+                        "manipulate.target=<image> (that receives it), and images=<folder> to find the neighbours in")
+    pool, pool_shown = inputs.embeddings.cpu(), inputs.images
+    pair = load_inputs([opts.source, opts.target], inputs.image_size)
+    (h_src, h_tgt), shown = inputs.encode(pair.pils)
+    try:
+        nn_idx, dims, values = shared_dimensions(pool, h_src, opts.neighbours, opts.fraction)
+    except ValueError as e:
+        raise UserError(f"{e}: add images to the folder or lower manipulate.neighbours=") from None
+    h_edit = edit(h_tgt, dims, values)
+    m = opts.samples
+    samples = inputs.draw(torch.stack([h_tgt, h_edit]).repeat_interleave(m, 0))
+    g = reencode(inputs.encoder, inputs.level, samples).cpu()
+    numbers = transfer_numbers(g[m:], g[:m], dims, values, pool.std(0) + 1e-6)
+    numbers.update(source=opts.source, target=opts.target, neighbours=[inputs.names[i] for i in nn_idx.tolist()],
+                   dims=dims.tolist(), embedding_dim=pool.shape[1], fraction=opts.fraction, samples_per_embedding=m)
+    metrics = {"manipulate_transfer": numbers["transfer"]}
+    if pair.factors is not None:  # read the factors off the samples: which of the source's values moved over?
+        reader, _ = inputs.reader_or(synthetic_reader, opts.reader_steps)
+        numbers["factor_transfer"] = factor_transfer(reader, pair.factors[0], pair.factors[1], samples[m:], samples[:m])
+        for k, v in numbers["factor_transfer"].items():
+            metrics[f"manipulate_{k}_transfer"] = v["transfer"]
+    neighbours = pool_shown[nn_idx[:m]]
+    blank = torch.full_like(shown[0], -1)
+    # rows: source and its neighbours; the target and samples of its own embedding; the target and edited samples
+    row1 = torch.cat([shown[:1], neighbours, blank[None].expand(m - len(neighbours), -1, -1, -1)])
+    cells = torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]])
+    return Result(numbers, metrics, {"": png_grid(cells, m + 1)})
+
+
+def factor_transfer(reader, source: dict, target: dict, edited: torch.Tensor, own: torch.Tensor) -> dict:
+    """For each factor where source and target differ: the share of the edited samples read as the source's value,
+    the same share among the target's own samples, and ``transfer``, their difference (0: nothing carried over,
+    1: every edited sample took the source's value)."""
+    truth = true_factors([source, target])
+    read_e, read_o = predict(reader, edited), predict(reader, own)
+    out = {}
+    for k, (y, m) in truth.items():
+        if not bool(m.all()) or int(y[0]) == int(y[1]):
+            continue
+        e, o = float((read_e[k] == y[0]).float().mean()), float((read_o[k] == y[0]).float().mean())
+        out[k] = {"edited_shows_source": e, "own_shows_source": o, "transfer": e - o,
+                  "edited_keeps_target": float((read_e[k] == y[1]).float().mean())}
+    return out

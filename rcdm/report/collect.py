@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from rcdm.errors import UserError
 from rcdm.tracking import PARENT_TAG
 
-END_JSON = ("faithfulness", "conditioning", "invariance", "fidelity")
+END_JSON = ("faithfulness", "factor_reads", "conditioning", "invariance", "fidelity")
 
 
 @dataclass

@@ -34,27 +34,60 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def interval_bars(groups: dict[str, list[tuple[str, float, list[float]]]], ylabel: str, chance: float | None = None,
+                  ax=None) -> bytes | None:
+    """Grouped bars with 95 % intervals: {group label: [(series label, value, [lo, hi]), ...]}, the series in the
+    same order in every group; chance as a dashed line. The report's and the demo findings' bar charts."""
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) + 3), 3.8))
+    series = list(dict.fromkeys(label for bars in groups.values() for label, _, _ in bars))
+    width = 0.8 / len(series)
+    for j, label in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        nan = float("nan")
+        rows = [dict((lb, (v, ci)) for lb, v, ci in bars).get(label, (nan, [nan, nan])) for bars in groups.values()]
+        err = [[v - ci[0] for v, ci in rows], [ci[1] - v for v, ci in rows]]
+        ax.bar(xs, [v for v, _ in rows], width, yerr=err, capsize=2, label=label)
+    if chance is not None:
+        ax.axhline(chance, ls="--", c="k", lw=1, label=f"chance {chance:.3f}")
+    many = len(groups) > 4
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=7, rotation=45 if many else 0,
+                  ha="right" if many else "center")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7, ncol=min(len(series) + 1, 4), loc="upper center", bbox_to_anchor=(0.5, -0.22 if many else
+                                                                                          -0.12))
+    return _png(fig) if own else None
+
+
 def faithfulness_figure(runs: list[JobRun]) -> bytes | None:
     """MRR and top-1 with their 95 % intervals per run, chance as a dashed line."""
     rows = [r for r in runs if "faithfulness" in r.end]
     if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 0.9 * len(rows) + 3), 3.6))
-    labels = [f"{r.encoder}\n{r.level}" for r in rows]
     for ax, key, title in zip(axes, ("mrr", "top1"), ("faithfulness MRR", "top-1 rate")):
-        vals = [r.end["faithfulness"][key] for r in rows]
-        lo = [v - r.end["faithfulness"][f"{key}_ci95"][0] for v, r in zip(vals, rows)]
-        hi = [r.end["faithfulness"][f"{key}_ci95"][1] - v for v, r in zip(vals, rows)]
-        colours = ["#4c72b0" if r.level == "backbone" else "#dd8452" for r in rows]
-        ax.bar(range(len(rows)), vals, yerr=[lo, hi], color=colours, capsize=3)
-        chance = rows[0].end["faithfulness"]["chance"][key]
-        ax.axhline(chance, ls="--", c="k", lw=1, label=f"chance {chance:.3f}")
-        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=45 if len(rows) > 4 else 0, ha="right"
-                      if len(rows) > 4 else "center")
-        ax.set_ylim(0, 1)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        f = [r.end["faithfulness"] for r in rows]
+        interval_bars({f"{r.encoder}\n{r.level}": [(title, x[key], x[f"{key}_ci95"])] for r, x in zip(rows, f)},
+                      title, chance=f[0]["chance"][key], ax=ax)
     return _png(fig)
+
+
+def factor_figure(runs: list[JobRun]) -> bytes | None:
+    """What each run's samples keep: the share read as the original's shape, colour and background (95 %
+    intervals), beside the embedding's bound for shape."""
+    rows = [r for r in runs if "factor_reads" in r.end]
+    if not rows:
+        return None
+    groups = {}
+    for r in rows:
+        t = r.end["factor_reads"]["factors"]
+        bars = [(k, t[k]["samples"], t[k]["samples_ci95"]) for k in ("shape", "colour", "background") if k in t]
+        if t.get("shape", {}).get("bound") is not None:
+            bars.append(("shape: embedding bound", t["shape"]["bound"], [t["shape"]["bound"]] * 2))
+        groups[f"{r.encoder}\n{r.level}"] = bars
+    return interval_bars(groups, "read as the original's (95 % CI)")
 
 
 def conditioning_figure(runs: list[JobRun]) -> bytes | None:
@@ -108,7 +141,7 @@ def samples_figure(runs: list[JobRun]) -> bytes | None:
     return _png(fig)
 
 
-FIGURES = {"faithfulness.png": faithfulness_figure, "conditioning.png": conditioning_figure,
+FIGURES = {"faithfulness.png": faithfulness_figure, "factors.png": factor_figure, "conditioning.png": conditioning_figure,
            "loss.png": loss_figure, "samples.png": samples_figure}
 
 

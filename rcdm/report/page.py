@@ -99,6 +99,29 @@ def results_table(sweep: Sweep) -> str:
     return _table(head, rows, "results") + note + "</p>"
 
 
+def factor_table(sweep: Sweep) -> str:
+    """Per run and factor: the share of samples read as the original's value [95 % CI], the embedding's bound."""
+    runs = [r for r in sweep.runs if "factor_reads" in r.end]
+    if not runs:
+        return ('<p class="meta">No run logged factor_reads.json: its data records no generative factors (the demo '
+                'does), or factor_reads.enabled=false.</p>')
+    names = list(dict.fromkeys(k for r in runs for k in r.end["factor_reads"]["factors"]))
+    rows = []
+    for r in runs:
+        t = r.end["factor_reads"]["factors"]
+        rows.append([escape(r.encoder), escape(r.level)] + [
+            f'<td class="num">{t[k]["samples"]:.2f} [{t[k]["samples_ci95"][0]:.2f}, {t[k]["samples_ci95"][1]:.2f}]'
+            f'<br><span class="meta">bound {_num(t[k]["bound"], "{:.2f}")}</span></td>' if k in t else "–"
+            for k in names])
+    chance = runs[0].end["factor_reads"]["factors"]
+    return (_table(["encoder", "level", *(f"{k} (chance {chance[k]['chance']:.2f})" for k in names)], rows,
+                   "factors") +
+            '<p class="meta">What the samples keep: one sample per held-out embedding (the faithfulness samples), its '
+            'generative factors read by a classifier trained on labelled images (rcdm.analysis.factors); the share read '
+            "as the original's value with a Wilson 95 % interval. Bound: what the embedding itself holds, a 10-nearest-"
+            'neighbour vote among labelled training embeddings; a sample cannot be expected to show more.</p>')
+
+
 def invariance_table(sweep: Sweep) -> str:
     rows = []
     for r in sweep.runs:
@@ -175,6 +198,7 @@ def render(sweep: Sweep, figures: dict[str, bytes], link: str) -> str:
         problems_section(sweep),
         "<h2>Faithfulness and conditioning, encoder × level</h2>", results_table(sweep),
         fig.get("faithfulness.png", ""), fig.get("conditioning.png", ""),
+        "<h2>What the samples keep, factor by factor</h2>", factor_table(sweep), fig.get("factors.png", ""),
         "<h2>Embedding invariance per augmentation</h2>", invariance_table(sweep),
         "<h2>Samples</h2>", grids_section(sweep),
         "<h2>Loss curves</h2>", fig.get("loss.png", "<p>no loss logged</p>"),

@@ -1,0 +1,115 @@
+"""What every analysis takes and gives. An analysis is one module with ``NAME``, a typed ``Options`` dataclass and
+``run(inputs, options) -> Result``; ``rcdm.analysis.ANALYSES`` lists them, and the command line
+(``launch/analyze.py``), the end-of-run evaluation of a training job (``rcdm.evaluation``) and the demo
+findings (``rcdm.findings``) all go through that table."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rcdm.diffusion.schedules import sampler_for
+from rcdm.errors import UserError
+from rcdm.model_card import LoadedRCDM
+
+
+@dataclass
+class Sampling:
+    """How samples are drawn, recorded beside every number they give."""
+
+    steps: str = "ddim25"  # respacing: "100", "ddim50", ...
+    sampler: str | None = None  # ddpm | ddim; None: ddim for "ddimN" steps, else ddpm
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = the plain conditional model
+    seed: int = 0
+    batch_size: int = 64
+
+    @property
+    def kind(self) -> str:
+        return sampler_for(str(self.steps), self.sampler)
+
+    def describe(self) -> dict:
+        return {"steps": str(self.steps), "sampler": self.kind, "guidance": self.guidance, "seed": self.seed}
+
+
+@dataclass
+class Reference:
+    """Labelled embeddings (of images the analysed ones are not among), for what an embedding holds: the
+    factor reads' bound."""
+
+    embeddings: torch.Tensor  # [M, D]
+    factors: list[dict]
+    source: str  # where they come from, for the record
+
+
+@dataclass
+class Inputs:
+    """A model and the images it is analysed on."""
+
+    loaded: LoadedRCDM
+    encoder: object  # rcdm.encoders.SSLEncoder, frozen, on ``device``
+    images: torch.Tensor  # [N, 3, S, S] in [-1, 1] at the model's size: what samples are compared with
+    embeddings: torch.Tensor  # [N, D] of the model's level
+    names: list[str]
+    sampling: Sampling
+    device: torch.device
+    factors: list[dict] | None = None  # generative factors per image, where known
+    pils: list | None = None  # the images as given (analyses that edit and re-encode them)
+    others: list[tuple[LoadedRCDM, object]] = field(default_factory=list)  # invariance: more levels
+    reference: Reference | None = None
+    reader: object | None = None  # reads the factors off images (rcdm.analysis.factors.FactorNet)
+    reader_report: dict | None = None
+    download: bool = True  # may fetch weights (the Inception features) from the network
+    _own: torch.Tensor | None = None
+
+    @property
+    def level(self) -> str:
+        return self.loaded.level
+
+    @property
+    def image_size(self) -> int:
+        return self.loaded.model.cfg.image_size
+
+    def draw(self, h: torch.Tensor, loaded: LoadedRCDM | None = None) -> torch.Tensor:
+        """One sample per row of ``h`` [K, D] (on the CPU, in [-1, 1]), seeded by the sampling's seed."""
+        from rcdm.sampling import draw
+
+        lo, s = loaded or self.loaded, self.sampling
+        gen = torch.Generator(device=self.device).manual_seed(s.seed)
+        return draw(lo.model, lo.process, h.to(self.device), str(s.steps), s.kind, s.batch_size, gen,
+                    s.guidance).cpu()
+
+    def own_samples(self) -> torch.Tensor:
+        """One sample per input embedding, drawn once and shared (faithfulness, factor reads, fidelity)."""
+        if self._own is None:
+            self._own = self.draw(self.embeddings)
+        return self._own
+
+    def encode(self, pils: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Further images as the inputs were encoded -> (embeddings [K, D], images [K, 3, S, S])."""
+        from rcdm.sampling import encode_pil
+
+        h, shown = encode_pil(pils, self.encoder, self.encoder.preprocess, self.level, self.image_size, self.device)
+        return h.cpu(), shown.cpu()
+
+    def reader_or(self, make, steps: int):
+        """(reader, its report): the one given, else ``make(image_size, steps)`` (the synthetic-factor reader)."""
+        if self.reader is not None:
+            return self.reader, self.reader_report or {}
+        return make(self.image_size, steps)
+
+    def need(self, n: int, what: str) -> None:
+        if len(self.names) < n:
+            raise UserError(f"{what} needs at least {n} images, got {len(self.names)}")
+
+    def need_factors(self, what: str) -> list[dict]:
+        if self.factors is None:
+            raise UserError(f"{what} needs images whose generative factors are known: images=synthetic:N (the demo's "
+                            f"generator), or a dataset that records them")
+        return self.factors
+
+
+@dataclass
+class Result:
+    numbers: dict  # the JSON
+    metrics: dict[str, float]  # headline scalars, as MLflow metrics
+    figures: dict[str, bytes] = field(default_factory=dict)  # file suffix ("" = the main one) -> PNG
