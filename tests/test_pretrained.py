@@ -13,7 +13,7 @@ from rcdm.ssl.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["vicreg", "dino", "barlow", "simclr"]
-# Measured on the shipped weights (README tables): shape beats a random trunk by 0.18-0.42, the projector
+# Measured on the shipped weights (docs/encoders.md tables): shape beats a random trunk by 0.18-0.42, the projector
 # loses 0.036-0.27 of colour and grayscale accuracy (not DINO's colour) and 0.14-0.41 of each colour-jitter
 # variable. The margins leave room for platform noise.
 PROBE_MARGIN = {"shape_over_random": 0.12, "invariance": 0.02, "jitter_invariance": 0.05}
@@ -123,7 +123,7 @@ DINO_COLOUR_KEPT = pytest.mark.xfail(strict=True, reason="the shipped tiny DINO'
                                      "(linear probe 0.99 -> 0.98, margin 0.02) though it drops the jitter's own "
                                      "variables: its prototypes follow object and background colour, which the "
                                      "standard +-36 degree hue jitter does not randomise across the palette; "
-                                     "see the README's Known gap")
+                                     "see docs/encoders.md, what the projector keeps")
 
 
 @pytest.mark.slow
