@@ -86,7 +86,7 @@ def pipeline(work: Path, n: int, image_size: int) -> dict:
     ds = work / f"pipe{image_size}"
     shard(ShardJob(input=str(jpegs), output=str(ds), image_size=image_size, image_format="jpg", shard_size=n,
                    encoders=["dino"], loader_workers=0))
-    stream = TrainStream(open_dataset(str(ds), "dino", "projector"), rank=0, world=1, seed=0, shuffle_buffer=1)
+    stream = TrainStream(open_dataset(str(ds), "dino", "projector"), batch_size=1, rank=0, world=1, seed=0, shuffle_buffer=1)
     it = iter(stream)
     next(it)
     t0 = time.perf_counter()
