@@ -52,13 +52,13 @@ def step_overhead(preset: str, work: Path, batch: int, steps: int) -> dict:
                            shard_size=32, encoders=["dino"], loader_workers=0))
     cfg = TrainConfig(encoder=Named("dino"), level=Named("projector"), model=ModelConfig(preset),
                       data=DataConfig(url=str(ds)), storage=StorageOptions(run_root=str(work)),
-                      tracking=TrackingConfig(f"sqlite:///{work / 'bench.db'}"), experiment=f"bench-{preset}",
+                      tracking=TrackingConfig(f"sqlite:///{work / 'bench.db'}", f"bench-{preset}"),
                       job_name=preset, faithfulness=FaithfulnessConfig(images=0),
                       train=LoopConfig(steps=steps, batch_size=batch, log_every=steps - 2, checkpoint_every=10 ** 9,
                                        sample_every=10 ** 9, loader_workers=1, progress=False))
     train(cfg)  # the first log_every steps are warm-up; the last window is timed by the loop itself
     client = MlflowClient(cfg.tracking.uri)
-    run = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])[0]
+    run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
     loop_ips = sorted(client.get_metric_history(run.info.run_id, "images_per_s"), key=lambda m: m.step)[-1].value
 
     info = open_dataset(str(ds), "dino", "projector")

@@ -1,7 +1,7 @@
 """The sweep report: one self-contained HTML page comparing a sweep's runs, logged to its parent MLflow run.
 
     python launch/report.py                                   # the default sweep, from sqlite:///mlflow.db
-    python launch/report.py tracking=server experiment=rcdm-imagenet sweep_id=main
+    python launch/report.py tracking=server tracking.experiment=rcdm-imagenet sweep_id=main
 """
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -149,7 +149,7 @@ class SweepCallback(GuardCallback):
 
     def _open_sweep(self, config: DictConfig) -> None:
         cfg, combos = _prepare(config)
-        tracker = Tracker(cfg.tracking.uri, cfg.experiment)
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
         existing = recorded_run_id(cfg.parent_run_file, cfg.storage)  # a re-launched sweep continues its run
         run_id = tracker.start(existing, f"sweep {cfg.sweep_id}",
                                {"sweep_id": cfg.sweep_id, "run_root": cfg.sweep_root, "jobs": str(len(combos)),
@@ -201,12 +201,12 @@ class SweepCallback(GuardCallback):
 def _report(config: DictConfig, parent_run_id: str) -> None:
     """The sweep report (rcdm.report) on the parent run; a report that fails never fails the sweep."""
     try:
-        cfg = ReportConfig(tracking=TrackingConfig(config.tracking.uri), experiment=config.experiment,
+        cfg = ReportConfig(tracking=TrackingConfig(config.tracking.uri, config.tracking.experiment),
                            sweep_id=config.sweep_id, run_id=parent_run_id)
         out = write_report(cfg)
         print(f"sweep {config.sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
     except Exception as e:
         print(f"warning: the sweep report was not written ({type(e).__name__}: {e}); write it with: python "
-              f"launch/report.py experiment={config.experiment} sweep_id={config.sweep_id} "
+              f"launch/report.py tracking.experiment={config.tracking.experiment} sweep_id={config.sweep_id} "
               f"tracking.uri={scrub(config.tracking.uri)}", file=sys.stderr,
               flush=True)

@@ -59,6 +59,7 @@ class ClusterConfig:
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = "sqlite:///mlflow.db"  # an MLflow tracking URI: a local store or an `mlflow server`
+    experiment: str = "rcdm-demo"  # the MLflow experiment; also names the run, output and report folders
 
 
 @dataclass
@@ -213,7 +214,6 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
-    experiment: str = "rcdm"
     sweep_id: str = "main"  # same sweep_id + same overrides = the same jobs: they resume
     job_name: str = "job"
     device: str = "auto"  # cuda (bf16 autocast, NCCL) when a GPU is visible, else cpu (gloo)
@@ -234,7 +234,7 @@ class TrainConfig:
         if not self.storage.run_root:
             raise UserError("storage.run_root is not set: add storage.run_root=<a folder or s3://bucket/prefix> "
                             "for the checkpoints")
-        for key in ("experiment", "sweep_id", "job_name", "data.split", "data.heldout_split"):
+        for key in ("tracking.experiment", "sweep_id", "job_name", "data.split", "data.heldout_split"):
             path_segment(key, _get(self, key))
         t = self.train
         for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every"):
@@ -262,7 +262,7 @@ class TrainConfig:
 
     @property
     def sweep_root(self) -> str:
-        return join(self.storage.run_root, self.experiment, self.sweep_id)
+        return join(self.storage.run_root, self.tracking.experiment, self.sweep_id)
 
     @property
     def run_root(self) -> str:

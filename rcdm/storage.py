@@ -26,7 +26,7 @@ class StorageOptions:
     """Where runs go and how to reach an object store (the ``storage`` config group). Credentials come
     from the AWS environment and ~/.aws, never from here."""
 
-    run_root: Optional[str] = "runs"  # training checkpoints and grids: <run_root>/<experiment>/<sweep_id>/<job>
+    run_root: Optional[str] = "runs"  # training checkpoints and grids: <run_root>/<tracking.experiment>/<sweep_id>/<job>
     endpoint_url: Optional[str] = None  # S3-compatible endpoint; None = AWS's; http://KEY:SECRET@host works too
     region: Optional[str] = None
     anon: bool = False

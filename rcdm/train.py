@@ -201,7 +201,7 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     tracker = evaluator = None
     try:
         if dist.is_main:
-            tracker = Tracker(cfg.tracking.uri, cfg.experiment)
+            tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
             tags = {"encoder": cfg.encoder.name, "level": cfg.level.name, "slurm_job_id": slurm_job_id(),
                     "run_root": cfg.run_root, "dataset": cfg.data.url, "preset": cfg.model.name,
                     "world_size": str(dist.world),

@@ -148,7 +148,7 @@ def test_sweep_on_two_nodes_per_job(stack, dataset, tmp_path):
     p = _run([sys.executable, str(ROOT / "launch/sweep.py"), "-m", f"encoder={','.join(SWEEP_ENCODERS)}",
               f"level={','.join(SWEEP_LEVELS)}", *SLURM_SMALL, "cluster.nodes=2", "cluster.tasks_per_node=1",
               "data=shards", f"data.url={url}", "storage=s3", f"storage.run_root={run_root}", "tracking=server",
-              f"experiment={experiment}", "train.steps=10", "train.batch_size=8", "train.log_every=5",
+              f"tracking.experiment={experiment}", "train.steps=10", "train.batch_size=8", "train.log_every=5",
               "train.checkpoint_every=10", "train.sample_every=10", "train.loader_workers=0", "grid.images=2",
               "grid.samples=1", "grid.steps=ddim5"], stack, tmp_path, 2400)
     assert "8/8 jobs finished" in p.stdout + p.stderr
@@ -196,7 +196,7 @@ def test_requeue_resumes_the_same_run(stack, dataset, tmp_path):
           "cluster=slurm", "cluster.mem_gb=1", "cluster.cpus_per_task=2", "cluster.time_min=2",
           "cluster.signal_delay_s=30", "cluster.max_num_timeout=12", "data=shards", f"data.url={url}",
           "storage=s3", f"storage.run_root=s3://{stack['RCDM_S3_BUCKET']}/runs", "tracking=server",
-          f"experiment={experiment}", f"train.steps={steps}", "train.batch_size=16", f"train.log_every={every}",
+          f"tracking.experiment={experiment}", f"train.steps={steps}", "train.batch_size=16", f"train.log_every={every}",
           "train.checkpoint_every=100000", "train.sample_every=100000", "train.loader_workers=0",
           "grid.images=2", "grid.samples=1", "grid.steps=ddim5"], stack, tmp_path, 1800)
 

@@ -84,7 +84,7 @@ def test_an_unfinished_sweep_reports_what_is_missing_and_why(tmp_path):
 def test_a_sweep_that_does_not_exist_is_a_clear_error(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     Tracker(uri, "exp")
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "report.py"), f"tracking.uri={uri}", "experiment=exp",
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "report.py"), f"tracking.uri={uri}", "tracking.experiment=exp",
                         "sweep_id=nope"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "has no sweep with sweep_id='nope'" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr

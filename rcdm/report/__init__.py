@@ -2,7 +2,7 @@
 ``report.html`` beside its figures, written locally and logged to the sweep's parent MLflow run.
 
     python launch/report.py                                  # the default sweep (sqlite:///mlflow.db)
-    python launch/report.py tracking=server experiment=rcdm-imagenet sweep_id=main
+    python launch/report.py tracking=server tracking.experiment=rcdm-imagenet sweep_id=main
 """
 from __future__ import annotations
 
@@ -26,21 +26,20 @@ ARTIFACT_DIR = "report"
 @dataclass
 class ReportConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    experiment: str = "rcdm-demo"
     sweep_id: str = "main"
     run_id: Optional[str] = None  # the sweep's parent MLflow run; null = the newest with this sweep_id
-    output: Optional[str] = None  # local folder for report.html and its figures; null = reports/<experiment>/<sweep_id>
+    output: Optional[str] = None  # local folder for report.html and its figures; null = reports/<tracking.experiment>/<sweep_id>
     log_to_mlflow: bool = True  # also log them as artifacts of the parent run (under report/)
 
 
 def write_report(cfg: ReportConfig) -> dict:
     """Collect the sweep from MLflow, write the page and figures to ``cfg.output``, log them to the parent
     run. -> {"html": local path, "link": where to open it, "sweep": Sweep}."""
-    sweep: Sweep = collect(cfg.tracking.uri, cfg.experiment, cfg.sweep_id, cfg.run_id)
+    sweep: Sweep = collect(cfg.tracking.uri, cfg.tracking.experiment, cfg.sweep_id, cfg.run_id)
     parent = sweep.parent.info
     link = runs_link(cfg.tracking.uri, parent.experiment_id, parent.run_id, f"{ARTIFACT_DIR}/report.html")
     figs = figures(sweep.runs)
-    out = Path(cfg.output or f"reports/{cfg.experiment}/{cfg.sweep_id}")
+    out = Path(cfg.output or f"reports/{cfg.tracking.experiment}/{cfg.sweep_id}")
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
         (out / name).write_bytes(png)

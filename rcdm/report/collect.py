@@ -95,7 +95,7 @@ def find_parent(client: MlflowClient, experiment: str, sweep_id: str, run_id: st
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise UserError(f"no MLflow experiment {experiment!r} at this tracking URI (experiments: {names}); "
-                        f"set experiment=<the sweep's experiment>")
+                        f"set tracking.experiment=<the sweep's experiment>")
     runs = client.search_runs([exp.experiment_id], f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:

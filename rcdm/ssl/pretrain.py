@@ -53,8 +53,7 @@ class PretrainConfig:
     data_seed: int = 1  # the synthetic "pretrain" split: not the images the RCDMs train or probe on
     seed: int = 0
     device: str = "auto"
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(uri=None))  # None: no MLflow run
-    experiment: str = "rcdm-encoders"
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(uri=None, experiment="rcdm-encoders"))  # uri None: no MLflow run
 
 
 def synthetic_images(count: int, size: int, seed: int) -> torch.Tensor:
@@ -89,7 +88,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         teacher, teacher_head = copy.deepcopy(encoder).requires_grad_(False), copy.deepcopy(student_head).requires_grad_(False)
         dino_loss = DINOLoss(int(p["prototypes"]), p["student_temp"], p["center_momentum"]).to(device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tracker = Tracker(cfg.tracking.uri, cfg.experiment) if cfg.tracking.uri else None
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.uri else None
     if tracker:
         tracker.start(None, f"pretrain-{name}-tiny", {"method": name, "arch": "tiny"}, asdict(cfg))
     step, t0, last = 0, time.perf_counter(), {}
