@@ -28,21 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcdm.device import autocast, describe  # noqa: E402
 from rcdm.diffusion.gaussian import create_diffusion  # noqa: E402
+from rcdm.plan import peak_tflops  # noqa: E402
 from rcdm.presets import PRESETS  # noqa: E402
 from rcdm.provenance import machine  # noqa: E402
 from rcdm.unet import RCDMUNet  # noqa: E402
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity); matched on the name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "V100": 125.0}
 BATCH = {"tiny": 32, "adm64": 64, "adm128": 32, "adm256": 8}  # per GPU; adm128: the official 256 over 8 GPUs
 
 
 def device_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> float:

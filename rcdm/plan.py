@@ -1,0 +1,178 @@
+"""What a sweep will cost, before anything is submitted: per job the devices, steps, images seen, device-hours,
+and the storage its dataset and checkpoints take (``launch/plan.py``, the same overrides as ``launch/sweep.py``).
+
+Device-hours come from a measured step time where ``benchmarks/results/gpu_step.json`` holds one for the device
+named (``--device``, matched on the name the benchmark recorded), scaled linearly in the per-device batch; else
+from the model's FLOPs (counted by torch on a meta-device model, three times the forward per image) at a stated
+utilisation of the device's dense bf16 peak, and marked as an estimate. Nothing here runs a model on data.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rcdm.config import TrainConfig
+
+# Dense bf16 peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched on the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "V100": 125.0}
+CHECKPOINT_BYTES_PER_PARAM = 16  # fp32 model, EMA and AdamW's two moments
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_step.json"
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in device_name.lower()), None)
+
+
+@dataclass
+class Model:
+    parameters: int
+    forward_flops_per_image: float
+
+
+def model_cost(cfg: TrainConfig, embed_dim: int) -> Model:
+    """Parameters and forward FLOPs per image of the job's UNet, on the meta device (no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rcdm.presets import preset_config
+    from rcdm.unet import RCDMUNet
+
+    ucfg = preset_config(cfg.model.name, embed_dim)
+    with torch.device("meta"):
+        net = RCDMUNet(ucfg)
+        x = torch.zeros(1, 3, ucfg.image_size, ucfg.image_size)
+        t, h = torch.zeros(1, dtype=torch.long), torch.zeros(1, embed_dim)
+        with FlopCounterMode(display=False) as counter:
+            net(x, t, h)
+    return Model(sum(p.numel() for p in net.parameters()), float(counter.get_total_flops()))
+
+
+def measured_step(device: str, preset: str, results: Path | None = None) -> dict | None:
+    """The ``rcdm`` path's measured step of ``preset`` on ``device`` (a substring of the recorded name)."""
+    results = results or RESULTS
+    if not device or not results.exists():
+        return None
+    r = json.loads(results.read_text())
+    name = (r.get("machine") or {}).get("gpu") or r.get("device", "")
+    if r.get("reduced") or device.lower() not in name.lower():
+        return None
+    row = (r.get("presets") or {}).get(preset, {}).get("rcdm")
+    return row and {**row, "device": name}
+
+
+@dataclass
+class JobPlan:
+    job: str
+    nodes: int
+    devices: int
+    steps: int
+    batch: int
+    images_seen: int
+    device_hours: float
+    hours_source: str
+    checkpoint_gb: float
+    checkpoints_kept: int
+    parameters: int
+    extras: dict = field(default_factory=dict)
+
+
+_CPU_RATE: dict = {}
+
+
+def cpu_images_per_s(cfg: TrainConfig, embed_dim: int, steps: int = 3) -> float:
+    """Training images/s of the job's preset on this machine's CPU, timed over a few steps on random data (once
+    per preset and batch): the demo's cost is a CPU cost."""
+    import time
+
+    from rcdm.diffusion.gaussian import create_diffusion
+    from rcdm.presets import build_unet
+
+    key = (cfg.model.name, cfg.train.batch_size, embed_dim)
+    if key not in _CPU_RATE:
+        torch.manual_seed(0)
+        net = build_unet(cfg.model.name, embed_dim)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        diffusion = create_diffusion()
+        s, b = net.cfg.image_size, cfg.train.batch_size
+        x, h = torch.rand(b, 3, s, s) * 2 - 1, torch.randn(b, embed_dim)
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            loss = diffusion.training_losses(net, x, torch.randint(0, 1000, (b,)), h)["loss"].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+        _CPU_RATE[key] = b / sorted(times)[len(times) // 2]
+    return _CPU_RATE[key]
+
+
+def runs_on_cpu(cfg: TrainConfig) -> bool:
+    return cfg.device == "cpu" or (cfg.device == "auto" and cfg.cluster.name != "slurm" and not torch.cuda.is_available())
+
+
+def plan_job(cfg: TrainConfig, embed_dim: int, device: str, utilisation: float) -> JobPlan:
+    c = cfg.cluster
+    nodes = c.nodes if c.name == "slurm" else 1
+    per_node = c.gpus_per_node or c.tasks_per_node if c.name == "slurm" else 1
+    devices = max(1, nodes * per_node)
+    steps, batch = cfg.train.steps, cfg.train.batch_size
+    model = model_cost(cfg, embed_dim)
+    step = measured_step(device, cfg.model.name)
+    if runs_on_cpu(cfg) and cfg.model.name == "tiny":
+        from rcdm.provenance import cpu_model
+
+        rate = cpu_images_per_s(cfg, embed_dim)
+        hours, source = steps * batch / rate / 3600, (
+            f"CPU hours, measured here: {rate:.0f} images/s over 3 training steps on {cpu_model()} with "
+            f"{torch.get_num_threads()} threads (the end-of-run evaluation and data loading come on top)")
+    elif step:
+        per_device = batch / devices
+        step_s = step["step_s"] * per_device / step["batch"]
+        hours, source = steps * step_s * devices / 3600, (
+            f"measured: {step['step_s']:.3f} s/step at batch {step['batch']} on {step['device']} "
+            f"(benchmarks/gpu_step.py), scaled to batch {per_device:g} per device")
+    else:
+        peak = peak_tflops(device) if device else None
+        peak = peak or 989.0
+        flops = 3 * model.forward_flops_per_image * batch * steps
+        hours = flops / (peak * 1e12 * utilisation) / 3600
+        source = (f"estimate: {3 * model.forward_flops_per_image / 1e9:,.1f} GFLOP per image per step at "
+                  f"{utilisation:.0%} of {peak:g} TFLOP/s (bf16 peak of {device or 'an H100/H200'}); no measured "
+                  f"step for it in {RESULTS.name}")
+    ckpt = model.parameters * CHECKPOINT_BYTES_PER_PARAM / 1e9
+    return JobPlan(cfg.job_name, nodes, devices, steps, batch, steps * batch, hours, source, ckpt,
+                   cfg.train.keep_checkpoints, model.parameters)
+
+
+def dataset_bytes(url: str, storage) -> int | None:
+    """Bytes under the dataset's URL (shards of every encoder, manifest), or None where it cannot be listed."""
+    from rcdm.storage import open_fs
+
+    try:
+        fs, root = open_fs(url, storage)
+        return int(fs.du(root, total=True)) if fs.exists(root) else None
+    except Exception:  # a plan never fails on storage it cannot read: it says so
+        return None
+
+
+def format_plan(jobs: list[JobPlan], data_url: str, data_bytes: int | None) -> str:
+    head = ("job", "nodes", "devices", "steps", "global batch", "images seen", "device-hours", "checkpoints")
+    rows = [(j.job, str(j.nodes), str(j.devices), f"{j.steps:,}", str(j.batch), f"{j.images_seen:,}",
+             f"{j.device_hours:,.1f}", f"{j.checkpoint_gb:.2f} GB x {j.checkpoints_kept}") for j in jobs]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths))  # noqa: E731
+    out = [line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+    total_h = sum(j.device_hours for j in jobs)
+    total_ckpt = sum(j.checkpoint_gb * j.checkpoints_kept for j in jobs)
+    size = f"{data_bytes / 1e9:,.2f} GB" if data_bytes is not None else "unknown (nothing listed there yet)"
+    out += ["", f"total: {len(jobs)} jobs, {total_h:,.1f} device-hours, checkpoints {total_ckpt:,.1f} GB, "
+                f"dataset {data_url}: {size}"]
+    sources = sorted({j.hours_source for j in jobs})
+    out += [f"device-hours: {s}" for s in sources]
+    out += ["nothing was submitted: run launch/sweep.py with the same overrides (and -m) to start it"]
+    return "\n".join(out)

@@ -1,0 +1,128 @@
+"""Experiments carry whole budgets and levels none; every sweep command the docs show composes to its
+experiment's budget, and launch/plan.py prints a sweep's cost without submitting anything (issue 27)."""
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline import schemas
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+IMAGENET = [e for e in EXPERIMENTS if e != "demo"]
+
+
+def composed(overrides):
+    schemas.register()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("sweep", overrides=overrides)
+
+
+def test_the_experiments_are_there_and_levels_carry_no_budget():
+    assert {"demo", "imagenet64_resnet50", "imagenet128_resnet50", "imagenet_dinov2"} <= set(EXPERIMENTS)
+    for level in (ROOT / "configs" / "level").glob("*.yaml"):
+        assert "train" not in OmegaConf.load(level), f"{level.name} sets a budget; budgets belong to experiments"
+
+
+def test_the_demo_keeps_its_per_level_budget():
+    for level, steps in (("backbone", 240), ("projector", 60)):
+        c = composed([f"level={level}"])
+        assert (c.train.steps, c.train.checkpoint_every, c.model.name, c.tracking.experiment) == (
+            steps, 80, "tiny", "rcdm-demo")
+    assert composed(["level=projector", "train.steps=7"]).train.steps == 7  # the command line wins
+
+
+@pytest.mark.parametrize("experiment", IMAGENET)
+@pytest.mark.parametrize("level", ["backbone", "projector"])
+def test_imagenet_experiments_set_a_real_budget_at_every_level(experiment, level):
+    c = composed([f"experiment={experiment}", f"level={level}", "data.url=s3://bucket/x"])
+    assert c.train.steps >= 100_000 and c.train.checkpoint_every >= 1000 and c.train.sample_every >= 1000
+    assert c.train.loader_workers >= 4 and c.train.batch_size >= 256 and c.recipe.name == "adm"
+    assert c.model.name in ("adm64", "adm128") and c.data.build_if_missing is False
+    assert c.faithfulness.images >= 256 and c.cluster.nodes * c.cluster.tasks_per_node >= 8
+    assert c.tracking.experiment != "rcdm-demo"
+
+
+def doc_commands(path: Path, script: str) -> list[list[str]]:
+    """The override lists of every ``python <script>`` command in the page's code blocks (continuations
+    joined, comments dropped, sweeps reduced to their first value)."""
+    text = path.read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" # ")[0].strip()
+            if line.startswith(f"python {script}"):
+                args = [a for a in shlex.split(line)[2:] if a not in ("-m", "--multirun")]
+                out.append([re.sub(r"=([^,\[]+),.*$", r"=\1", a) for a in args])
+    return out
+
+
+def test_every_cluster_sweep_in_the_docs_composes_to_its_experiments_budget():
+    commands = [c for page in (ROOT / "README.md", ROOT / "docs" / "cluster.md", ROOT / "docs" / "training.md")
+                for c in doc_commands(page, "launch/sweep.py")]
+    slurm = [c for c in commands if "cluster=slurm" in c and "data.url=s3://rcdm/demo" not in c]
+    assert slurm, "the docs show no cluster sweep"
+    for overrides in slurm:
+        c = composed(overrides)
+        exp = next((a.split("=", 1)[1] for a in overrides if a.startswith("experiment=")), None)
+        assert exp in IMAGENET, f"a cluster sweep without an ImageNet experiment: {overrides}"
+        assert c.train.steps == OmegaConf.load(ROOT / "configs" / "experiment" / f"{exp}.yaml").train.steps
+
+
+def run_plan(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_plan_of_the_demo_sweep_prints_each_job_and_submits_nothing(tmp_path):
+    r = run_plan(["-m", "encoder=vicreg,dino", "level=backbone,projector"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("vicreg-", "dino-"))]
+    assert sorted(row[0] for row in rows) == ["dino-backbone-tiny", "dino-projector-tiny", "vicreg-backbone-tiny",
+                                              "vicreg-projector-tiny"]
+    for row in rows:
+        steps = 240 if "backbone" in row[0] else 60
+        assert (row[3], row[4], row[5]) == (str(steps), "32", f"{steps * 32:,}")
+    assert "CPU hours, measured here" in r.stdout and "nothing was submitted" in r.stdout
+    assert not any(tmp_path.iterdir())  # no data built, no run folder, no MLflow store
+
+
+@pytest.mark.slow
+def test_plan_of_an_imagenet_sweep_reads_the_manifest_and_the_measured_step(tmp_path, monkeypatch):
+    from rcdm import plan
+    from sharding.config import ShardJob, SyntheticInput
+    from sharding.orchestrate import shard
+
+    data = tmp_path / "imagenet"
+    shard(ShardJob(input="synthetic", output=str(data), synthetic=SyntheticInput(8), image_size=32, shard_size=4,
+                   encoders=["vicreg"], loader_workers=0))
+    args = ["experiment=imagenet128_resnet50", "encoder=vicreg", "level=backbone,projector", f"data.url={data}",
+            "cluster=slurm", "plan.device=H200"]
+    r = run_plan(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "estimate: " in r.stdout and "989 TFLOP/s" in r.stdout
+    row = next(ln.split() for ln in r.stdout.splitlines() if ln.startswith("vicreg-backbone-adm128"))
+    assert row[1:6] == ["2", "16", "300,000", "256", "76,800,000"]
+    size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file()) / 1e9
+    assert f"dataset {data}: {size:,.2f} GB" in r.stdout
+
+    # with a measured step for the device, the plan uses it and says so
+    results = tmp_path / "gpu_step.json"
+    results.write_text(json.dumps({"reduced": False, "device": "cuda: NVIDIA H200 x 1 rank",
+                                   "machine": {"gpu": "NVIDIA H200"},
+                                   "presets": {"adm128": {"rcdm": {"step_s": 0.5, "batch": 32}}}}))
+    monkeypatch.setattr(plan, "RESULTS", results)
+    from rcdm.config import TrainConfig
+
+    cfg = OmegaConf.to_object(composed(args[:2] + ["level=backbone", f"data.url={data}", "cluster=slurm"]))
+    assert isinstance(cfg, TrainConfig)
+    job = plan.plan_job(cfg, 128, "H200", 0.35)
+    assert job.hours_source.startswith("measured: 0.500 s/step at batch 32 on NVIDIA H200")
+    assert job.device_hours == pytest.approx(300_000 * 0.5 * (256 / 16) / 32 * 16 / 3600)
