@@ -9,7 +9,10 @@ seeds, ddim25, guidance 1) and the conditioning gains (``cond_gain_q0..q3``). Th
 ``train_seconds``: data, update and EMA, no evaluation. Arms: ``adm`` (the released recipe at the demo's
 former lr 1e-3), ``vpred`` (the default), ``vpred_min_snr`` (the default with min-SNR-5 weighting).
 Goals: ``vpred`` reaches adm's 1500-step MRR in at least 10x fewer seconds; VICReg backbone MRR >= 0.5
-within 60 s of training. Writes the JSON and a PNG plot beside it.
+within 60 s of training. Every point also holds what the samples keep, factor by factor (``factor_reads.json``:
+the share of samples read as their original's shape, colour, ... with 95 % intervals, chance and the embedding's
+bound); the third panel plots shape against seconds. ``--arms vpred_long`` follows shape over 3600 steps.
+Writes the JSON and a PNG plot beside it.
 """
 import argparse
 import json
@@ -31,7 +34,10 @@ ARMS = {  # name: (overrides, the steps at which it is evaluated)
     "adm": (["recipe=adm", "train.lr=1e-3"], [250, 500, 1000, 1500]),
     "vpred": ([], [60, 120, 170, 240, 400]),
     "vpred_min_snr": (["recipe.weighting=min_snr", "recipe.min_snr_gamma=5"], [120, 240, 400]),
+    # what the samples keep, factor by factor, over a longer run (issue 25: shape is drawn late, if at all)
+    "vpred_long": (["train.lr_schedule=constant"], [600, 1200, 2400, 3600]),
 }
+DEFAULT_ARMS = "adm,vpred,vpred_min_snr"
 
 
 def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, common: list[str]) -> list[dict]:
@@ -44,7 +50,10 @@ def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, commo
         t0 = time.perf_counter()
         m = train(cfg)  # resumes from the previous stop
         faith = json.loads((Path(cfg.run_root) / "faithfulness.json").read_text())
-        points.append({"step": steps, "train_seconds": m["train_seconds"], "mrr": faith["mrr"],
+        reads = Path(cfg.run_root) / "factor_reads.json"
+        factors = {k: {"samples": v["samples"], "ci95": v["samples_ci95"], "bound": v["bound"], "chance": v["chance"]}
+                   for k, v in json.loads(reads.read_text())["factors"].items()} if reads.exists() else {}
+        points.append({"factors": factors, "step": steps, "train_seconds": m["train_seconds"], "mrr": faith["mrr"],
                        "mrr_ci95": faith["mrr_ci95"], "top1": faith["top1"], "guidance": faith["guidance"],
                        **{k: m[k] for k in m if k.startswith(("cond_gain", "null_gain"))},
                        "wall_seconds_incl_eval": time.perf_counter() - t0})
@@ -63,7 +72,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     for i, (name, points) in enumerate(result["arms"].items()):
         colour = f"C{i}"
         x = [p["train_seconds"] for p in points]
@@ -72,12 +81,23 @@ def plot(result: dict, path: Path) -> None:
         a.errorbar(x, [p["mrr"] for p in points], yerr=[lo, hi], marker="o", capsize=3, color=colour, label=name)
         b.plot(x, [p["cond_gain_q3"] for p in points], marker="o", color=colour, label=f"{name}: q3, t in [750, 1000)")
         b.plot(x, [p["cond_gain_q0"] for p in points], marker="x", linestyle=":", color=colour, label=f"{name}: q0")
+        shape = [(p["train_seconds"], p["factors"]["shape"]) for p in points if p.get("factors", {}).get("shape")]
+        if shape:
+            c.errorbar([s for s, _ in shape], [f["samples"] for _, f in shape], marker="o", capsize=3, color=colour,
+                       yerr=[[f["samples"] - f["ci95"][0] for _, f in shape], [f["ci95"][1] - f["samples"] for _, f in shape]],
+                       label=f"{name}: shape")
+            if shape[-1][1]["bound"] is not None:
+                c.axhline(shape[-1][1]["bound"], color=colour, linestyle=":", label=f"{name}: embedding's bound")
+            c.axhline(shape[-1][1]["chance"], color="grey", linestyle="--")
+    c.set(xscale="log", xlabel="CPU seconds of training", ylabel="samples whose shape is the original's",
+          title="what the samples keep: shape (chance dashed)", ylim=(0, 1))
+    c.legend(fontsize=7)
     a.axhline(result["chance_mrr"], color="grey", linestyle="--", label="chance")
     a.set(xscale="log", xlabel="CPU seconds of training", ylabel="faithfulness MRR (64 held-out, ddim25)",
           title=f"{result['encoder']} {result['level']}, tiny UNet, batch {result['batch']}")
     b.set(xscale="log", xlabel="CPU seconds of training", ylabel="conditioning gain 1 - L_true / L_permuted",
           title="uses its embedding, per quartile of t")
-    for ax in (a, b):
+    for ax in (a, b, c):
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     a.legend()
@@ -91,7 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/convergence.json")
     ap.add_argument("--encoder", default="vicreg")
     ap.add_argument("--level", default="backbone")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"any of {','.join(ARMS)} (vpred_long: about an hour on 2 cores)")
     ap.add_argument("--data", default="data/demo", help="the demo dataset (built there if missing)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args()
@@ -103,7 +123,7 @@ def main() -> None:
     common = [f"encoder={args.encoder}", f"level={args.level}", f"data.url={args.data}",
               f"storage.run_root={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'm.db'}", "train.progress=false",
               "train.sample_every=100000", "train.checkpoint_every=100000", "train.log_every=100000",
-              "experiment=convergence"]
+              "tracking.experiment=convergence"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         base = train_config(compose("sweep", overrides=common, return_hydra_config=True))
     result = {"encoder": args.encoder, "level": args.level, "batch": base.train.batch_size, "preset": base.model.name,
