@@ -70,7 +70,13 @@ def test_shipped_tiny_encoders_are_the_default_and_checksummed(tmp_path):
         record = json.loads((zoo.TINY_WEIGHTS / f"{m}.json").read_text())
         assert record["method"] == m and record["steps"] == record["config"]["steps"] >= 1000
         assert build_encoder(m, "tiny").weights.sha256 == record["sha256"] == sha256sum(zoo.TINY_WEIGHTS / f"{m}.pt")
-    assert OmegaConf.load(ROOT / "configs/shard.yaml").encoder_weights == "released"
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import schemas
+
+    schemas.register()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        assert compose("shard").encoder_weights == "released"  # what launch/shard.py runs with
     assert OmegaConf.load(ROOT / "configs/data/demo.yaml").synthetic.encoder_weights == "released"
     # the manifest says which weights embedded the data
     shard(ShardJob(input="synthetic", output=str(tmp_path / "ds"), synthetic=SyntheticInput(4), encoders=["barlow"],
