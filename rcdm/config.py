@@ -138,13 +138,19 @@ class RecipeConfig:
     weighting: str = "uniform"  # uniform | min_snr
     min_snr_gamma: float = 5.0
     normalize_embeddings: bool = False  # per-dimension statistics of the training split, stored in the model
+    whiten_embeddings: bool = False  # with normalize_embeddings: ZCA-whiten instead (the split's covariance)
     cond_drop: float = 0.0  # representation dropout: the share of a batch conditioned on a learned null embedding
     warmup_steps: int = 0  # linear learning-rate warm-up
 
     def unet_options(self) -> dict:
         """What the recipe changes in the UNet (``rcdm.presets.build_unet`` options)."""
         return {"out_channels": 6 if self.learn_sigma else 3, "normalize_embeddings": self.normalize_embeddings,
-                "null_embedding": self.cond_drop > 0}
+                "null_embedding": self.cond_drop > 0, **({"whiten_embeddings": True} if self.whiten_embeddings else {})}
+
+    def __post_init__(self):
+        if self.whiten_embeddings and not self.normalize_embeddings:
+            raise UserError("recipe.whiten_embeddings=true needs recipe.normalize_embeddings=true (whitening is a "
+                            "normalisation); set both, or neither")
 
 
 @dataclass

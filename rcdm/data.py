@@ -235,6 +235,31 @@ def embedding_stats(info: DatasetInfo, storage: StorageOptions | None = None, ma
     """Per-dimension mean and std [D] of the split's embeddings (both views), from at most ``max_samples``
     samples in shard order: what a recipe with normalised embeddings divides by. Reads the embedding shards
     only."""
+    h = _embedding_rows(info, storage, max_samples)
+    return h.mean(0).float(), h.std(0).clamp_min(1e-6).float()
+
+
+def embedding_whitening(info: DatasetInfo, storage: StorageOptions | None = None, max_samples: int = 65536,
+                        eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and ZCA matrix [D, D] of the split's embeddings (both views): (h - mean) @ W has identity
+    covariance, up to ``eps`` times the largest eigenvalue added to every eigenvalue, so directions of almost
+    no variance are not blown up into noise. Small-variance directions (on the demo: much of what tells shape
+    apart) reach the network at the same scale as the dominant ones (colour)."""
+    return zca(_embedding_rows(info, storage, max_samples), eps)
+
+
+def zca(h: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and ZCA matrix [D, D] of rows ``h`` [n, D], ``eps`` times the largest eigenvalue added to each."""
+    h = h.double()
+    mean = h.mean(0)
+    lam, u = torch.linalg.eigh(torch.cov((h - mean).T))
+    lam = lam.clamp_min(0)
+    w = u @ torch.diag(1 / torch.sqrt(lam + eps * lam.max())) @ u.T
+    return mean.float(), w.float()
+
+
+def _embedding_rows(info: DatasetInfo, storage: StorageOptions | None, max_samples: int) -> torch.Tensor:
+    """[n * views, D] float64: the split's first ``max_samples`` samples' embeddings, both views."""
     opened = open_fs(info.url, storage)
     names = [f"{info.level}.npy"] + ([f"{info.level}.flip.npy"] if info.manifest.flip else [])
     rows, n = [], 0
@@ -250,8 +275,7 @@ def embedding_stats(info: DatasetInfo, storage: StorageOptions | None = None, ma
                 break
         if n >= max_samples:
             break
-    h = torch.from_numpy(np.stack(rows))  # [n * views, D]
-    return h.mean(0).float(), h.std(0).clamp_min(1e-6).float()
+    return torch.from_numpy(np.stack(rows))  # [n * views, D]
 
 
 def heldout(info: DatasetInfo, count: int, storage: StorageOptions | None = None

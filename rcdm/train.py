@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from rcdm import distributed, train_checkpoints
 from rcdm.config import LoopConfig, RecipeConfig, TrainConfig
-from rcdm.data import DatasetInfo, embedding_stats, open_dataset, train_loader
+from rcdm.data import DatasetInfo, embedding_stats, embedding_whitening, open_dataset, train_loader
 from rcdm.device import autocast, describe
 from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
@@ -187,6 +187,8 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
         mean, std = embedding_stats(info, cfg.storage)
         model.emb_mean.copy_(mean)
         model.emb_std.copy_(std)
+        if cfg.recipe.whiten_embeddings:  # the same rows, so the same mean
+            model.emb_white.copy_(embedding_whitening(info, cfg.storage)[1])
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()

@@ -36,6 +36,7 @@ class UNetConfig:
     embed_dim: int = 2048  # conditioning vector size (backbone 2048, projector 8192/256/128, ...)
     # Conditioning options of the newer recipes (the released models have neither):
     normalize_embeddings: bool = False  # per-dimension (h - mean) / std with buffers set from the training split
+    whiten_embeddings: bool = False  # with normalize_embeddings: (h - mean) @ W, W the split's ZCA matrix
     null_embedding: bool = False  # a learned "no representation" vector: dropout in training, guidance in sampling
 
 
@@ -194,6 +195,8 @@ class RCDMUNet(nn.Module):
         if cfg.normalize_embeddings:  # statistics of the training split, saved with the weights
             self.register_buffer("emb_mean", torch.zeros(cfg.embed_dim))
             self.register_buffer("emb_std", torch.ones(cfg.embed_dim))
+            if cfg.whiten_embeddings:
+                self.register_buffer("emb_white", torch.eye(cfg.embed_dim))
         if cfg.null_embedding:
             self.null_emb = nn.Parameter(torch.zeros(cfg.embed_dim))
 
@@ -234,7 +237,9 @@ class RCDMUNet(nn.Module):
         """The embedding as the network reads it: [N, D] normalised, rows where ``drop`` [N] is True replaced
         by the null embedding."""
         cond = cond.float()
-        if self.cfg.normalize_embeddings:
+        if self.cfg.normalize_embeddings and self.cfg.whiten_embeddings:
+            cond = (cond - self.emb_mean) @ self.emb_white
+        elif self.cfg.normalize_embeddings:
             cond = (cond - self.emb_mean) / self.emb_std
         if drop is not None:
             if not self.cfg.null_embedding:

@@ -140,3 +140,28 @@ def test_a_cpu_step_of_each_recipe_and_its_checkpoint_describes_it(recipe, tmp_p
         mean, std = embedding_stats(open_dataset(dataset, "dino", "backbone"))
         assert torch.allclose(loaded.model.emb_mean, mean) and torch.allclose(loaded.model.emb_std, std)
     assert (tmp_path / "r" / "rcdm-demo" / "main" / "dino-backbone-tiny" / "conditioning.json").exists()
+
+
+def test_whitened_embeddings_have_identity_covariance_and_travel_with_the_weights(tmp_path, dataset, typed):
+    from rcdm.data import embedding_whitening, heldout, open_dataset, zca
+
+    with pytest.raises(UserError, match="needs recipe.normalize_embeddings=true"):
+        RecipeConfig(whiten_embeddings=True)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(20000, 6, generator=g) @ torch.diag(torch.tensor([10.0, 3.0, 1.0, 0.3, 0.1, 0.03])) @ torch.linalg.qr(
+        torch.randn(6, 6, generator=g))[0] + 5
+    mean, w = zca(h, eps=1e-9)
+    assert torch.allclose(torch.cov(((h - mean) @ w).T), torch.eye(6), atol=2e-2)  # every direction at one scale
+    info = open_dataset(dataset, "dino", "backbone")
+    h = heldout(info, 3)[1]  # embeddings of held-out images
+
+    cfg = typed("sweep", ["data=shards", f"data.url={dataset}", "encoder=dino", "recipe=vpred",
+                          "recipe.whiten_embeddings=true", "train.steps=1", "train.batch_size=4",
+                          "train.loader_workers=0", "grid.images=1", "grid.samples=1", "grid.steps=ddim2",
+                          "faithfulness.images=0", "invariance.images=0", "diagnostic.images=2",
+                          f"storage.run_root={tmp_path / 'r'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    train(cfg)
+    loaded = load_trained(cfg.run_root)
+    assert loaded.model.cfg.whiten_embeddings and torch.allclose(loaded.model.emb_white, embedding_whitening(info)[1])
+    out = loaded.model.condition(h[:3])
+    assert torch.allclose(out, (h[:3] - loaded.model.emb_mean) @ loaded.model.emb_white, atol=1e-5)
