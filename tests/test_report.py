@@ -38,8 +38,9 @@ def test_the_report_of_a_finished_sweep_loads_in_a_browser(tmp_path, dataset):
 
     page = open_page(html, tmp_path / "report.png")
     assert page["errors"] == [] and page["failed"] == []
-    # the encoder x level table, the invariance table, the config differences, one provenance row per run
-    assert page["tables"] == {"results": 2, "invariance": 2, "config": 2, "provenance": 2}, page["tables"]
+    # the encoder x level table, the factor reads (synthetic data), the invariance table, the config differences,
+    # one provenance row per run
+    assert page["tables"] == {"results": 2, "factors": 2, "invariance": 2, "config": 2, "provenance": 2}, page["tables"]
     images = page["images"]
     assert {i["alt"] for i in images} >= {"faithfulness.png", "conditioning.png", "loss.png",
                                           "dino-backbone-tiny samples", "dino-projector-tiny samples"}
@@ -69,7 +70,7 @@ def test_an_unfinished_sweep_reports_what_is_missing_and_why(tmp_path):
     _run(Tracker(uri, "exp"), pid, "vicreg", "backbone", "FINISHED")
     _run(Tracker(uri, "exp"), pid, "vicreg", "projector", "FAILED", "FloatingPointError: loss is nan at step 40")
     _run(Tracker(uri, "exp"), pid, "dino", "backbone", "RUNNING")
-    out = write_report(ReportConfig(TrackingConfig(uri), "exp", "s", output=str(tmp_path / "rep")))
+    out = write_report(ReportConfig(TrackingConfig(uri, "exp"), "s", output=str(tmp_path / "rep")))
     sweep = out["sweep"]
     assert sweep.missing == [({"encoder": "dino", "level": "projector"}, sweep.missing[0][1])]
     assert "no MLflow run" in sweep.missing[0][1]
