@@ -251,7 +251,7 @@ def test_non_finite_loss_stops_with_an_error_and_keeps_the_good_checkpoint(tmp_p
 def test_the_embedded_default_sweep(tmp_path):
     """The README's main command on a fresh working directory: demo data, 8 jobs, 8 finished runs."""
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", "encoder=vicreg,dino,barlow,simclr",
-                        "level=backbone,projector"], cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+                        "level=backbone,projector"], cwd=tmp_path, capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "8/8 jobs finished" in r.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
