@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcdm.device import autocast, describe  # noqa: E402
 from rcdm.diffusion.gaussian import create_diffusion  # noqa: E402
-from rcdm.plan import peak_tflops  # noqa: E402
+from rcdm.plan import peak_tflops, unet_cost  # noqa: E402
 from rcdm.presets import PRESETS  # noqa: E402
 from rcdm.provenance import machine  # noqa: E402
 from rcdm.unet import RCDMUNet  # noqa: E402
@@ -38,14 +38,6 @@ BATCH = {"tiny": 32, "adm64": 64, "adm128": 32, "adm256": 8}  # per GPU; adm128:
 
 def device_peak(device: torch.device) -> float | None:
     return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-
-def forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1], t[:1], h[:1])
-    return float(counter.get_total_flops())
 
 
 def sync(device: torch.device) -> None:
@@ -67,7 +59,7 @@ def step_path(cfg, path: str, device: torch.device, batch: int, steps: int, warm
     if fast:
         x = x.contiguous(memory_format=torch.channels_last)
     h = torch.randn(batch, cfg.embed_dim, device=device)
-    flops = forward_flops(model, x, torch.zeros(batch, dtype=torch.long, device=device), h)
+    flops = unet_cost(cfg).forward_flops_per_image
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []

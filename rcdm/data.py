@@ -230,26 +230,20 @@ def train_loader(info: DatasetInfo, batch_size: int, rank: int, world: int, seed
                       prefetch_factor=4 if workers else None)
 
 
-def embedding_stats(info: DatasetInfo, storage: StorageOptions | None = None, max_samples: int = 65536
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_stats(info: DatasetInfo, storage: StorageOptions | None = None, max_samples: int = 65536,
+                    whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-dimension mean and std [D] of the split's embeddings (both views), from at most ``max_samples``
-    samples in shard order: what a recipe with normalised embeddings divides by. Reads the embedding shards
-    only."""
+    samples in shard order, and with ``whiten`` their ZCA matrix [D, D] (``zca``), all from one read of the
+    embedding shards: what a recipe with normalised (or whitened) embeddings stores in the model."""
     h = _embedding_rows(info, storage, max_samples)
-    return h.mean(0).float(), h.std(0).clamp_min(1e-6).float()
-
-
-def embedding_whitening(info: DatasetInfo, storage: StorageOptions | None = None, max_samples: int = 65536,
-                        eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and ZCA matrix [D, D] of the split's embeddings (both views): (h - mean) @ W has identity
-    covariance, up to ``eps`` times the largest eigenvalue added to every eigenvalue, so directions of almost
-    no variance are not blown up into noise. Small-variance directions (on the demo: much of what tells shape
-    apart) reach the network at the same scale as the dominant ones (colour)."""
-    return zca(_embedding_rows(info, storage, max_samples), eps)
+    return h.mean(0).float(), h.std(0).clamp_min(1e-6).float(), zca(h)[1] if whiten else None
 
 
 def zca(h: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and ZCA matrix [D, D] of rows ``h`` [n, D], ``eps`` times the largest eigenvalue added to each."""
+    """Mean [D] and ZCA matrix [D, D] of rows ``h`` [n, D]: (h - mean) @ W has identity covariance, up to ``eps``
+    times the largest eigenvalue added to every eigenvalue, so directions of almost no variance are not blown up
+    into noise. Small-variance directions (on the demo: much of what tells shape apart) reach the network at the
+    scale of the dominant ones (colour)."""
     h = h.double()
     mean = h.mean(0)
     lam, u = torch.linalg.eigh(torch.cov((h - mean).T))

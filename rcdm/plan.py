@@ -33,18 +33,17 @@ class Model:
     forward_flops_per_image: float
 
 
-def model_cost(cfg: TrainConfig, embed_dim: int) -> Model:
-    """Parameters and forward FLOPs per image of the job's UNet, on the meta device (no memory, no time)."""
+def unet_cost(ucfg) -> Model:
+    """Parameters and forward FLOPs per image of the UNet ``ucfg`` (a UNetConfig), counted by torch on the meta
+    device (no memory, no time)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rcdm.presets import preset_config
     from rcdm.unet import RCDMUNet
 
-    ucfg = preset_config(cfg.model.name, embed_dim)
     with torch.device("meta"):
         net = RCDMUNet(ucfg)
         x = torch.zeros(1, 3, ucfg.image_size, ucfg.image_size)
-        t, h = torch.zeros(1, dtype=torch.long), torch.zeros(1, embed_dim)
+        t, h = torch.zeros(1, dtype=torch.long), torch.zeros(1, ucfg.embed_dim)
         with FlopCounterMode(display=False) as counter:
             net(x, t, h)
     return Model(sum(p.numel() for p in net.parameters()), float(counter.get_total_flops()))
@@ -89,6 +88,7 @@ def cpu_images_per_s(cfg: TrainConfig, embed_dim: int, steps: int = 3) -> float:
 
     from rcdm.diffusion.gaussian import create_diffusion
     from rcdm.presets import build_unet
+    from rcdm.train import apply_update, forward_losses
 
     key = (cfg.model.name, cfg.train.batch_size, embed_dim)
     if key not in _CPU_RATE:
@@ -99,15 +99,12 @@ def cpu_images_per_s(cfg: TrainConfig, embed_dim: int, steps: int = 3) -> float:
         s, b = net.cfg.image_size, cfg.train.batch_size
         x, h = torch.rand(b, 3, s, s) * 2 - 1, torch.randn(b, embed_dim)
         times = []
-        for i in range(steps + 1):
+        for i in range(steps + 1):  # the first is warm-up
             t0 = time.perf_counter()
-            loss = diffusion.training_losses(net, x, torch.randint(0, 1000, (b,)), h)["loss"].mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i:
-                times.append(time.perf_counter() - t0)
-        _CPU_RATE[key] = b / sorted(times)[len(times) // 2]
+            loss = forward_losses(net, diffusion, x, h, torch.randint(0, 1000, (b,)))["loss"].mean()
+            apply_update(net, opt, loss, 1.0)
+            times.append(time.perf_counter() - t0)
+        _CPU_RATE[key] = b / sorted(times[1:])[len(times[1:]) // 2]
     return _CPU_RATE[key]
 
 
@@ -121,7 +118,9 @@ def plan_job(cfg: TrainConfig, embed_dim: int, device: str, utilisation: float) 
     per_node = c.gpus_per_node or c.tasks_per_node if c.name == "slurm" else 1
     devices = max(1, nodes * per_node)
     steps, batch = cfg.train.steps, cfg.train.batch_size
-    model = model_cost(cfg, embed_dim)
+    from rcdm.presets import preset_config
+
+    model = unet_cost(preset_config(cfg.model.name, embed_dim))
     step = measured_step(device, cfg.model.name)
     if runs_on_cpu(cfg) and cfg.model.name == "tiny":
         from rcdm.provenance import cpu_model

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from rcdm import distributed, train_checkpoints
 from rcdm.config import LoopConfig, RecipeConfig, TrainConfig
-from rcdm.data import DatasetInfo, embedding_stats, embedding_whitening, open_dataset, train_loader
+from rcdm.data import DatasetInfo, embedding_stats, open_dataset, train_loader
 from rcdm.device import autocast, describe
 from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
@@ -184,11 +184,11 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = RCDMUNet(unet_cfg).to(device)
     if cfg.recipe.normalize_embeddings:  # a resumed job gets them back from its checkpoint
-        mean, std = embedding_stats(info, cfg.storage)
+        mean, std, white = embedding_stats(info, cfg.storage, whiten=cfg.recipe.whiten_embeddings)
         model.emb_mean.copy_(mean)
         model.emb_std.copy_(std)
-        if cfg.recipe.whiten_embeddings:  # the same rows, so the same mean
-            model.emb_white.copy_(embedding_whitening(info, cfg.storage)[1])
+        if white is not None:
+            model.emb_white.copy_(white)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()

@@ -137,13 +137,13 @@ def test_a_cpu_step_of_each_recipe_and_its_checkpoint_describes_it(recipe, tmp_p
     if recipe == "vpred":  # the training split's statistics travel in the weights
         from rcdm.data import embedding_stats, open_dataset
 
-        mean, std = embedding_stats(open_dataset(dataset, "dino", "backbone"))
+        mean, std, _ = embedding_stats(open_dataset(dataset, "dino", "backbone"))
         assert torch.allclose(loaded.model.emb_mean, mean) and torch.allclose(loaded.model.emb_std, std)
     assert (tmp_path / "r" / "rcdm-demo" / "main" / "dino-backbone-tiny" / "conditioning.json").exists()
 
 
 def test_whitened_embeddings_have_identity_covariance_and_travel_with_the_weights(tmp_path, dataset, typed):
-    from rcdm.data import embedding_whitening, heldout, open_dataset, zca
+    from rcdm.data import embedding_stats, heldout, open_dataset, zca
 
     with pytest.raises(UserError, match="needs recipe.normalize_embeddings=true"):
         RecipeConfig(whiten_embeddings=True)
@@ -162,6 +162,7 @@ def test_whitened_embeddings_have_identity_covariance_and_travel_with_the_weight
                           f"storage.run_root={tmp_path / 'r'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
     train(cfg)
     loaded = load_trained(cfg.run_root)
-    assert loaded.model.cfg.whiten_embeddings and torch.allclose(loaded.model.emb_white, embedding_whitening(info)[1])
+    assert loaded.model.cfg.whiten_embeddings
+    assert torch.allclose(loaded.model.emb_white, embedding_stats(info, whiten=True)[2])
     out = loaded.model.condition(h[:3])
     assert torch.allclose(out, (h[:3] - loaded.model.emb_mean) @ loaded.model.emb_white, atol=1e-5)
