@@ -10,39 +10,28 @@ device's bf16 peak, marked as an estimate), checkpoint size x kept; then totals 
 """
 import sys
 
-from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-
-from pipeline import schemas
-from pipeline.sweep import train_config
+from pipeline.sweep import job_configs
 from rcdm.errors import UserError, cli_errors
 from rcdm.manifest import read_manifest
 from rcdm.plan import dataset_bytes, format_plan, plan_job
-from rcdm.provenance import REPO
 
 PLAN_KEYS = {"plan.device": "", "plan.utilisation": "0.35"}
 
 
 def main(argv: list[str]) -> str:
-    args = [a for a in argv if a not in ("-m", "--multirun")]
+    args = list(argv)
     opts = dict(PLAN_KEYS)
     for a in [a for a in args if a.split("=", 1)[0] in PLAN_KEYS]:
         key, value = a.split("=", 1)
         opts[key] = value
         args.remove(a)
-    schemas.register()
-    parsed = OverridesParser.create().parse_overrides(args)
-    (combinations,) = BasicSweeper.split_arguments(parsed, None)
     jobs, data = [], None
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        for overrides in combinations:
-            cfg = train_config(compose("sweep", overrides=list(overrides)))
-            manifest = read_manifest(cfg.data.url, cfg.storage) if not cfg.data.build_if_missing else None
-            enc = manifest.encoders.get(cfg.encoder.name) if manifest else None
-            embed_dim = enc.levels.get(cfg.level.name, 2048) if enc else 2048
-            jobs.append(plan_job(cfg, embed_dim, opts["plan.device"], float(opts["plan.utilisation"])))
-            data = data or cfg
+    for cfg in job_configs(args):
+        manifest = read_manifest(cfg.data.url, cfg.storage) if not cfg.data.build_if_missing else None
+        enc = manifest.encoders.get(cfg.encoder.name) if manifest else None
+        embed_dim = enc.levels.get(cfg.level.name, 2048) if enc else 2048
+        jobs.append(plan_job(cfg, embed_dim, opts["plan.device"], float(opts["plan.utilisation"])))
+        data = data or cfg
     if not jobs:
         raise UserError("no job to plan: give the sweep's overrides")
     text = format_plan(jobs, data.data.url, dataset_bytes(data.data.url, data.storage))

@@ -42,6 +42,22 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(cfg)
 
 
+def job_configs(args: list[str]) -> list[TrainConfig]:
+    """Every job's config of a sweep command line (its overrides, with or without -m), composed as launch/sweep.py
+    composes them, without launching anything: what launch/plan.py and launch/status.py read."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from pipeline import schemas
+    from rcdm.provenance import REPO
+
+    schemas.register()
+    parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
+    (combinations,) = BasicSweeper.split_arguments(parsed, None)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return [train_config(compose("sweep", overrides=list(overrides))) for overrides in combinations]
+
+
 def ensure_demo_data(cfg: TrainConfig) -> None:
     """Build the embedded demo dataset (both splits) where the config asks for it and it is missing."""
     d = cfg.data
@@ -171,12 +187,19 @@ class SweepCallback(GuardCallback):
         if self._open_parent is None:
             return
         tracker = self._parent_tracker()
+        if config.cluster.name == "slurm" and not config.cluster.wait:  # the jobs run on; status.py ends the run
+            where = " ".join(config.hydra.overrides.task)
+            print(f"sweep {config.sweep_id}: jobs submitted, recorded in {scrub(config.storage.run_root or '')}/"
+                  f"{config.tracking.experiment}/{config.sweep_id}/submitted.json; parent MLflow run {tracker.run_id} "
+                  f"stays RUNNING. Follow it (and end it with its report once every job is done) with the same overrides:\n"
+                  f"  python launch/status.py {scrub(where)}", flush=True)
+            return
         children = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{tracker.run_id}'")
         ok = bool(children) and all(r.info.status == "FINISHED" for r in children)
         tracker.end("FINISHED" if ok else "FAILED")
         print(f"sweep {config.sweep_id}: {sum(r.info.status == 'FINISHED' for r in children)}/{len(children)} jobs "
               f"finished; runs: {tracker.link()}", flush=True)
-        _report(config, tracker.run_id)
+        _report(TrackingConfig(config.tracking.uri, config.tracking.experiment), config.sweep_id, tracker.run_id)
 
     def _parent_tracker(self) -> Tracker:
         """The tracker on the parent run opened by on_multirun_start; the run counts as closed from here on."""
@@ -195,18 +218,16 @@ class SweepCallback(GuardCallback):
         except Exception as e:  # the tracking server may be what failed; never hide the original error
             print(f"warning: could not end the sweep's parent MLflow run {run_id}: {e}", file=sys.stderr, flush=True)
             return
-        _report(self._config, run_id)
+        _report(TrackingConfig(self._config.tracking.uri, self._config.tracking.experiment), self._config.sweep_id,
+                run_id)
 
 
-def _report(config: DictConfig, parent_run_id: str) -> None:
+def _report(tracking: TrackingConfig, sweep_id: str, parent_run_id: str) -> None:
     """The sweep report (rcdm.report) on the parent run; a report that fails never fails the sweep."""
     try:
-        cfg = ReportConfig(tracking=TrackingConfig(config.tracking.uri, config.tracking.experiment),
-                           sweep_id=config.sweep_id, run_id=parent_run_id)
-        out = write_report(cfg)
-        print(f"sweep {config.sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
+        out = write_report(ReportConfig(tracking=tracking, sweep_id=sweep_id, run_id=parent_run_id))
+        print(f"sweep {sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
     except Exception as e:
         print(f"warning: the sweep report was not written ({type(e).__name__}: {e}); write it with: python "
-              f"launch/report.py tracking.experiment={config.tracking.experiment} sweep_id={config.sweep_id} "
-              f"tracking.uri={scrub(config.tracking.uri)}", file=sys.stderr,
-              flush=True)
+              f"launch/report.py tracking.experiment={tracking.experiment} sweep_id={sweep_id} "
+              f"tracking.uri={scrub(tracking.uri)}", file=sys.stderr, flush=True)

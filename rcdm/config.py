@@ -54,6 +54,7 @@ class ClusterConfig:
     array_parallelism: int = 64
     max_num_timeout: int = 3  # requeues after a time limit or preemption
     signal_delay_s: int = 120  # USR2 this long before the time limit: time to checkpoint
+    wait: bool = True  # training on SLURM: false = submit, record the jobs (submitted.json), return
 
 
 @dataclass

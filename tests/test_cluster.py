@@ -223,3 +223,75 @@ def test_requeue_resumes_the_same_run(stack, dataset, tmp_path):
     states = [r[0] for r in _sacct(stack, job_id, "State", "-X", "--duplicates")]
     assert "REQUEUED" in states or "PREEMPTED" in states or "TIMEOUT" in states, states
     assert states[-1] == "COMPLETED", states
+
+
+def test_sweep_that_does_not_wait(stack, dataset, tmp_path):
+    """cluster.wait=false: the launcher submits, records the sweep beside its parent run and returns while the jobs
+    still run; launch/status.py, from another process, follows them from sacct and MLflow. A cancelled job ends the
+    sweep FAILED once the other one completes; launched again, the cancelled job is resubmitted into the same parent
+    run, and status ends that FINISHED with its report."""
+    import json
+
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    url, _ = dataset
+    experiment = f"nowait-{uuid.uuid4().hex[:6]}"
+    common = [*SLURM_SMALL, "cluster.wait=false", "data=shards", f"data.url={url}", "storage=s3",
+              f"storage.run_root=s3://{stack['RCDM_S3_BUCKET']}/runs", "tracking=server",
+              f"tracking.experiment={experiment}", "train.steps=10", "train.batch_size=8", "train.checkpoint_every=10",
+              "train.sample_every=10", "train.loader_workers=0", "grid.images=2", "grid.samples=1", "grid.steps=ddim5"]
+    sweep = [sys.executable, str(ROOT / "launch/sweep.py"), "-m", "level=backbone", *common]
+    status = [sys.executable, str(ROOT / "launch/status.py"), "-m", "encoder=vicreg,dino", "level=backbone", *common]
+    s3 = boto3.client("s3", endpoint_url=stack["AWS_ENDPOINT_URL"], region_name=stack["AWS_DEFAULT_REGION"],
+                      aws_access_key_id=stack["AWS_ACCESS_KEY_ID"], aws_secret_access_key=stack["AWS_SECRET_ACCESS_KEY"])
+
+    def record() -> dict:
+        key = f"runs/{experiment}/main/submitted.json"
+        return json.loads(s3.get_object(Bucket=stack["RCDM_S3_BUCKET"], Key=key)["Body"].read())
+
+    def by_encoder(jobs: list[dict]) -> dict[str, str]:
+        return {next(o for o in j["overrides"] if o.startswith("encoder=")): j["slurm_job_id"] for j in jobs}
+
+    def status_until_ended() -> str:
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline:
+            p = _run(status, stack, tmp_path, 300)
+            out = p.stdout + p.stderr
+            if "parent MLflow run" in p.stdout and " ended " in p.stdout.splitlines()[-1]:
+                return out
+            time.sleep(10)
+        raise AssertionError(f"the sweep did not end in 20 minutes:\n{out}")
+
+    p = _run(sweep + ["encoder=vicreg,dino"], stack, tmp_path, 600)
+    assert "launch/status.py" in p.stdout, p.stdout
+    jobs = by_encoder(record()["jobs"])
+    assert set(jobs) == {"encoder=vicreg", "encoder=dino"}, jobs
+    client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
+    parent_id = record()["parent_run_id"]
+    assert client.get_run(parent_id).info.status == "RUNNING"
+    states = dict(r[:2] for r in _sacct(stack, ",".join(jobs.values()), "JobID,State", "-X", wait_s=0))
+    assert any(s in ACTIVE_STATES for s in states.values()), f"the launcher waited for its jobs: {states}"
+    first = _run(status, stack, tmp_path, 300).stdout
+    assert "stays RUNNING" in first or " ended " in first, first
+    subprocess.run(["scancel", jobs["encoder=dino"]], env=stack, check=True, timeout=60)
+
+    out = status_until_ended()
+    assert "ended FAILED" in out, out
+    assert client.get_run(parent_id).info.status == "FAILED"
+    children = {r.data.tags["encoder"]: r for r in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    assert children["vicreg"].info.status == "FINISHED"
+    assert "dino" not in children or children["dino"].info.status in ("FAILED", "KILLED")  # never RUNNING
+
+    # the cancelled job launched again: same parent run, reopened; its entry in the record replaced
+    _run(sweep + ["encoder=dino"], stack, tmp_path, 600)
+    again = record()
+    assert again["parent_run_id"] == parent_id and again["ended"] is None
+    assert set(by_encoder(again["jobs"])) == {"encoder=vicreg", "encoder=dino"}
+    assert by_encoder(again["jobs"])["encoder=dino"] != jobs["encoder=dino"]
+    out = status_until_ended()
+    assert "ended FINISHED" in out and "2/2 jobs ended" in out, out
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert "report" in out and (tmp_path / "reports" / experiment / "main" / "report.html").exists(), out
+    assert "ended FINISHED" in _run(status, stack, tmp_path, 300).stdout  # idempotent once ended

@@ -97,3 +97,12 @@ def test_expected_jobs_are_the_product_of_the_swept_overrides():
         {"encoder": "b", "level": "y"}]
     assert expected_jobs("encoder=a,b level=x") == [{"encoder": "a"}, {"encoder": "b"}]  # only what is swept
     assert expected_jobs("") == [{}]
+
+
+def test_a_value_a_hair_outside_its_bootstrap_interval_still_draws():
+    """A percentile bootstrap puts its bound on the point estimate up to rounding (0.75 against 0.7500000000000001):
+    the bar chart draws it rather than failing the whole report (it did, on a 2-image faithfulness)."""
+    from rcdm.report.figures import interval_bars
+
+    png = interval_bars({"vicreg\nbackbone": [("faithfulness MRR", 0.75, [0.7500000000000001, 1.0])]}, "MRR")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -47,7 +47,8 @@ def interval_bars(groups: dict[str, list[tuple[str, float, list[float]]]], ylabe
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
         nan = float("nan")
         rows = [dict((lb, (v, ci)) for lb, v, ci in bars).get(label, (nan, [nan, nan])) for bars in groups.values()]
-        err = [[v - ci[0] for v, ci in rows], [ci[1] - v for v, ci in rows]]
+        # a value rounded in its JSON can sit a hair outside its interval: matplotlib refuses negative errors
+        err = [[max(0.0, v - ci[0]) for v, ci in rows], [max(0.0, ci[1] - v) for v, ci in rows]]
         ax.bar(xs, [v for v, _ in rows], width, yerr=err, capsize=2, label=label)
     if chance is not None:
         ax.axhline(chance, ls="--", c="k", lw=1, label=f"chance {chance:.3f}")

@@ -1,0 +1,93 @@
+"""``hydra/launcher=rcdm_slurm`` (configs/cluster/slurm.yaml): hydra-submitit-launcher's SLURM launcher with one option added: ``cluster.wait=false`` submits every job,
+records the submission beside the sweep's parent run (``submitted.json`` in the sweep's run root: SLURM job
+ids, each job's overrides, the parent MLflow run) and returns, so the sweep outlives the login shell;
+``launch/status.py`` reconciles it later. With ``wait`` (the default) it is the plugin's launcher unchanged.
+It lives in ``hydra_plugins``, the one package Hydra takes launchers from (which loads it without registering the
+module first: no ``from __future__ import annotations`` here, dataclasses would not find it)."""
+
+import contextlib
+import datetime
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+SUBMITTED = "submitted.json"
+
+
+@dataclass
+class WaitOrNotConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.rcdm_launcher.SlurmLauncher"
+    wait: bool = True  # false: submit, record the jobs, return
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="rcdm_slurm", node=WaitOrNotConf, provider="rcdm")
+
+
+class _Submitted:
+    """A submitted job standing in for submitit's Job in the launcher's result list: its result is the job id
+    at once, instead of waiting for the job to end."""
+
+    def __init__(self, job, overrides: Sequence[str]):
+        self.job, self.overrides = job, list(overrides)
+
+    def results(self) -> list[JobReturn]:
+        ret = JobReturn(overrides=self.overrides, status=JobStatus.COMPLETED)
+        ret.return_value = {"slurm_job_id": self.job.job_id}
+        return [ret]
+
+
+@contextlib.contextmanager
+def _submit_only(submitted: list[_Submitted]) -> Iterator[None]:
+    """While open, submitit's map_array submits as always and hands back jobs whose results do not wait."""
+    import submitit
+
+    original = submitit.AutoExecutor.map_array
+
+    def map_array(executor, fn, *iterables):
+        jobs = [_Submitted(job, overrides) for job, overrides in zip(original(executor, fn, *iterables), iterables[0])]
+        submitted.extend(jobs)
+        return jobs
+
+    submitit.AutoExecutor.map_array = map_array
+    try:
+        yield
+    finally:
+        submitit.AutoExecutor.map_array = original
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    def __init__(self, wait: bool = True, **params: Any) -> None:
+        super().__init__(**params)
+        self.wait = wait
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if self.wait:
+            return super().launch(job_overrides, initial_job_idx)
+        submitted: list[_Submitted] = []
+        with _submit_only(submitted):
+            returns = super().launch(job_overrides, initial_job_idx)
+        self._record(submitted)
+        return returns
+
+    def _record(self, submitted: list[_Submitted]) -> None:
+        """``submitted.json`` in the sweep's run root; a later launch of the same sweep replaces the entries of
+        the jobs it submits again (they resume) and keeps the others."""
+        from pipeline.sweep import train_config
+        from rcdm.redaction import scrub
+        from rcdm.storage import open_fs, read_json, recorded_run_id, write_json
+
+        cfg = train_config(self.config)
+        fs, path = open_fs(f"{cfg.sweep_root}/{SUBMITTED}", cfg.storage)
+        record = read_json(fs, path) if fs.exists(path) else {"jobs": []}
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record.update(sweep_id=cfg.sweep_id, experiment=cfg.tracking.experiment, submitted_at=now,
+                      parent_run_id=recorded_run_id(cfg.parent_run_file, cfg.storage), ended=None,
+                      submitit_folder=str(self.params["submitit_folder"]))
+        new = [{"slurm_job_id": s.job.job_id, "overrides": [scrub(o) for o in s.overrides]} for s in submitted]
+        again = {tuple(j["overrides"]) for j in new}
+        record["jobs"] = [j for j in record["jobs"] if tuple(j["overrides"]) not in again] + new
+        write_json(fs, path, record)
