@@ -154,12 +154,14 @@ class TrainStream(IterableDataset):
     function of (seed, rank, k, workers) alone: a job resumed at step k gets the batches an uninterrupted
     job got from step k on, whenever and however often it was restarted.
 
-    Each rank has ``workers`` streams (one per loader worker; 1 without workers), step k belonging to
-    stream k mod workers. A stream reads its share of the shards (all of them when there are fewer shards
-    than streams), in a new random order every epoch; consecutive shards are taken in blocks of at least
-    ``shuffle_buffer`` samples, each block shuffled as a whole, each sample's flip drawn with it (the flip
-    takes the mirrored view's embedding). Its n-th batch is its samples [n*B, (n+1)*B): the shard counts in
-    the manifest say where that is, so resuming reads only the block it starts in.
+    Each rank has ``workers`` streams (one per loader worker; 1 without workers), step k belonging to stream
+    k mod workers. Every epoch the split's shards are put in a new random order and their samples, counted in
+    that order, are cut into equal ranges, one per (rank, stream): every stream gets the same number of samples
+    (up to one), whatever the number of shards, and reads the shards its range covers (a shard at a range's
+    edge is read by both streams, each keeping its part). A stream's range is taken in blocks of at least
+    ``shuffle_buffer`` samples, each block shuffled as a whole, each sample's flip drawn with it (the flip takes
+    the mirrored view's embedding). Its n-th batch is its samples [n*B, (n+1)*B): the shard counts in the
+    manifest say where that is, so resuming reads only the block it starts in.
     """
 
     def __init__(self, info: DatasetInfo, batch_size: int, rank: int, world: int, seed: int, start: int = 0,
@@ -169,39 +171,55 @@ class TrainStream(IterableDataset):
         self.storage, self.shuffle_buffer = storage, shuffle_buffer
         counts = {s["name"]: s["count"] for s in info.manifest.splits[info.split].shards}
         self.counts = [counts[name] for name in info.shards]
+        total, streams = sum(self.counts), world * self.streams
+        if total < streams:
+            raise UserError(f"split {info.split} of {info.url} has {total} samples, fewer than the {streams} loader "
+                            f"streams ({world} ranks x {self.streams} workers): use fewer train.loader_workers or "
+                            f"ranks, or more data")
+        self.edges = [total * k // streams for k in range(streams + 1)]  # stream s: samples [edges[s], edges[s+1])
 
-    def _shards(self, stream: int) -> list[int]:
-        """Indices of the shards this stream reads (its share, or all when there are too few)."""
-        total = self.world * self.streams
+    def pieces(self, stream: int, epoch: int) -> list[tuple[int, int, int]]:
+        """This stream's share of the epoch: (shard index, first sample, end) in the epoch's shard order."""
         n = len(self.counts)
-        return list(range(stream, n, total)) if n >= total else list(range(n))
+        # seeded as the one stream of a single-process job always was, so such a job reads what it read before
+        order = random.Random(f"{self.seed}/0/{epoch}").sample(range(n), n)
+        first, end = self.edges[stream], self.edges[stream + 1]
+        out, pos = [], 0
+        for i in order:
+            lo, hi = max(first, pos), min(end, pos + self.counts[i])
+            if lo < hi:
+                out.append((i, lo - pos, hi - pos))
+            pos += self.counts[i]
+            if pos >= end:
+                break
+        return out
 
-    def _blocks(self, stream: int, epoch: int) -> list[list[int]]:
-        mine = self._shards(stream)
-        order = random.Random(f"{self.seed}/{stream}/{epoch}").sample(mine, len(mine))
-        mean = sum(self.counts[i] for i in mine) / len(mine)
+    def _blocks(self, stream: int, epoch: int) -> list[list[tuple[int, int, int]]]:
+        mine = self.pieces(stream, epoch)
+        mean = sum(hi - lo for _, lo, hi in mine) / len(mine)
         per = max(1, math.ceil(self.shuffle_buffer / max(mean, 1)))
-        return [order[i:i + per] for i in range(0, len(order), per)]
+        return [mine[i:i + per] for i in range(0, len(mine), per)]
 
-    def _read_block(self, stream: int, epoch: int, b: int, shards: list[int]) -> list[tuple[str, dict, dict, bool]]:
+    def _read_block(self, stream: int, epoch: int, b: int, pieces: list[tuple[int, int, int]]
+                    ) -> list[tuple[str, dict, dict, bool]]:
         """The block's samples in their shuffled order, each with its flip."""
-        items = [(f"{self.info.shards[i]}#{key}", img, emb) for i in shards
-                 for key, img, emb in paired_samples(self.info, self.info.shards[i], self.storage)]
+        # a shard at the edge of the range is read whole all the same: read to its end, it is checked (count, sha256)
+        items = [(f"{self.info.shards[i]}#{key}", img, emb) for i, lo, hi in pieces
+                 for key, img, emb in list(paired_samples(self.info, self.info.shards[i], self.storage))[lo:hi]]
         rng = random.Random(f"{self.seed}/{stream}/{epoch}/{b}")
         rng.shuffle(items)
         return [(where, img, emb, self.info.manifest.flip and rng.random() < 0.5) for where, img, emb in items]
 
     def _samples_from(self, stream: int, position: int) -> Iterator[tuple[str, dict, dict, bool]]:
         """The stream's samples from ``position`` on, forever."""
-        epoch_len = sum(self.counts[i] for i in self._shards(stream))
-        epoch, offset = divmod(position, epoch_len)
+        epoch, offset = divmod(position, self.edges[stream + 1] - self.edges[stream])
         while True:
-            for b, shards in enumerate(self._blocks(stream, epoch)):
-                size = sum(self.counts[i] for i in shards)
+            for b, pieces in enumerate(self._blocks(stream, epoch)):
+                size = sum(hi - lo for _, lo, hi in pieces)
                 if offset >= size:
                     offset -= size
                     continue
-                yield from self._read_block(stream, epoch, b, shards)[offset:]
+                yield from self._read_block(stream, epoch, b, pieces)[offset:]
                 offset = 0
             epoch += 1
 

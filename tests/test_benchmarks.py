@@ -42,3 +42,20 @@ def test_training_benchmark_input_pipeline_runs(tmp_path):
 
     r = training.pipeline(tmp_path, 8, 64)
     assert r["ours_samples_per_s_per_core"] > 0 and r["official_samples_per_s_per_core"] > 0
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_reduced(tmp_path):
+    """benchmarks/scale.py end to end at a small size (40 shards on moto, 4 runs on an MLflow server): the JSON has
+    every figure, and streams that do not divide the shards still get equal samples (whole shards would not)."""
+    import scale
+
+    r = scale.main(["--shards", "40", "--per-shard", "16", "--streams", "6,12", "--runs", "4", "--loss-points", "10",
+                    "--out", str(tmp_path / "scale.json")])
+    assert json.loads((tmp_path / "scale.json").read_text())["runs"] == 4
+    assert r["start"]["first_batch_s"] > 0 and r["resume"]["shards_read"] >= 1
+    for a in r["assignment"]:
+        assert a["samples_max"] - a["samples_min"] <= 1 and a["whole_shards_round_robin_imbalance"] > 0.1
+        assert a["samples_min"] * a["streams"] <= 40 * 16 <= a["samples_max"] * a["streams"]
+    assert r["mlflow"]["report_s"] > 0 and r["mlflow"]["search_children_s"] > 0
+    assert set(r["met"]) == {"start", "resume", "imbalance", "report"}

@@ -96,6 +96,30 @@ def test_the_batch_of_a_step_does_not_depend_on_where_the_loader_started(dataset
     assert len(torch.unique(signature)) == 48
 
 
+def test_every_stream_gets_an_equal_share_of_every_epoch(dataset):
+    """(rank, worker) streams cut each epoch's samples into equal ranges, whatever the number of shards: 12 streams
+    over 48 samples in 3 shards get 4 samples each, the epoch's samples each exactly once, in a new shard order
+    every epoch (with whole shards per stream, some would get a shard and others none)."""
+    from rcdm.data import TrainStream
+
+    info = open_dataset(dataset, "dino", "backbone")
+    world, workers = 4, 3
+    streams = [TrainStream(info, 8, rank, world, seed=0, workers=workers) for rank in range(world)]
+    total = sum(streams[0].counts)
+    for epoch in (0, 1):
+        seen, sizes = [], []
+        for rank, stream in enumerate(streams):
+            for local in range(workers):
+                pieces = stream.pieces(rank * workers + local, epoch)
+                sizes.append(sum(hi - lo for _, lo, hi in pieces))
+                seen += [(shard, k) for shard, lo, hi in pieces for k in range(lo, hi)]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == total
+        assert sorted(seen) == sorted((i, k) for i, c in enumerate(streams[0].counts) for k in range(c))
+    assert streams[0].pieces(0, 0) != streams[0].pieces(0, 1) or len(streams[0].counts) == 1
+    with pytest.raises(Exception, match="fewer than the 64 loader streams"):
+        TrainStream(info, 8, 0, 32, seed=0, workers=2)
+
+
 def test_a_signal_in_the_last_step_or_after_it_leaves_the_job_finished(tmp_path, dataset, compose_sweep,
                                                                         monkeypatch):
     """SLURM's time-limit signal can come while the last step runs, or after the loop: the job is done, so it
