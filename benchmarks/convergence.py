@@ -106,7 +106,7 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/convergence.json")
     ap.add_argument("--encoder", default="vicreg")
@@ -114,7 +114,9 @@ def main() -> None:
     ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"any of {','.join(ARMS)} (vpred_long: about an hour on 2 cores)")
     ap.add_argument("--data", default="data/demo", help="the demo dataset (built there if missing)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
-    args = ap.parse_args()
+    ap.add_argument("--stops", help="evaluate every arm at these steps instead of its own (e.g. 2: a smoke run)")
+    ap.add_argument("--overrides", default="", help="more sweep overrides for every arm, space-separated")
+    args = ap.parse_args(argv)
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return
@@ -123,7 +125,7 @@ def main() -> None:
     common = [f"encoder={args.encoder}", f"level={args.level}", f"data.url={args.data}",
               f"storage.run_root={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'm.db'}", "train.progress=false",
               "train.sample_every=100000", "train.checkpoint_every=100000", "train.log_every=100000",
-              "tracking.experiment=convergence"]
+              "tracking.experiment=convergence", *args.overrides.split()]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         base = train_config(compose("sweep", overrides=common, return_hydra_config=True))
     result = {"encoder": args.encoder, "level": args.level, "batch": base.train.batch_size, "preset": base.model.name,
@@ -133,6 +135,7 @@ def main() -> None:
                          for name, (ov, st) in ARMS.items()}}
     for name in args.arms.split(","):
         overrides, stops = ARMS[name]
+        stops = [int(x) for x in args.stops.split(",")] if args.stops else stops
         result["arms"][name] = run_arm(name, overrides, stops, work, common)
     arms = result["arms"]
     if "adm" in arms and "vpred" in arms:

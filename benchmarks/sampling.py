@@ -26,14 +26,14 @@ from rcdm.provenance import machine
 SETTINGS = ("1000", "250", "100", "50", "25", "ddim50", "ddim25")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="demo:vicreg-backbone",
                     help="a demo model (demo:<encoder>-<level>, shipped), an rcdm run root or checkpoint")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--out", default="benchmarks/results/sampling.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = pick_device("auto")
     if not Path(args.checkpoint).exists() and "://" not in args.checkpoint and not args.checkpoint.startswith("demo:"):
         sys.exit(f"no checkpoint at {args.checkpoint}: run the README's first line (the demo sweep) or pass "

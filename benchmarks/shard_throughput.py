@@ -58,7 +58,7 @@ def peak_rss_mb(count: int, workdir: Path) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/sharding.json")
     ap.add_argument("--images", type=int, default=48)
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-sizes", default="400,4000")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rcdm-bench-"))
     make_jpegs(work / "jpegs", args.images)
     encoders = [build_encoder(n, args.arch, "random") for n in ENCODERS]

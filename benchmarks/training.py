@@ -108,12 +108,12 @@ def pipeline(work: Path, n: int, image_size: int) -> dict:
             "official_samples_per_s_per_core": official, "ratio": ours / official}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/training.json")
     ap.add_argument("--presets", default="tiny,adm128")
     ap.add_argument("--images", type=int, default=256)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rcdm-bench-train-"))
     settings = {"tiny": (16, 40), "adm128": (2, 6)}  # (batch, steps) that fit a CPU in minutes
     result = {"step_overhead": [step_overhead(p, work, *settings.get(p, (2, 6))) for p in args.presets.split(",")],

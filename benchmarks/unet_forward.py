@@ -17,12 +17,12 @@ from rcdm.presets import PRESETS, build_unet
 from rcdm.provenance import machine
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/unet_forward.json")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--presets", default=",".join(PRESETS))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = pick_device("auto")
     results = {}
     for name in args.presets.split(","):

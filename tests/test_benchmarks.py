@@ -36,12 +36,42 @@ def test_device_peaks_are_matched_on_the_device_name():
     assert {name: peak_tflops(name) for name in names} == names
 
 
-@pytest.mark.slow
-def test_training_benchmark_input_pipeline_runs(tmp_path):
-    import training
+SMALLEST = {  # each benchmark's command line at its smallest: they run in CI so that none can rot
+    "training": ["--presets", "tiny", "--images", "8"],
+    "shard_throughput": ["--images", "4", "--arch", "tiny", "--batch", "2", "--repeats", "1", "--rss-sizes", "8,16"],
+    "unet_forward": ["--presets", "tiny", "--repeats", "1"],
+    "sampling": ["--images", "2", "--settings", "ddim5,ddim2"],
+}
 
-    r = training.pipeline(tmp_path, 8, 64)
-    assert r["ours_samples_per_s_per_core"] > 0 and r["official_samples_per_s_per_core"] > 0
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALLEST))
+def test_every_benchmark_runs_at_its_smallest(name, tmp_path):
+    import subprocess
+
+    out = tmp_path / f"{name}.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMALLEST[name], "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r.get("machine") or r.get("_machine"))["cpu"]
+
+
+@pytest.mark.slow
+def test_convergence_benchmark_runs_at_its_smallest(tmp_path, dataset):
+    import subprocess
+
+    out = tmp_path / "convergence.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--arms", "vpred", "--stops", "2",
+                        "--encoder", "dino", "--data", dataset, "--overrides",
+                        "train.batch_size=4 faithfulness.images=2 factor_reads.reference_images=16 grid.images=2 "
+                        "grid.samples=1 invariance.images=0", "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    (point,) = r["arms"]["vpred"]
+    assert point["step"] == 2 and 0 < point["mrr"] <= 1 and "shape" in point["factors"]
+    assert out.with_suffix(".png").exists()
 
 
 @pytest.mark.slow
