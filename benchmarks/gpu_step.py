@@ -11,7 +11,7 @@
    forward FLOPs counted by torch's FlopCounterMode, per image) against the device's dense bf16 peak.
 2. the sharding forward: a ResNet-50 and a ViT-B/16 at 224 px, fp32 against bf16 autocast +
    channels_last, in images/s.
-``launch/sweep.py ... plan=true`` reads the ``rcdm`` step seconds of the device it is told about.
+``launch/plan.py plan.device=<name>`` reads the ``rcdm`` step seconds of the device it is told about.
 """
 from __future__ import annotations
 

@@ -119,7 +119,8 @@ def assignment(info, streams: int) -> dict:
     return {"streams": streams, "samples_min": min(sizes), "samples_max": max(sizes),
             "imbalance": round(max(sizes) / min(sizes) - 1, 5), "shard_reads_per_epoch": reads, "shards": n,
             "extra_reads": round(reads / n - 1, 4),
-            "whole_shards_round_robin_imbalance": round(max(whole) / min(whole) - 1, 5)}
+            # None: with whole shards some streams would get none at all
+            "whole_shards_round_robin_imbalance": round(max(whole) / min(whole) - 1, 5) if min(whole) else None}
 
 
 # ---------------------------------------------------------------- MLflow: one sweep of many runs
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
             out["resume"]["bytes_read_first"] = out["resume"]["shards_read"] * shard_bytes
             info = data.open_dataset(url, ENCODER, LEVEL, "train", storage)
             out["assignment"] = [assignment(info, s) for s in streams]
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=2))  # the S3 half, kept if the MLflow half fails
         with mlflow_server(tmp) as mlflow_url:
             out["populate_s"] = round(populate(mlflow_url, a.runs, a.loss_points, tmp), 1)
             out["mlflow"] = report_and_search(mlflow_url, a.runs, tmp)

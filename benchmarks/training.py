@@ -22,7 +22,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from rcdm.config import DataConfig, FaithfulnessConfig, LoopConfig, ModelConfig, Named, TrackingConfig, TrainConfig
+from rcdm.config import (ConditioningDiagnosticConfig, DataConfig, FaithfulnessConfig, GridConfig, InvarianceCheckConfig,
+                         LoopConfig, ModelConfig, Named, TrackingConfig, TrainConfig)
 from rcdm.data import TrainStream, open_dataset
 from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.encoders import build_encoder
@@ -53,7 +54,9 @@ def step_overhead(preset: str, work: Path, batch: int, steps: int) -> dict:
     cfg = TrainConfig(encoder=Named("dino"), level=Named("projector"), model=ModelConfig(preset),
                       data=DataConfig(url=str(ds)), storage=StorageOptions(run_root=str(work)),
                       tracking=TrackingConfig(f"sqlite:///{work / 'bench.db'}", f"bench-{preset}"),
-                      job_name=preset, faithfulness=FaithfulnessConfig(images=0),
+                      job_name=preset, faithfulness=FaithfulnessConfig(images=0),  # no end-of-run evaluation to wait
+                      grid=GridConfig(images=1, samples=1, steps="ddim2"),           # for: it is not timed
+                      diagnostic=ConditioningDiagnosticConfig(images=0), invariance=InvarianceCheckConfig(images=0),
                       train=LoopConfig(steps=steps, batch_size=batch, log_every=steps - 2, checkpoint_every=10 ** 9,
                                        sample_every=10 ** 9, loader_workers=1, progress=False))
     train(cfg)  # the first log_every steps are warm-up; the last window is timed by the loop itself

@@ -15,7 +15,7 @@ from hydra_plugins.rcdm_launcher import SUBMITTED
 from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.errors import UserError
 from rcdm.storage import open_fs, read_json, write_json
-from rcdm.tracking import PARENT_TAG
+from rcdm.report.collect import child_runs
 
 # sacct's states after which a job never runs again (a requeued job's current record is PENDING or RUNNING)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -68,8 +68,7 @@ def reconcile(cfg: TrainConfig, now: datetime.datetime | None = None) -> dict:
     states = sacct_states([j["slurm_job_id"] for j in record["jobs"]])
     client = MlflowClient(cfg.tracking.uri)
     parent = client.get_run(record["parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
-    runs = {r.data.tags.get("slurm_job_id"): r for r in children}
+    runs = {r.data.tags.get("slurm_job_id"): r for r in child_runs(client, parent)}
     jobs = []
     for j in record["jobs"]:
         job = JobState(j["slurm_job_id"], j["overrides"], states.get(j["slurm_job_id"], "UNKNOWN"))

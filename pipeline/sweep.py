@@ -26,8 +26,9 @@ from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
 from rcdm.redaction import scrub
 from rcdm.report import ReportConfig, write_report
+from rcdm.report.collect import child_runs
 from rcdm.storage import atomic_open, open_fs, recorded_run_id, write_json
-from rcdm.tracking import PARENT_TAG, Tracker, check_reachable
+from rcdm.tracking import Tracker, check_reachable
 from sharding.config import ShardJob, SyntheticInput
 from sharding.orchestrate import shard
 
@@ -194,7 +195,7 @@ class SweepCallback(GuardCallback):
                   f"stays RUNNING. Follow it (and end it with its report once every job is done) with the same overrides:\n"
                   f"  python launch/status.py {scrub(where)}", flush=True)
             return
-        children = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{tracker.run_id}'")
+        children = child_runs(tracker.client, tracker.client.get_run(tracker.run_id))
         ok = bool(children) and all(r.info.status == "FINISHED" for r in children)
         tracker.end("FINISHED" if ok else "FAILED")
         print(f"sweep {config.sweep_id}: {sum(r.info.status == 'FINISHED' for r in children)}/{len(children)} jobs "

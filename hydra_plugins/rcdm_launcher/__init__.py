@@ -1,9 +1,11 @@
-"""``hydra/launcher=rcdm_slurm`` (configs/cluster/slurm.yaml): hydra-submitit-launcher's SLURM launcher with one option added: ``cluster.wait=false`` submits every job,
-records the submission beside the sweep's parent run (``submitted.json`` in the sweep's run root: SLURM job
-ids, each job's overrides, the parent MLflow run) and returns, so the sweep outlives the login shell;
-``launch/status.py`` reconciles it later. With ``wait`` (the default) it is the plugin's launcher unchanged.
-It lives in ``hydra_plugins``, the one package Hydra takes launchers from (which loads it without registering the
-module first: no ``from __future__ import annotations`` here, dataclasses would not find it)."""
+"""``hydra/launcher=rcdm_slurm`` (configs/cluster/slurm.yaml): hydra-submitit-launcher's SLURM launcher with
+one option added. ``cluster.wait=false`` submits every job, records the submission beside the sweep's parent
+run (``submitted.json`` in the sweep's run root: SLURM job ids, each job's overrides, the parent MLflow run) and
+returns, so the sweep outlives the login shell; ``launch/status.py`` reconciles it later. With ``wait`` (the
+default) it is the plugin's launcher unchanged.
+
+It lives in ``hydra_plugins``, the one package Hydra takes launchers from, which loads it without registering
+the module first: no ``from __future__ import annotations`` here (dataclasses would not find the module)."""
 
 import contextlib
 import datetime

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rcdm.errors import UserError
 from rcdm.tracking import PARENT_TAG
 
 END_JSON = ("faithfulness", "factor_reads", "conditioning", "invariance", "fidelity")
+READERS = 8  # runs read at once
 
 
 @dataclass
@@ -154,14 +156,26 @@ def _read_run(client: MlflowClient, run: Run, scratch: Path) -> JobRun:
     return job
 
 
+def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """Every child run of ``parent``, oldest first, page by page (a search returns at most 1000 runs at a time)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
 def collect(tracking_uri: str, experiment: str, sweep_id: str, run_id: str | None = None) -> Sweep:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact otherwise
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = find_parent(client, experiment, sweep_id, run_id)
-    children = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-                                  order_by=["attributes.start_time ASC"])
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = [_read_run(client, r, Path(tmp) / r.info.run_id) for r in children]
+    children = child_runs(client, parent)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(READERS) as pool:
+        # one run's reads are a handful of small requests: many runs read at once keep the server busy
+        runs = list(pool.map(lambda r: _read_run(client, r, Path(tmp) / r.info.run_id), children))
     runs.sort(key=lambda j: (j.encoder, j.level, j.name))
     overrides = parent.data.params.get("sweep.overrides", "")
     missing = []
