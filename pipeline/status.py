@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
-from hydra_plugins.rcdm_launcher import SUBMITTED
 from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.errors import UserError
 from rcdm.storage import open_fs, read_json, write_json
@@ -59,7 +58,7 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 def reconcile(cfg: TrainConfig, now: datetime.datetime | None = None) -> dict:
     """Read ``submitted.json``, compare SLURM with MLflow, end what has ended; -> the record, with ``jobs`` as
     JobState and ``ended`` set once the parent run was ended."""
-    fs, path = open_fs(f"{cfg.sweep_root}/{SUBMITTED}", cfg.storage)
+    fs, path = open_fs(cfg.submitted_file, cfg.storage)
     if not fs.exists(path):
         raise UserError(f"no sweep submitted without waiting is recorded at {cfg.sweep_root}: give the overrides the "
                         f"sweep was launched with (storage, tracking, sweep_id, experiment), or launch it with "
@@ -86,9 +85,9 @@ def reconcile(cfg: TrainConfig, now: datetime.datetime | None = None) -> dict:
         now = now or datetime.datetime.now(datetime.timezone.utc)
         record["ended"] = {"status": status, "at": now.isoformat(timespec="seconds")}
         write_json(fs, path, record)
-        from pipeline.sweep import _report
+        from pipeline.sweep import report_sweep
 
-        _report(TrackingConfig(cfg.tracking.uri, cfg.tracking.experiment), cfg.sweep_id, parent.info.run_id)
+        report_sweep(TrackingConfig(cfg.tracking.uri, cfg.tracking.experiment), cfg.sweep_id, parent.info.run_id)
     return {**record, "jobs": jobs}
 
 

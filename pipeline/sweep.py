@@ -190,9 +190,8 @@ class SweepCallback(GuardCallback):
         tracker = self._parent_tracker()
         if config.cluster.name == "slurm" and not config.cluster.wait:  # the jobs run on; status.py ends the run
             where = " ".join(config.hydra.overrides.task)
-            print(f"sweep {config.sweep_id}: jobs submitted, recorded in {scrub(config.storage.run_root or '')}/"
-                  f"{config.tracking.experiment}/{config.sweep_id}/submitted.json; parent MLflow run {tracker.run_id} "
-                  f"stays RUNNING. Follow it (and end it with its report once every job is done) with the same overrides:\n"
+            print(f"sweep {config.sweep_id}: jobs submitted, recorded in {scrub(train_config(config).submitted_file)}; "
+                  f"parent MLflow run {tracker.run_id} stays RUNNING. Follow it (and end it with its report once every job is done) with the same overrides:\n"
                   f"  python launch/status.py {scrub(where)}", flush=True)
             return
         children = child_runs(tracker.client, tracker.client.get_run(tracker.run_id))
@@ -200,7 +199,7 @@ class SweepCallback(GuardCallback):
         tracker.end("FINISHED" if ok else "FAILED")
         print(f"sweep {config.sweep_id}: {sum(r.info.status == 'FINISHED' for r in children)}/{len(children)} jobs "
               f"finished; runs: {tracker.link()}", flush=True)
-        _report(TrackingConfig(config.tracking.uri, config.tracking.experiment), config.sweep_id, tracker.run_id)
+        report_sweep(TrackingConfig(config.tracking.uri, config.tracking.experiment), config.sweep_id, tracker.run_id)
 
     def _parent_tracker(self) -> Tracker:
         """The tracker on the parent run opened by on_multirun_start; the run counts as closed from here on."""
@@ -219,14 +218,14 @@ class SweepCallback(GuardCallback):
         except Exception as e:  # the tracking server may be what failed; never hide the original error
             print(f"warning: could not end the sweep's parent MLflow run {run_id}: {e}", file=sys.stderr, flush=True)
             return
-        _report(TrackingConfig(self._config.tracking.uri, self._config.tracking.experiment), self._config.sweep_id,
+        report_sweep(TrackingConfig(self._config.tracking.uri, self._config.tracking.experiment), self._config.sweep_id,
                 run_id)
 
 
-def _report(tracking: TrackingConfig, sweep_id: str, parent_run_id: str) -> None:
+def report_sweep(tracking: TrackingConfig, sweep_id: str, parent_run_id: str) -> None:
     """The sweep report (rcdm.report) on the parent run; a report that fails never fails the sweep."""
     try:
-        out = write_report(ReportConfig(tracking=tracking, sweep_id=sweep_id, run_id=parent_run_id))
+        out = writereport_sweep(ReportConfig(tracking=tracking, sweep_id=sweep_id, run_id=parent_run_id))
         print(f"sweep {sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
     except Exception as e:
         print(f"warning: the sweep report was not written ({type(e).__name__}: {e}); write it with: python "

@@ -281,6 +281,11 @@ class TrainConfig:
         """The JSON holding the sweep's parent MLflow run id."""
         return join(self.sweep_root, "parent_run.json")
 
+    @property
+    def submitted_file(self) -> str:
+        """The JSON a sweep submitted with cluster.wait=false is recorded in (read by launch/status.py)."""
+        return join(self.sweep_root, "submitted.json")
+
     def process(self) -> Process:
         """The diffusion this job trains, as sampling will need it."""
         return Process(self.diffusion.schedule, self.diffusion.steps, self.recipe.prediction, self.recipe.learn_sigma)

@@ -17,9 +17,6 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 
-SUBMITTED = "submitted.json"
-
-
 @dataclass
 class WaitOrNotConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.rcdm_launcher.SlurmLauncher"
@@ -83,12 +80,11 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         from rcdm.storage import open_fs, read_json, recorded_run_id, write_json
 
         cfg = train_config(self.config)
-        fs, path = open_fs(f"{cfg.sweep_root}/{SUBMITTED}", cfg.storage)
+        fs, path = open_fs(cfg.submitted_file, cfg.storage)
         record = read_json(fs, path) if fs.exists(path) else {"jobs": []}
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        record.update(sweep_id=cfg.sweep_id, experiment=cfg.tracking.experiment, submitted_at=now,
-                      parent_run_id=recorded_run_id(cfg.parent_run_file, cfg.storage), ended=None,
-                      submitit_folder=str(self.params["submitit_folder"]))
+        record.update(sweep_id=cfg.sweep_id, submitted_at=now, ended=None,
+                      parent_run_id=recorded_run_id(cfg.parent_run_file, cfg.storage))
         new = [{"slurm_job_id": s.job.job_id, "overrides": [scrub(o) for o in s.overrides]} for s in submitted]
         again = {tuple(j["overrides"]) for j in new}
         record["jobs"] = [j for j in record["jobs"] if tuple(j["overrides"]) not in again] + new
