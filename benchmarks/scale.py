@@ -159,7 +159,7 @@ def populate(url: str, runs: int, loss_points: int, tmp: Path) -> float:
     """A sweep's parent run and ``runs`` finished children, each with ~150 params, its loss history, end metrics,
     end-of-run JSON files and a sample grid. -> seconds taken."""
     import numpy as np
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
     from PIL import Image
 

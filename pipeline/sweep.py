@@ -225,7 +225,7 @@ class SweepCallback(GuardCallback):
 def report_sweep(tracking: TrackingConfig, sweep_id: str, parent_run_id: str) -> None:
     """The sweep report (rcdm.report) on the parent run; a report that fails never fails the sweep."""
     try:
-        out = writereport_sweep(ReportConfig(tracking=tracking, sweep_id=sweep_id, run_id=parent_run_id))
+        out = write_report(ReportConfig(tracking=tracking, sweep_id=sweep_id, run_id=parent_run_id))
         print(f"sweep {sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
     except Exception as e:
         print(f"warning: the sweep report was not written ({type(e).__name__}: {e}); write it with: python "

@@ -155,7 +155,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
-    device, t = dist.device, cfg.train
+    t = cfg.train
     if t.batch_size % dist.world:
         raise UserError(f"train.batch_size={t.batch_size} does not split over {dist.world} ranks")
     info = open_dataset(cfg.data.url, cfg.encoder.name, cfg.level.name, cfg.data.split, cfg.storage)

@@ -99,3 +99,16 @@ def test_rcdm_never_imports_sharding_or_pipeline():
 
 def test_the_import_walk_sees_every_package():
     assert importlib.util.find_spec("rcdm.model_card") and "rcdm.model_card" in modules()
+
+
+def test_no_name_is_used_undefined_or_imported_unused(tmp_path):
+    """pyflakes' checks (ruff F) over every Python file: a misspelt name inside an ``except`` branch (the sweep's
+    report call once read ``writereport_sweep``) otherwise shows only when that branch runs, 50 minutes into CI."""
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--output-format", "concise",
+                        "--no-cache", str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    return writereport_sweep()\n")
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "F821" in r.stdout, r.stdout + r.stderr  # the check sees what it is for
