@@ -156,6 +156,20 @@ def _read_run(client: MlflowClient, run: Run, scratch: Path) -> JobRun:
     return job
 
 
+def _read_runs(client: MlflowClient, children: list[Run], scratch: Path) -> list[JobRun]:
+    """Every child read, ``READERS`` at once: one run's reads are a handful of small requests, so many runs read
+    together keep the server busy. One at a time where no thread can start: the report a crashed sweep writes from
+    its exit hook runs after Python has stopped new threads."""
+    def read(run: Run) -> JobRun:
+        return _read_run(client, run, scratch / run.info.run_id)
+    try:
+        with ThreadPoolExecutor(READERS) as pool:
+            futures = [pool.submit(read, r) for r in children]
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        return [read(r) for r in children]
+    return [f.result() for f in futures]
+
+
 def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
     """Every child run of ``parent``, oldest first, page by page (a search returns at most 1000 runs at a time)."""
     runs, token = [], None
@@ -173,9 +187,8 @@ def collect(tracking_uri: str, experiment: str, sweep_id: str, run_id: str | Non
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = find_parent(client, experiment, sweep_id, run_id)
     children = child_runs(client, parent)
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(READERS) as pool:
-        # one run's reads are a handful of small requests: many runs read at once keep the server busy
-        runs = list(pool.map(lambda r: _read_run(client, r, Path(tmp) / r.info.run_id), children))
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = _read_runs(client, children, Path(tmp))
     runs.sort(key=lambda j: (j.encoder, j.level, j.name))
     overrides = parent.data.params.get("sweep.overrides", "")
     missing = []
