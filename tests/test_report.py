@@ -1,5 +1,6 @@
 """The sweep report: written at the end of a real sweep, logged to its parent run, opened in a real
 headless browser (Debian's Chromium) as a person would; unfinished and failed runs are named, never a crash."""
+import json
 import subprocess
 import sys
 import time
@@ -80,6 +81,42 @@ def test_an_unfinished_sweep_reports_what_is_missing_and_why(tmp_path):
     assert "RUNNING at step 40 of 100" in html and "encoder=dino level=projector" in html
     assert "1/4 jobs finished" in html
     assert {a.path for a in MlflowClient(uri).list_artifacts(pid, "report")} >= {"report/report.html"}
+
+
+def test_a_sweep_of_many_encoders_draws_the_first_and_tables_every_run(tmp_path):
+    """At a thousand runs a page of every grid and every bar was 152 MB: past ``pictured`` encoders the figures and
+    grids draw the first ones by name and say so, while every run's end-of-run numbers still fill the tables; grids
+    and loss histories are read only for the runs drawn (an unfinished run's history is read: the page says where
+    it stopped)."""
+    import io
+
+    from PIL import Image
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    parent = Tracker(uri, "exp")
+    pid = parent.start(None, "sweep s", {"kind": "sweep", "sweep_id": "s"},
+                       {"sweep": {"overrides": "encoder=e0,e1,e2,e3 level=backbone"}})
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    for i in range(4):
+        t = Tracker(uri, "exp")
+        _run(t, pid, f"e{i}", "backbone", "RUNNING" if i == 3 else "FINISHED")
+        t.log_bytes(buf.getvalue(), "samples/step-000000040.png")
+        t.log_bytes(json.dumps({"mrr": 0.5 + i / 10, "mrr_ci95": [0.4, 0.9], "top1": 0.5, "top1_ci95": [0.4, 0.6],
+                                "n": 8, "chance": {"mrr": 0.34, "top1": 0.125}, "keys": []}).encode(),
+                    "faithfulness.json")
+    out = write_report(ReportConfig(TrackingConfig(uri, "exp"), "s", output=str(tmp_path / "rep"), pictured=2))
+    runs = {r.encoder: r for r in out["sweep"].runs}
+    assert [e for e, r in runs.items() if r.pictured] == ["e0", "e1"]
+    assert runs["e0"].grid is not None and runs["e2"].grid is None and runs["e3"].grid is None
+    assert runs["e0"].loss and not runs["e2"].loss and runs["e3"].loss == [(40, 0.5)]
+    assert all("faithfulness" in r.end for r in runs.values())  # every run's numbers, drawn or not
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "draw the first 2 of 4 encoders by name" in html
+    assert html.count('<img class="grid"') == 2
+    assert "0.800" in html and "RUNNING at step 40 of 100" in html  # e3's MRR in the table, its stop in problems
+    small = write_report(ReportConfig(TrackingConfig(uri, "exp"), "s", output=str(tmp_path / "all")))
+    assert all(r.pictured for r in small["sweep"].runs) and "draw the first" not in (tmp_path / "all" / "report.html").read_text()
 
 
 def test_a_sweep_that_does_not_exist_is_a_clear_error(tmp_path):

@@ -14,7 +14,7 @@ from typing import Optional
 from mlflow.tracking import MlflowClient
 
 from rcdm.config import TrackingConfig
-from rcdm.report.collect import Sweep, collect
+from rcdm.report.collect import PICTURED, Sweep, collect
 from rcdm.report.figures import figures
 from rcdm.report.page import render
 from rcdm.tracking import runs_link
@@ -30,15 +30,16 @@ class ReportConfig:
     run_id: Optional[str] = None  # the sweep's parent MLflow run; null = the newest with this sweep_id
     output: Optional[str] = None  # local folder for report.html and its figures; null = reports/<tracking.experiment>/<sweep_id>
     log_to_mlflow: bool = True  # also log them as artifacts of the parent run (under report/)
+    pictured: int = PICTURED  # encoders drawn (grids, bars, loss curves), the first in name order; tables hold all
 
 
 def write_report(cfg: ReportConfig) -> dict:
     """Collect the sweep from MLflow, write the page and figures to ``cfg.output``, log them to the parent
     run. -> {"html": local path, "link": where to open it, "sweep": Sweep}."""
-    sweep: Sweep = collect(cfg.tracking.uri, cfg.tracking.experiment, cfg.sweep_id, cfg.run_id)
+    sweep: Sweep = collect(cfg.tracking.uri, cfg.tracking.experiment, cfg.sweep_id, cfg.run_id, cfg.pictured)
     parent = sweep.parent.info
     link = runs_link(cfg.tracking.uri, parent.experiment_id, parent.run_id, f"{ARTIFACT_DIR}/report.html")
-    figs = figures(sweep.runs)
+    figs = figures(sweep.pictured)
     out = Path(cfg.output or f"reports/{cfg.tracking.experiment}/{cfg.sweep_id}")
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.entities import Run
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from rcdm.errors import UserError
@@ -24,6 +25,7 @@ from rcdm.tracking import PARENT_TAG
 
 END_JSON = ("faithfulness", "factor_reads", "conditioning", "invariance", "fidelity")
 READERS = 8  # runs read at once
+PICTURED = 8  # encoders whose sample grids, bars and loss curves the page draws; its tables hold every run
 
 
 @dataclass
@@ -35,6 +37,7 @@ class JobRun:
     grid: bytes | None = None  # the last sample grid (PNG)
     grid_step: int | None = None
     end: dict[str, dict] = field(default_factory=dict)  # faithfulness.json, ... that the run logged
+    pictured: bool = True  # its grid and loss history were read (the first PICTURED encoders of a sweep)
     unread: list[str] = field(default_factory=list)  # artifacts listed but not readable (a run still writing them)
 
     @property
@@ -88,6 +91,14 @@ class Sweep:
     runs: list[JobRun]
     missing: list[tuple[dict[str, str], str]]  # (the job's sweep choices, why it has no run)
 
+    @property
+    def encoders(self) -> list[str]:
+        return sorted({r.encoder for r in self.runs})
+
+    @property
+    def pictured(self) -> list[JobRun]:
+        return [r for r in self.runs if r.pictured]
+
 
 def find_parent(client: MlflowClient, experiment: str, sweep_id: str, run_id: str | None = None) -> Run:
     """The sweep's parent run: ``run_id``, else the newest run tagged kind=sweep with this sweep_id."""
@@ -118,12 +129,14 @@ def _matches(run: JobRun, job: dict[str, str]) -> bool:
     return all(run.params.get(k, run.params.get(f"{k}.name")) == v for k, v in job.items())
 
 
-def _download(client: MlflowClient, job: JobRun, path: str, scratch: Path) -> bytes | None:
+def _download(repo, job: JobRun, path: str, scratch: Path) -> bytes | None:
     """An artifact's bytes, or None (noted on the job) when it cannot be read: a run that is still going, or was
-    killed, may list an artifact whose upload never completed. One retry: a running upload may finish."""
+    killed, may list an artifact whose upload never completed. One retry: a running upload may finish. Read
+    through the run's artifact repository, from the artifact URI the search returned: the client's own download
+    looks the run up again first, twice the round trips on a sweep of a thousand runs."""
     for attempt in range(2):
         try:
-            return Path(client.download_artifacts(job.run.info.run_id, path, str(scratch))).read_bytes()
+            return Path(repo.download_artifacts(path, str(scratch))).read_bytes()
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the report goes on without this file
             if attempt:
                 job.unread.append(f"{path} ({type(e).__name__})")
@@ -132,21 +145,25 @@ def _download(client: MlflowClient, job: JobRun, path: str, scratch: Path) -> by
     return None
 
 
-def _read_run(client: MlflowClient, run: Run, scratch: Path) -> JobRun:
-    job = JobRun(run)
-    rid = run.info.run_id
-    job.loss = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
-    names = {a.path for a in client.list_artifacts(rid)}
-    grids = sorted((a.path if a.path.startswith("samples/") else f"samples/{a.path}")
-                   for a in client.list_artifacts(rid, "samples") if a.path.endswith(".png")) if "samples" in names else []
-    for path in reversed(grids):  # the newest grid that can be read
-        job.grid = _download(client, job, path, scratch)
-        if job.grid is not None:
-            job.grid_step = int(Path(path).stem.split("-")[-1])
-            break
+def _read_run(client: MlflowClient, run: Run, scratch: Path, pictured: bool) -> JobRun:
+    """A child's end-of-run files; its loss history and newest grid where it is pictured (a run that did not
+    finish always has its history read: the page says at which step it stopped)."""
+    job = JobRun(run, pictured=pictured)
+    rid, repo = run.info.run_id, get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
+    scratch.mkdir(parents=True, exist_ok=True)
+    if pictured or run.info.status != "FINISHED":
+        job.loss = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+    names = {Path(a.path).name: a for a in repo.list_artifacts()}
+    if pictured and "samples" in names and names["samples"].is_dir:
+        grids = sorted(f"samples/{Path(a.path).name}" for a in repo.list_artifacts("samples") if a.path.endswith(".png"))
+        for path in reversed(grids):  # the newest grid that can be read
+            job.grid = _download(repo, job, path, scratch)
+            if job.grid is not None:
+                job.grid_step = int(Path(path).stem.split("-")[-1])
+                break
     for key in END_JSON:
         if f"{key}.json" in names:
-            data = _download(client, job, f"{key}.json", scratch)
+            data = _download(repo, job, f"{key}.json", scratch)
             try:
                 job.end[key] = json.loads(data) if data is not None else None
             except ValueError:
@@ -156,12 +173,14 @@ def _read_run(client: MlflowClient, run: Run, scratch: Path) -> JobRun:
     return job
 
 
-def _read_runs(client: MlflowClient, children: list[Run], scratch: Path) -> list[JobRun]:
+def _read_runs(client: MlflowClient, children: list[Run], scratch: Path, pictured: int) -> list[JobRun]:
     """Every child read, ``READERS`` at once: one run's reads are a handful of small requests, so many runs read
     together keep the server busy. One at a time where no thread can start: the report a crashed sweep writes from
     its exit hook runs after Python has stopped new threads."""
+    shown = set(sorted({r.data.tags.get("encoder", "?") for r in children})[:pictured])
+
     def read(run: Run) -> JobRun:
-        return _read_run(client, run, scratch / run.info.run_id)
+        return _read_run(client, run, scratch / run.info.run_id, run.data.tags.get("encoder", "?") in shown)
     try:
         with ThreadPoolExecutor(READERS) as pool:
             futures = [pool.submit(read, r) for r in children]
@@ -182,13 +201,16 @@ def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
             return runs
 
 
-def collect(tracking_uri: str, experiment: str, sweep_id: str, run_id: str | None = None) -> Sweep:
+def collect(tracking_uri: str, experiment: str, sweep_id: str, run_id: str | None = None,
+            pictured: int = PICTURED) -> Sweep:
+    """The sweep as the report needs it; every run's end-of-run files, and the grids and loss histories of the
+    first ``pictured`` encoders' runs."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact otherwise
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = find_parent(client, experiment, sweep_id, run_id)
     children = child_runs(client, parent)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = _read_runs(client, children, Path(tmp))
+        runs = _read_runs(client, children, Path(tmp), pictured)
     runs.sort(key=lambda j: (j.encoder, j.level, j.name))
     overrides = parent.data.params.get("sweep.overrides", "")
     missing = []

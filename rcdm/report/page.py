@@ -141,7 +141,7 @@ def invariance_table(sweep: Sweep) -> str:
 
 def grids_section(sweep: Sweep) -> str:
     parts = []
-    for enc, rs in by_encoder(sweep.runs).items():
+    for enc, rs in by_encoder(sweep.pictured).items():
         keys = {tuple(r.end["faithfulness"]["keys"][:8]) for r in rs if "faithfulness" in r.end}
         same = "" if len(keys) <= 1 else ' <span class="bad">(the runs conditioned on different held-out images)</span>'
         figs = []
@@ -183,6 +183,15 @@ def provenance_table(sweep: Sweep) -> str:
                           "started", "ended"], rows, "provenance")
 
 
+def _pictured_note(sweep: Sweep) -> str:
+    drawn, encoders = {r.encoder for r in sweep.pictured}, sweep.encoders
+    if len(drawn) >= len(encoders):
+        return ""
+    return (f'<p class="meta">The figures, sample grids and loss curves draw the first {len(drawn)} of '
+            f"{len(encoders)} encoders by name (report option <code>pictured</code>); the tables hold every run, and "
+            "every run's grids are in its MLflow artifacts under <code>samples/</code>.</p>")
+
+
 def render(sweep: Sweep, figures: dict[str, bytes], link: str) -> str:
     p = sweep.parent
     finished = sum(r.status == "FINISHED" for r in sweep.runs)
@@ -195,6 +204,7 @@ def render(sweep: Sweep, figures: dict[str, bytes], link: str) -> str:
         f"</code> ({escape(p.info.status)}) · <code>{escape(sweep.overrides) or 'no overrides'}</code> · tracking "
         f"<code>{escape(scrub(sweep.tracking_uri))}</code> · {escape(link)} · report written "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
+        _pictured_note(sweep),
         problems_section(sweep),
         "<h2>Faithfulness and conditioning, encoder × level</h2>", results_table(sweep),
         fig.get("faithfulness.png", ""), fig.get("conditioning.png", ""),
