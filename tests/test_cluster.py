@@ -270,7 +270,10 @@ def test_sweep_that_does_not_wait(stack, dataset, tmp_path):
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
     parent_id = record()["parent_run_id"]
     assert client.get_run(parent_id).info.status == "RUNNING"
-    states = dict(r[:2] for r in _sacct(stack, ",".join(jobs.values()), "JobID,State", "-X", wait_s=0))
+    # the controller's queue, not the accounting: slurmdbd may not have recorded a job seconds after its submission
+    queue = subprocess.run(["squeue", "-h", "-j", ",".join(jobs.values()), "-o", "%i|%T"], env=stack,
+                           capture_output=True, text=True, timeout=60).stdout
+    states = dict(line.split("|")[:2] for line in queue.splitlines() if "|" in line)
     assert any(s in ACTIVE_STATES for s in states.values()), f"the launcher waited for its jobs: {states}"
     first = _run(status, stack, tmp_path, 300).stdout
     assert "stays RUNNING" in first or " ended " in first, first
