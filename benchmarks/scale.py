@@ -177,8 +177,9 @@ def populate(url: str, runs: int, loss_points: int, tmp: Path) -> float:
         run = client.create_run(exp, run_name=f"{enc}-{level}", tags={"mlflow.parentRunId": parent, "encoder": enc,
                                                                         "level": level, "slurm_job_id": f"{1000 + i}_0"})
         rid, now = run.info.run_id, int(time.time() * 1000)
-        params = [Param(f"group{g}.key{k}", str(rng.random())) for g in range(15) for k in range(10)]
-        params += [Param("encoder.name", enc), Param("level.name", level)]
+        # a sweep's resolved configs agree but for what is swept and the run's own folder
+        params = [Param(f"group{g}.key{k}", f"value{g}.{k}") for g in range(15) for k in range(10)]
+        params += [Param("encoder.name", enc), Param("level.name", level), Param("run_dir", f"runs/scale/{enc}-{level}")]
         for j in range(0, len(params), 100):
             client.log_batch(rid, params=params[j:j + 100])
         metrics = [Metric("loss", rng.random(), now, 1000 * (k + 1)) for k in range(loss_points)]
@@ -234,38 +235,54 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--loss-points", type=int, default=300)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
+    ap.add_argument("--parts", default="s3,mlflow", help="s3 (shards), mlflow (report); a part left out keeps its "
+                    "figures from --out")
     a = ap.parse_args(argv)
+    parts = set(a.parts.split(","))
     streams = [int(s) for s in a.streams.split(",")]
-    out: dict = {"machine": machine(), "shards": a.shards, "per_shard": a.per_shard, "runs": a.runs,
+    old = json.loads(Path(a.out).read_text()) if Path(a.out).exists() and parts != {"s3", "mlflow"} else {}
+    out: dict = {**old, "shards": a.shards, "per_shard": a.per_shard, "runs": a.runs,
                  "goals": {"start_s": 5, "resume_s": 5, "imbalance": 0.01, "report_s": 120}}
+    if "machine" in old and "measured" not in old:  # a file from before the parts were recorded apart: all one run
+        old["measured"] = {"s3": old["machine"], "mlflow": old["machine"]}
+    old.pop("machine", None)
+    measured = {}
     with tempfile.TemporaryDirectory(prefix="rcdm-scale-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ.update(AWS_ACCESS_KEY_ID="scale", AWS_SECRET_ACCESS_KEY="scale")
-        with moto_s3(tmp / "moto.log") as endpoint:
-            t0 = time.perf_counter()
-            url, storage, shard_bytes = build_dataset(tmp, endpoint, a.shards, a.per_shard)
-            out["upload_s"] = round(time.perf_counter() - t0, 1)
-            out["shard_bytes"] = shard_bytes
-            world = max(streams)  # a rank of the largest job: one stream per rank
-            out["start"] = first_batch(url, storage, world - 1, world, 1, 0)
-            out["resume"] = first_batch(url, storage, world - 1, world, 1, 290_000)
-            out["resume"]["at_step"] = 290_000
-            out["resume"]["bytes_read_first"] = out["resume"]["shards_read"] * shard_bytes
-            info = data.open_dataset(url, ENCODER, LEVEL, "train", storage)
-            out["assignment"] = [assignment(info, s) for s in streams]
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=2))  # the S3 half, kept if the MLflow half fails
-        with mlflow_server(tmp) as mlflow_url:
-            out["populate_s"] = round(populate(mlflow_url, a.runs, a.loss_points, tmp), 1)
-            out["mlflow"] = report_and_search(mlflow_url, a.runs, tmp)
-    out["met"] = {"start": out["start"]["first_batch_s"] < 5, "resume": out["resume"]["first_batch_s"] < 5,
-                  "imbalance": all(x["imbalance"] < 0.01 for x in out["assignment"]),
-                  "report": out["mlflow"]["report_s"] < 120}
+        if "s3" in parts:
+            with moto_s3(tmp / "moto.log") as endpoint:
+                t0 = time.perf_counter()
+                url, storage, shard_bytes = build_dataset(tmp, endpoint, a.shards, a.per_shard)
+                out["upload_s"] = round(time.perf_counter() - t0, 1)
+                out["shard_bytes"] = shard_bytes
+                world = max(streams)  # a rank of the largest job: one stream per rank
+                out["start"] = first_batch(url, storage, world - 1, world, 1, 0)
+                out["resume"] = first_batch(url, storage, world - 1, world, 1, 290_000)
+                out["resume"]["at_step"] = 290_000
+                out["resume"]["bytes_read_first"] = out["resume"]["shards_read"] * shard_bytes
+                info = data.open_dataset(url, ENCODER, LEVEL, "train", storage)
+                out["assignment"] = [assignment(info, s) for s in streams]
+            measured["s3"] = {**machine(), "date": time.strftime("%Y-%m-%d")}
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(out, indent=2))  # the S3 half, kept if the MLflow half fails
+        if "mlflow" in parts:
+            with mlflow_server(tmp) as mlflow_url:
+                out["populate_s"] = round(populate(mlflow_url, a.runs, a.loss_points, tmp), 1)
+                out["mlflow"] = report_and_search(mlflow_url, a.runs, tmp)
+            measured["mlflow"] = {**machine(), "date": time.strftime("%Y-%m-%d")}
+    out["measured"] = {**old.get("measured", {}), **measured}  # each part: the machine and day it ran on
+    met = {}
+    if "start" in out:
+        met.update(start=out["start"]["first_batch_s"] < 5, resume=out["resume"]["first_batch_s"] < 5,
+                   imbalance=all(x["imbalance"] < 0.01 for x in out["assignment"]))
+    if "mlflow" in out:
+        met["report"] = out["mlflow"]["report_s"] < 120
+    out["met"] = met
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
     return out
-
 
 if __name__ == "__main__":
     main()

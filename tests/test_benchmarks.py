@@ -88,4 +88,7 @@ def test_scale_benchmark_runs_reduced(tmp_path):
         assert a["samples_max"] - a["samples_min"] <= 1 and a["whole_shards_round_robin_imbalance"] > 0.1
         assert a["samples_min"] * a["streams"] <= 40 * 16 <= a["samples_max"] * a["streams"]
     assert r["mlflow"]["report_s"] > 0 and r["mlflow"]["search_children_s"] > 0
-    assert set(r["met"]) == {"start", "resume", "imbalance", "report"}
+    assert set(r["met"]) == {"start", "resume", "imbalance", "report"} and set(r["measured"]) == {"s3", "mlflow"}
+    # the MLflow half alone, again: the S3 half's figures and the machine they were measured on stay
+    again = scale.main(["--parts", "mlflow", "--runs", "2", "--loss-points", "5", "--out", str(tmp_path / "scale.json")])
+    assert again["start"] == r["start"] and again["measured"]["s3"] == r["measured"]["s3"] and again["runs"] == 2
