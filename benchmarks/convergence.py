@@ -11,7 +11,8 @@ former lr 1e-3), ``vpred`` (the default), ``vpred_min_snr`` (the default with mi
 Goals: ``vpred`` reaches adm's 1500-step MRR in at least 10x fewer seconds; VICReg backbone MRR >= 0.5
 within 60 s of training. Every point also holds what the samples keep, factor by factor (``factor_reads.json``:
 the share of samples read as their original's shape, colour, ... with 95 % intervals, chance and the embedding's
-bound); the third panel plots shape against seconds. ``--arms vpred_long`` follows shape over 3600 steps.
+bound); the third panel plots shape against seconds. ``--arms vpred_long`` follows shape over 3600 steps;
+``--arms whitened_long`` the whitened conditioning over 8400 (hours on 2 cores).
 Writes the JSON and a PNG plot beside it.
 """
 import argparse
@@ -35,11 +36,17 @@ ARMS = {  # name: (overrides, the steps at which it is evaluated)
     "vpred_min_snr": (["recipe.weighting=min_snr", "recipe.min_snr_gamma=5"], [120, 240, 400]),
     # what the samples keep, factor by factor, over a longer run (issue 25: shape is drawn late, if at all)
     "vpred_long": (["train.lr_schedule=constant"], [600, 1200, 2400, 3600]),
+    # the whitened conditioning that drew shapes on the VICReg backbone (docs/training.md): hours on 2 cores
+    "whitened_long": (["train.lr_schedule=constant", "recipe.whiten_embeddings=true"],
+                      [1200, 2400, 3600, 4800, 6000, 7200, 8400]),
 }
 DEFAULT_ARMS = "adm,vpred,vpred_min_snr"
 
 
-def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, common: list[str]) -> list[dict]:
+def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, common: list[str],
+            on_point=lambda points: None) -> list[dict]:
+    """The arm trained to each stop in turn (each a resumed run), its evaluation read back; ``on_point(points)``
+    after each, so that an arm of hours leaves its curve so far if it is stopped."""
     points = []
     for steps in stops:
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -57,6 +64,7 @@ def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, commo
                        **{k: m[k] for k in m if k.startswith(("cond_gain", "null_gain"))},
                        "wall_seconds_incl_eval": time.perf_counter() - t0})
         print(name, json.dumps(points[-1]), flush=True)
+        on_point(points)
     return points
 
 
@@ -132,10 +140,17 @@ def main(argv: list[str] | None = None) -> None:
               "machine": machine(),
               "config": {name: OmegaConf.to_yaml(OmegaConf.create({"overrides": ov, "stops": st}))
                          for name, (ov, st) in ARMS.items()}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, points: list[dict]) -> None:  # the curve so far
+        result["arms"][name] = points
+        out.write_text(json.dumps(result, indent=2))
+
     for name in args.arms.split(","):
         overrides, stops = ARMS[name]
         stops = [int(x) for x in args.stops.split(",")] if args.stops else stops
-        result["arms"][name] = run_arm(name, overrides, stops, work, common)
+        result["arms"][name] = run_arm(name, overrides, stops, work, common, lambda points: save(name, points))
     arms = result["arms"]
     if "adm" in arms and "vpred" in arms:
         adm_final = arms["adm"][-1]
@@ -147,8 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     if "vpred" in arms:
         at60 = [p for p in arms["vpred"] if p["train_seconds"] <= 60]
         result["vpred_best_mrr_within_60s"] = max((p["mrr"] for p in at60), default=None)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if k not in ("arms", "config")}, indent=2))
