@@ -241,12 +241,16 @@ def main(argv: list[str] | None = None) -> dict:
     parts = set(a.parts.split(","))
     streams = [int(s) for s in a.streams.split(",")]
     old = json.loads(Path(a.out).read_text()) if Path(a.out).exists() and parts != {"s3", "mlflow"} else {}
+    if "machine" in old:  # a file from before the parts were recorded apart: both ran on that machine
+        machine_then = old.pop("machine")
+        old.setdefault("measured", {"s3": machine_then, "mlflow": machine_then})
     out: dict = {**old, "shards": a.shards, "per_shard": a.per_shard, "runs": a.runs,
                  "goals": {"start_s": 5, "resume_s": 5, "imbalance": 0.01, "report_s": 120}}
-    if "machine" in old and "measured" not in old:  # a file from before the parts were recorded apart: all one run
-        old["measured"] = {"s3": old["machine"], "mlflow": old["machine"]}
-    old.pop("machine", None)
     measured = {}
+
+    def save() -> None:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=2))
     with tempfile.TemporaryDirectory(prefix="rcdm-scale-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ.update(AWS_ACCESS_KEY_ID="scale", AWS_SECRET_ACCESS_KEY="scale")
@@ -264,8 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
                 info = data.open_dataset(url, ENCODER, LEVEL, "train", storage)
                 out["assignment"] = [assignment(info, s) for s in streams]
             measured["s3"] = {**machine(), "date": time.strftime("%Y-%m-%d")}
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(out, indent=2))  # the S3 half, kept if the MLflow half fails
+            save()  # the S3 half, kept if the MLflow half fails
         if "mlflow" in parts:
             with mlflow_server(tmp) as mlflow_url:
                 out["populate_s"] = round(populate(mlflow_url, a.runs, a.loss_points, tmp), 1)
@@ -279,10 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
     if "mlflow" in out:
         met["report"] = out["mlflow"]["report_s"] < 120
     out["met"] = met
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
+    save()
     print(json.dumps(out, indent=2))
     return out
+
 
 if __name__ == "__main__":
     main()
