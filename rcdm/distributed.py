@@ -36,10 +36,27 @@ def _export_from_slurm() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def cpu_threads_from_slurm() -> int | None:
+    """Torch's CPU threads limited to the task's ``--cpus-per-task`` under SLURM, unless OMP_NUM_THREADS says
+    otherwise. Torch starts one thread per core of the node; a cluster without CPU binding (TaskPlugin=task/none)
+    runs several tasks per node, and their threads, oversubscribed, stall each other and the gloo collectives.
+    Returns the number set, or None."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if "SLURM_JOB_ID" not in os.environ or not cpus or "OMP_NUM_THREADS" in os.environ:
+        return None
+    threads = max(1, int(cpus))
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+        return threads
+    return None
+
+
 def init(device_pref: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the job's process group if it has more than one task; pick this rank's device."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         _export_from_slurm()
+    if (threads := cpu_threads_from_slurm()) is not None:
+        log.info("torch uses %d CPU thread(s): the task's SLURM_CPUS_PER_TASK", threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -154,6 +154,21 @@ def _ddp_worker(rank: int, world: int, port: int, batch: dict, out: str) -> None
     torch.distributed.destroy_process_group()
 
 
+def test_a_slurm_task_uses_its_cpus_per_task_in_torch_threads():
+    """Without CPU binding, every task on a node would start one torch thread per core of the node (4 tasks of
+    a 2-core test node: 8 threads, 10 training steps took 80 s); under SLURM torch takes --cpus-per-task,
+    unless OMP_NUM_THREADS is set."""
+    code = ("import torch; torch.set_num_threads(4); from rcdm import distributed; "
+            "distributed.init('cpu'); print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_"))}
+    def threads(**extra):
+        return int(subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                                  check=True, cwd=ROOT).stdout)
+    assert threads(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="1") == 1
+    assert threads(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="1", OMP_NUM_THREADS="3") == 4  # the user's choice stays
+    assert threads(SLURM_CPUS_PER_TASK="1") == 4  # not in a SLURM job: untouched
+
+
 def test_ddp_on_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_path):
     g = torch.Generator().manual_seed(0)
     batch = {"x": torch.rand(8, 3, 32, 32, generator=g) * 2 - 1, "h": torch.randn(8, 8, generator=g),
