@@ -107,6 +107,10 @@ def _s3_keys(env: dict, prefix: str) -> list[str]:
 
 
 SLURM_SMALL = ["cluster=slurm", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "cluster.time_min=10"]
+# the end-of-run evaluation on 4 held-out images: these tests are about the cluster path; the evaluation's own
+# tests (and the embedded sweep's) run it at full size
+SMALL_EVAL = ["faithfulness.images=4", "invariance.images=4", "diagnostic.images=4",
+              "factor_reads.reference_images=256"]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,7 @@ def test_sweep_on_two_nodes_per_job(stack, dataset, tmp_path):
               "data=shards", f"data.url={url}", "storage=s3", f"storage.run_root={run_root}", "tracking=server",
               f"tracking.experiment={experiment}", "train.steps=10", "train.batch_size=8", "train.log_every=5",
               "train.checkpoint_every=10", "train.sample_every=10", "train.loader_workers=0", "grid.images=2",
-              "grid.samples=1", "grid.steps=ddim5"], stack, tmp_path, 2400)
+              "grid.samples=1", "grid.steps=ddim5", *SMALL_EVAL], stack, tmp_path, 2400)
     assert "8/8 jobs finished" in p.stdout + p.stderr
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
@@ -191,14 +195,18 @@ def test_requeue_resumes_the_same_run(stack, dataset, tmp_path):
 
     url, _ = dataset
     experiment = f"requeue-{uuid.uuid4().hex[:6]}"
-    steps, every = 500, 5  # ~130 steps per 2-minute start on a quiet 2-core machine: several requeues
+    # a start trains about a minute before its signal: ~44 steps on a 2-core AMD EPYC with the conditioning
+    # diagnostic at every log step (500 steps took 12 starts, the test's whole allowance of requeues); without it
+    # the steps are the update alone, and 300 steps still need several starts
+    steps, every = 300, 5
     _run([sys.executable, str(ROOT / "launch/sweep.py"), "-m", "encoder=vicreg", "level=backbone",
           "cluster=slurm", "cluster.mem_gb=1", "cluster.cpus_per_task=2", "cluster.time_min=2",
           "cluster.signal_delay_s=30", "cluster.max_num_timeout=12", "data=shards", f"data.url={url}",
           "storage=s3", f"storage.run_root=s3://{stack['RCDM_S3_BUCKET']}/runs", "tracking=server",
           f"tracking.experiment={experiment}", f"train.steps={steps}", "train.batch_size=16", f"train.log_every={every}",
           "train.checkpoint_every=100000", "train.sample_every=100000", "train.loader_workers=0",
-          "grid.images=2", "grid.samples=1", "grid.steps=ddim5"], stack, tmp_path, 1800)
+          *(o for o in SMALL_EVAL if not o.startswith("diagnostic.")), "diagnostic.images=0", "grid.images=2",
+          "grid.samples=1", "grid.steps=ddim5"], stack, tmp_path, 1800)
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(experiment)
@@ -239,8 +247,10 @@ def test_sweep_that_does_not_wait(stack, dataset, tmp_path):
     experiment = f"nowait-{uuid.uuid4().hex[:6]}"
     common = [*SLURM_SMALL, "cluster.wait=false", "data=shards", f"data.url={url}", "storage=s3",
               f"storage.run_root=s3://{stack['RCDM_S3_BUCKET']}/runs", "tracking=server",
-              f"tracking.experiment={experiment}", "train.steps=10", "train.batch_size=8", "train.checkpoint_every=10",
-              "train.sample_every=10", "train.loader_workers=0", "grid.images=2", "grid.samples=1", "grid.steps=ddim5"]
+              f"tracking.experiment={experiment}", "train.steps=40", "train.batch_size=8",
+              "train.checkpoint_every=40",
+              "train.sample_every=40", "train.loader_workers=0", "grid.images=2", "grid.samples=1", "grid.steps=ddim5",
+              *SMALL_EVAL]
     sweep = [sys.executable, str(ROOT / "launch/sweep.py"), "-m", "level=backbone", *common]
     status = [sys.executable, str(ROOT / "launch/status.py"), "-m", "encoder=vicreg,dino", "level=backbone", *common]
     s3 = boto3.client("s3", endpoint_url=stack["AWS_ENDPOINT_URL"], region_name=stack["AWS_DEFAULT_REGION"],
@@ -275,9 +285,10 @@ def test_sweep_that_does_not_wait(stack, dataset, tmp_path):
                            capture_output=True, text=True, timeout=60).stdout
     states = dict(line.split("|")[:2] for line in queue.splitlines() if "|" in line)
     assert any(s in ACTIVE_STATES for s in states.values()), f"the launcher waited for its jobs: {states}"
+    # cancelled at once: a job of 40 steps and a 4-image evaluation ends about a minute after its submission
+    subprocess.run(["scancel", jobs["encoder=dino"]], env=stack, check=True, timeout=60)
     first = _run(status, stack, tmp_path, 300).stdout
     assert "stays RUNNING" in first or " ended " in first, first
-    subprocess.run(["scancel", jobs["encoder=dino"]], env=stack, check=True, timeout=60)
 
     out = status_until_ended()
     assert "ended FAILED" in out, out
