@@ -109,8 +109,7 @@ def _s3_keys(env: dict, prefix: str) -> list[str]:
 SLURM_SMALL = ["cluster=slurm", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "cluster.time_min=10"]
 # the end-of-run evaluation on 4 held-out images: these tests are about the cluster path; the evaluation's own
 # tests (and the embedded sweep's) run it at full size
-SMALL_EVAL = ["faithfulness.images=4", "invariance.images=4", "diagnostic.images=4",
-              "factor_reads.reference_images=256"]
+SMALL_EVAL = ["faithfulness.images=4", "invariance.images=4", "factor_reads.reference_images=256"]
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +204,8 @@ def test_requeue_resumes_the_same_run(stack, dataset, tmp_path):
           "storage=s3", f"storage.run_root=s3://{stack['RCDM_S3_BUCKET']}/runs", "tracking=server",
           f"tracking.experiment={experiment}", f"train.steps={steps}", "train.batch_size=16", f"train.log_every={every}",
           "train.checkpoint_every=100000", "train.sample_every=100000", "train.loader_workers=0",
-          *(o for o in SMALL_EVAL if not o.startswith("diagnostic.")), "diagnostic.images=0", "grid.images=2",
-          "grid.samples=1", "grid.steps=ddim5"], stack, tmp_path, 1800)
+          *SMALL_EVAL, "diagnostic.images=0", "grid.images=2", "grid.samples=1", "grid.steps=ddim5"], stack,
+         tmp_path, 1800)
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(experiment)
@@ -247,8 +246,7 @@ def test_sweep_that_does_not_wait(stack, dataset, tmp_path):
     experiment = f"nowait-{uuid.uuid4().hex[:6]}"
     common = [*SLURM_SMALL, "cluster.wait=false", "data=shards", f"data.url={url}", "storage=s3",
               f"storage.run_root=s3://{stack['RCDM_S3_BUCKET']}/runs", "tracking=server",
-              f"tracking.experiment={experiment}", "train.steps=40", "train.batch_size=8",
-              "train.checkpoint_every=40",
+              f"tracking.experiment={experiment}", "train.steps=40", "train.batch_size=8", "train.checkpoint_every=40",
               "train.sample_every=40", "train.loader_workers=0", "grid.images=2", "grid.samples=1", "grid.steps=ddim5",
               *SMALL_EVAL]
     sweep = [sys.executable, str(ROOT / "launch/sweep.py"), "-m", "level=backbone", *common]
