@@ -11,6 +11,7 @@ import time
 import torch
 
 from rcdm.config import ClusterConfig, path_segment
+from rcdm.distributed import cpu_threads_from_slurm
 from rcdm.encoders import LEVELS, encoder_spec
 from rcdm.errors import UserError
 from rcdm.manifest import read_manifest
@@ -51,6 +52,14 @@ def _part_in_process(job: ShardJob, tasks: list[int], part: int, threads: int) -
     return run_part(job, tasks, part)
 
 
+def _part_in_slurm_task(job: ShardJob, tasks: list[int], part: int) -> dict:
+    """A SLURM array task's entry: torch takes the task's --cpus-per-task (clusters without CPU binding would
+    otherwise start one thread per core of the node in every task sharing it), then the part runs."""
+    if (threads := cpu_threads_from_slurm()) is not None:
+        log.info("torch uses %d CPU thread(s): the task's SLURM_CPUS_PER_TASK", threads)
+    return run_part(job, tasks, part)
+
+
 def run_local(job: ShardJob, parts: list[list[int]]) -> list[dict]:
     if len(parts) == 1:
         return [run_part(job, parts[0], 0)]
@@ -73,7 +82,7 @@ def run_slurm(job: ShardJob, parts: list[list[int]], opts: ClusterConfig) -> lis
         if getattr(opts, key):
             params[f"slurm_{key}"] = getattr(opts, key)
     executor.update_parameters(**params)
-    jobs = executor.map_array(run_part, [job] * len(parts), parts, list(range(len(parts))))
+    jobs = executor.map_array(_part_in_slurm_task, [job] * len(parts), parts, list(range(len(parts))))
     log.info("submitted %d SLURM array tasks (job %s); waiting", len(jobs), jobs[0].job_id.split("_")[0])
     return [j.result() for j in jobs]
 

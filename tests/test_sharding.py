@@ -239,3 +239,17 @@ def test_default_command_builds_the_demo_dataset(tmp_path):
     assert manifest["splits"]["train"]["count"] == 2048
     assert sorted(manifest["encoders"]) == ["barlow", "dino", "simclr", "vicreg"]
     assert all(set(e["levels"]) == {"backbone", "projector"} for e in manifest["encoders"].values())
+
+
+def test_a_slurm_array_task_of_sharding_uses_its_cpus_per_task_in_torch_threads():
+    """The SLURM array's entry limits torch to --cpus-per-task before its part runs, as training tasks do (a
+    cluster without CPU binding would start one torch thread per node core in every task sharing a node)."""
+    code = ("import torch; torch.set_num_threads(4); from sharding import orchestrate; "
+            "orchestrate.run_part = lambda job, tasks, part: (torch.get_num_threads(), tasks, part); "
+            "print(orchestrate._part_in_slurm_task(None, [3, 5], 1))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_"))}
+    def entry(**extra):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True, cwd=ROOT).stdout.strip()
+    assert entry(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="2") == "(2, [3, 5], 1)"
+    assert entry() == "(4, [3, 5], 1)"  # outside SLURM: the process's own threads
