@@ -47,6 +47,7 @@ def cpu_threads_from_slurm() -> int | None:
     threads = max(1, int(cpus))
     if threads < torch.get_num_threads():
         torch.set_num_threads(threads)
+        log.info("torch uses %d CPU thread(s): the task's SLURM_CPUS_PER_TASK", threads)
         return threads
     return None
 
@@ -55,8 +56,7 @@ def init(device_pref: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the job's process group if it has more than one task; pick this rank's device."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         _export_from_slurm()
-    if (threads := cpu_threads_from_slurm()) is not None:
-        log.info("torch uses %d CPU thread(s): the task's SLURM_CPUS_PER_TASK", threads)
+    cpu_threads_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

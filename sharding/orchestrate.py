@@ -55,8 +55,7 @@ def _part_in_process(job: ShardJob, tasks: list[int], part: int, threads: int) -
 def _part_in_slurm_task(job: ShardJob, tasks: list[int], part: int) -> dict:
     """A SLURM array task's entry: torch takes the task's --cpus-per-task (clusters without CPU binding would
     otherwise start one thread per core of the node in every task sharing it), then the part runs."""
-    if (threads := cpu_threads_from_slurm()) is not None:
-        log.info("torch uses %d CPU thread(s): the task's SLURM_CPUS_PER_TASK", threads)
+    cpu_threads_from_slurm()
     return run_part(job, tasks, part)
 
 
