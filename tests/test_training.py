@@ -78,15 +78,15 @@ def test_one_step_on_each_data_choice(tmp_path, dataset, model, compose_sweep, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,size,step_px", [("adm64", 64, 64), ("adm128", 128, 128), ("adm256", 256, 128)])
+@pytest.mark.parametrize("model,size,step_px", [("adm64", 64, 64), ("adm128", 128, 128), ("adm256", 256, 64)])
 def test_one_step_of_each_large_preset_on_cpu(model, size, step_px):
     """Each large preset builds at its published size, takes one optimisation step through the training
     loop's own update (finite loss; every parameter gets a gradient, as DDP without unused-parameter
     scans needs; the update changes the model) and samples. The loop around it (loader,
     checkpoint, MLflow) is the tiny tests' job: a full-state checkpoint here would be 4.7-8.9 GB of disk.
-    adm256 steps on 128 px images: the same layers and parameters (convolutions, attention placed by
-    downsampling factor); at 256 px this test took 374 s of a 2-core AMD EPYC. The sampler's sizes are adm64's
-    and adm128's."""
+    adm256 steps on 64 px images: the same layers and parameters (convolutions, attention placed by
+    downsampling factor; its five downsamplings leave 2 px); at 256 px this test took 374 s of a 2-core AMD EPYC.
+    The sampler's sizes are adm64's and adm128's."""
     torch.manual_seed(0)
     net = build_unet(model, 256)
     assert net.cfg.image_size == size
@@ -205,7 +205,10 @@ def test_preemption_signal_checkpoints_and_a_restart_resumes_the_same_run(tmp_pa
     runs, db = tmp_path / "runs", tmp_path / "m.db"
     args = [sys.executable, str(ROOT / "launch" / "sweep.py"), "encoder=dino", "level=projector", "data=shards",
             f"data.url={dataset}", f"storage.run_root={runs}", f"tracking.uri=sqlite:///{db}", "train.log_every=1",
-            "train.checkpoint_every=1000", "train.sample_every=1000", "train.loader_workers=0"]
+            "train.checkpoint_every=1000", "train.sample_every=1000", "train.loader_workers=0",
+            # the conditioning diagnostic would run at every logged step; the end-of-run evaluation at its full
+            # size is the embedded sweep test's
+            "diagnostic.images=0", "faithfulness.images=4", "invariance.images=4", "factor_reads.reference_images=256"]
     proc = subprocess.Popen(args + ["train.steps=400"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     job = runs / "rcdm-demo" / "main" / "dino-projector-tiny"
@@ -267,26 +270,29 @@ def test_non_finite_loss_stops_with_an_error_and_keeps_the_good_checkpoint(tmp_p
     assert client.get_run(run_id).info.status == "FAILED"
 
 
-SWEEP_ENCODERS = ("vicreg", "dino")  # of the README's four: the other two train in tests/test_cluster.py's sweep
+SWEEP_ENCODERS = ("vicreg",)  # of the README's four: barlow and simclr train in tests/test_cluster.py's 2-node sweep,
+# dino in its no-wait sweep
 
 
 @pytest.mark.slow
 def test_the_embedded_default_sweep(tmp_path):
-    """The README's main command on a fresh working directory, on two of its four encoders (both levels, the
-    demo's own budget): demo data, 4 jobs, 4 finished runs, the report. All eight jobs took 34 minutes of a 2-core
-    AMD EPYC (training at 24 images/s), a third of CI's time; the other encoders train in the cluster sweep test
-    and the README command's composition is tests/test_experiments.py's."""
+    """The README's main command on a fresh working directory, on one of its four encoders (both levels, the
+    demo's own budget): demo data, 2 jobs, 2 finished runs, the report. All eight jobs took 34 minutes of a 2-core
+    AMD EPYC (training at 24 images/s), four of them 17: CI's machines differ by 1.5x, and one CI run of the
+    suite with four did not end in its 90 minutes. The other encoders train in the cluster tests; all eight jobs'
+    composition is tests/test_experiments.py's plan test."""
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", f"encoder={','.join(SWEEP_ENCODERS)}",
                         "level=backbone,projector"], cwd=tmp_path, capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "4/4 jobs finished" in r.stdout
+    n = 2 * len(SWEEP_ENCODERS)
+    assert f"{n}/{n} jobs finished" in r.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rcdm-demo")
     runs = client.search_runs([exp.experiment_id])
     parents = [x for x in runs if x.data.tags.get("kind") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 4
+    assert len(children) == n
     assert {(c.data.tags["encoder"], c.data.tags["level"]) for c in children} == {
         (e, lv) for e in SWEEP_ENCODERS for lv in ("backbone", "projector")}
     chance = sum(1 / k for k in range(1, 65)) / 64
@@ -315,7 +321,7 @@ def test_the_embedded_default_sweep(tmp_path):
     # the sweep report on the parent run, with every job's row and grid
     assert "report reports/rcdm-demo/main/report.html" in r.stdout
     html = (tmp_path / "reports" / "rcdm-demo" / "main" / "report.html").read_text()
-    assert "4/4 jobs finished" in html and html.count('class="grid"') == 4 and "without a finished result" not in html
+    assert f"{n}/{n} jobs finished" in html and html.count('class="grid"') == n and "without a finished result" not in html
     assert "report/report.html" in {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
 
 
