@@ -20,7 +20,7 @@ from rcdm.errors import cli_errors
 
 log = logging.getLogger("rcdm.analyze")
 
-schemas.register()
+schemas.register("analyze_schema")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="analyze")

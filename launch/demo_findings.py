@@ -16,7 +16,7 @@ from rcdm.errors import cli_errors
 from rcdm.findings import run_findings
 
 log = logging.getLogger("rcdm.findings")
-schemas.register()
+schemas.register("findings_schema")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="findings")

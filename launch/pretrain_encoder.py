@@ -12,7 +12,7 @@ from rcdm.errors import cli_errors
 from rcdm.ssl.pretrain import pretrain
 
 log = logging.getLogger("rcdm.pretrain")
-schemas.register()
+schemas.register("pretrain_schema")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain_encoder")

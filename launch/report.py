@@ -10,7 +10,7 @@ from pipeline import schemas
 from rcdm.errors import cli_errors
 from rcdm.report import write_report
 
-schemas.register()
+schemas.register("report_schema")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="report")

@@ -13,7 +13,7 @@ from rcdm.sampling import sample_grid
 
 log = logging.getLogger("rcdm.sample")
 
-schemas.register()
+schemas.register("sample_schema")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample")

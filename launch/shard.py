@@ -14,7 +14,7 @@ from rcdm.errors import cli_errors
 from sharding.orchestrate import shard
 
 log = logging.getLogger("rcdm.shard")
-schemas.register()
+schemas.register("shard_schema")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="shard")

@@ -17,7 +17,7 @@ from rcdm.errors import cli_errors
 from rcdm.train import Preempted, train
 
 log = logging.getLogger("rcdm.sweep")
-schemas.register()
+schemas.register("sweep_schema")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")

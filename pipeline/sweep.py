@@ -52,7 +52,7 @@ def job_configs(args: list[str]) -> list[TrainConfig]:
     from pipeline import schemas
     from rcdm.provenance import REPO
 
-    schemas.register()
+    schemas.register("sweep_schema")
     parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
     (combinations,) = BasicSweeper.split_arguments(parsed, None)
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
