@@ -12,11 +12,13 @@ Goals: ``vpred`` reaches adm's 1500-step MRR in at least 10x fewer seconds; VICR
 within 60 s of training. Every point also holds what the samples keep, factor by factor (``factor_reads.json``:
 the share of samples read as their original's shape, colour, ... with 95 % intervals, chance and the embedding's
 bound); the third panel plots shape against seconds. ``--arms vpred_long`` follows shape over 3600 steps;
-``--arms whitened_long`` the whitened conditioning over 8400 (hours on 2 cores).
+``--arms whitened_long`` the whitened conditioning over 8400 (hours on 2 cores: ``--work DIR`` keeps the runs, and a
+later call with the same ``--work`` and ``--out`` and later ``--stops`` resumes each arm where it stopped).
 Writes the JSON and a PNG plot beside it.
 """
 import argparse
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +28,9 @@ from omegaconf import OmegaConf
 
 from pipeline import schemas
 from pipeline.sweep import ensure_demo_data, train_config
-from rcdm.train import train
+from rcdm.errors import UserError, cli_errors
 from rcdm.provenance import machine
+from rcdm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {  # name: (overrides, the steps at which it is evaluated)
@@ -62,7 +65,7 @@ def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, commo
         points.append({"factors": factors, "step": steps, "train_seconds": m["train_seconds"], "mrr": faith["mrr"],
                        "mrr_ci95": faith["mrr_ci95"], "top1": faith["top1"], "guidance": faith["guidance"],
                        **{k: m[k] for k in m if k.startswith(("cond_gain", "null_gain"))},
-                       "wall_seconds_incl_eval": time.perf_counter() - t0})
+                       "wall_seconds_incl_eval": time.perf_counter() - t0, "machine": machine()})
         print(name, json.dumps(points[-1]), flush=True)
         on_point(points)
     return points
@@ -123,12 +126,48 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     ap.add_argument("--stops", help="evaluate every arm at these steps instead of its own (e.g. 2: a smoke run)")
     ap.add_argument("--overrides", default="", help="more sweep overrides for every arm, space-separated")
+    ap.add_argument("--work", help="keep the arms' runs in this folder (default: a new temporary one). Called again "
+                    "with the same --work, --out, arms and overrides and later --stops, each arm resumes its run at "
+                    "its last stop and its new points join the curve in --out")
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return
-    schemas.register()
-    work = Path(tempfile.mkdtemp(prefix="rcdm-bench-conv-"))
+    with cli_errors():
+        _run(args)
+
+
+def _earlier_points(args, out: Path, work: Path) -> dict[str, list[dict]]:
+    """The points an earlier call with this --work left in --out, per arm; refused where the new stops would not
+    continue them (a stop at or before an arm's last one would evaluate its later model under an earlier step)."""
+    if not (work / "runs").exists():
+        return {}
+    if not out.exists():
+        raise UserError(f"{work} holds runs but {out} has no curve of them: pass the --out of the call that made them")
+    old = json.loads(out.read_text())
+    if (old.get("encoder"), old.get("level")) != (args.encoder, args.level):
+        raise UserError(f"{out} is the curve of {old.get('encoder')} {old.get('level')}, not {args.encoder} "
+                        f"{args.level}: pass that call's --encoder and --level")
+    arms = {name: [{"machine": old.get("machine"), **p} for p in pts]  # points of before per-point machines
+            for name, pts in old.get("arms", {}).items() if pts}
+    for name in args.arms.split(","):
+        last = arms.get(name, [{}])[-1].get("step", 0)
+        if args.stops and arms.get(name) and min(int(x) for x in args.stops.split(",")) <= last:
+            raise UserError(f"arm {name} already stands at step {last} in {work}: give --stops after it "
+                            f"(e.g. --stops {last + 1200})")
+    return arms
+
+
+def _run(args) -> None:
+    log = logging.getLogger("rcdm")  # what training says (resuming, its evaluation), not every library's INFO
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.StreamHandler())
+    schemas.register("sweep_schema")
+    out = Path(args.out)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rcdm-bench-conv-"))
+    earlier = _earlier_points(args, out, work) if args.work else {}
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"runs in {work}", flush=True)
     common = [f"encoder={args.encoder}", f"level={args.level}", f"data.url={args.data}",
               f"storage.run_root={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'm.db'}", "train.progress=false",
               "train.sample_every=100000", "train.checkpoint_every=100000", "train.log_every=100000",
@@ -140,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
               "machine": machine(),
               "config": {name: OmegaConf.to_yaml(OmegaConf.create({"overrides": ov, "stops": st}))
                          for name, (ov, st) in ARMS.items()}}
-    out = Path(args.out)
+    result["arms"].update(earlier)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(name: str, points: list[dict]) -> None:  # the curve so far
@@ -150,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.arms.split(","):
         overrides, stops = ARMS[name]
         stops = [int(x) for x in args.stops.split(",")] if args.stops else stops
-        result["arms"][name] = run_arm(name, overrides, stops, work, common, lambda points: save(name, points))
+        before = earlier.get(name, [])
+        stops = [k for k in stops if k > (before[-1]["step"] if before else 0)]
+        result["arms"][name] = before + run_arm(name, overrides, stops, work, common,
+                                                lambda points, n=name, b=before: save(n, b + points))
     arms = result["arms"]
     if "adm" in arms and "vpred" in arms:
         adm_final = arms["adm"][-1]

@@ -61,17 +61,32 @@ def test_every_benchmark_runs_at_its_smallest(name, tmp_path):
 def test_convergence_benchmark_runs_at_its_smallest(tmp_path, dataset):
     import subprocess
 
-    out = tmp_path / "convergence.json"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--arms", "vpred", "--stops", "2",
-                        "--encoder", "dino", "--data", dataset, "--overrides",
-                        "train.batch_size=4 faithfulness.images=2 factor_reads.reference_images=16 grid.images=2 "
-                        "grid.samples=1 invariance.images=0", "--out", str(out)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out, work = tmp_path / "convergence.json", tmp_path / "work"
+
+    def bench(stops: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--arms", "vpred",
+                               "--stops", stops, "--encoder", "dino", "--data", dataset, "--overrides",
+                               "train.batch_size=4 faithfulness.images=2 factor_reads.reference_images=16 grid.images=2 "
+                               "grid.samples=1 invariance.images=0", "--out", str(out), "--work", str(work)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+
+    p = bench("2")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     (point,) = r["arms"]["vpred"]
     assert point["step"] == 2 and 0 < point["mrr"] <= 1 and "shape" in point["factors"]
     assert out.with_suffix(".png").exists()
+    # called again on the kept runs: the arm resumes at step 2 and its curve grows by the new stop
+    p = bench("3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout + p.stderr and "at step 2" in p.stdout + p.stderr
+    first, second = json.loads(out.read_text())["arms"]["vpred"]
+    assert first == point and second["step"] == 3 and second["train_seconds"] > first["train_seconds"]
+    # a stop the run has passed would evaluate its later model under an earlier step: refused, curve kept
+    p = bench("3")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: arm vpred already stands at "
+                                                                              "step 3"), p.stderr[-2000:]
+    assert [q["step"] for q in json.loads(out.read_text())["arms"]["vpred"]] == [2, 3]
 
 
 @pytest.mark.slow
