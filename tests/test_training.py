@@ -78,15 +78,15 @@ def test_one_step_on_each_data_choice(tmp_path, dataset, model, compose_sweep, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,size,step_px", [("adm64", 64, 64), ("adm128", 128, 128), ("adm256", 256, 64)])
+@pytest.mark.parametrize("model,size,step_px", [("adm64", 64, 64), ("adm128", 128, 64), ("adm256", 256, 64)])
 def test_one_step_of_each_large_preset_on_cpu(model, size, step_px):
     """Each large preset builds at its published size, takes one optimisation step through the training
     loop's own update (finite loss; every parameter gets a gradient, as DDP without unused-parameter
     scans needs; the update changes the model) and samples. The loop around it (loader,
     checkpoint, MLflow) is the tiny tests' job: a full-state checkpoint here would be 4.7-8.9 GB of disk.
-    adm256 steps on 64 px images: the same layers and parameters (convolutions, attention placed by
-    downsampling factor; its five downsamplings leave 2 px); at 256 px this test took 374 s of a 2-core AMD EPYC.
-    The sampler's sizes are adm64's and adm128's."""
+    adm128 and adm256 step on 64 px images: the same layers and parameters (convolutions, attention placed by
+    downsampling factor; adm256's five downsamplings leave 2 px); at 256 px adm256's step took 374 s of a 2-core
+    AMD EPYC. The sampler draws at adm64's and adm128's own sizes (the released checkpoints')."""
     torch.manual_seed(0)
     net = build_unet(model, 256)
     assert net.cfg.image_size == size
@@ -100,7 +100,7 @@ def test_one_step_of_each_large_preset_on_cpu(model, size, step_px):
     assert not unused, f"parameters outside the graph: {unused[:5]}"
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     del before, opt
-    if step_px != size:
+    if size > 128:
         return
     with torch.no_grad():
         out = draw(net.eval(), RELEASED, h, "ddim2", "ddim", 1, torch.Generator().manual_seed(0))
@@ -270,8 +270,8 @@ def test_non_finite_loss_stops_with_an_error_and_keeps_the_good_checkpoint(tmp_p
     assert client.get_run(run_id).info.status == "FAILED"
 
 
-SWEEP_ENCODERS = ("vicreg",)  # of the README's four: barlow and simclr train in tests/test_cluster.py's 2-node sweep,
-# dino in its no-wait sweep
+SWEEP_ENCODERS = ("vicreg",)  # of the README's four: simclr and dino train in tests/test_cluster.py's sweeps, barlow
+# in test_train_on_s3_then_sample_from_its_checkpoint
 
 
 @pytest.mark.slow

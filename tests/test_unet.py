@@ -95,7 +95,7 @@ def test_tiny_model_learns_a_handful_of_images():
             return diffusion.training_losses(model, images[idx_eval], t_eval, cond[idx_eval], noise_eval)["mse"].mean().item()
 
     before = eval_mse()
-    for _ in range(250):
+    for _ in range(120):
         idx = torch.randint(0, 4, (8,))
         loss = diffusion.training_losses(model, images[idx], torch.randint(0, 1000, (8,)), cond[idx])["loss"].mean()
         opt.zero_grad()
