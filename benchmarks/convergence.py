@@ -161,7 +161,8 @@ def _earlier_points(args, out: Path, work: Path) -> dict[str, list[dict]]:
 def _run(args) -> None:
     log = logging.getLogger("rcdm")  # what training says (resuming, its evaluation), not every library's INFO
     log.setLevel(logging.INFO)
-    log.addHandler(logging.StreamHandler())
+    if not log.handlers:  # once, however often main() runs in one process
+        log.addHandler(logging.StreamHandler())
     schemas.register("sweep_schema")
     out = Path(args.out)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rcdm-bench-conv-"))

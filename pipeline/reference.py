@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from pipeline.schemas import SCHEMAS
+from pipeline.schemas import all_schemas
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMANDS = {"sweep_schema": ("launch/sweep.py", "configs/sweep.yaml"),
@@ -63,7 +63,7 @@ def render() -> str:
              "the command line as `key=value`. What a key means: the comment beside it in the dataclass.", "",
              "## Config groups", "", "| group | options (`group=option`) |", "|---|---|"]
     lines += [f"| `{g}` | {', '.join(f'`{o}`' for o in opts)} |" for g, opts in groups()]
-    for name, schema in SCHEMAS.items():
+    for name, schema in all_schemas().items():
         command, yaml = COMMANDS[name]
         lines += ["", f"## `{command}`", "",
                   f"Schema `{schema.__module__}.{schema.__name__}`; primary config `{yaml}`.", "",

@@ -26,7 +26,6 @@ def register(*names: str) -> None:
         cs.store(name=name, node=schema(name))
 
 
-def __getattr__(name: str):
-    if name == "SCHEMAS":  # {schema name: class}, every stage imported: for the config reference and its tests
-        return {n: schema(n) for n in SCHEMA_PATHS}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def all_schemas() -> dict[str, type]:
+    """{schema name: class}, every stage imported: for the config reference and its tests."""
+    return {n: schema(n) for n in SCHEMA_PATHS}

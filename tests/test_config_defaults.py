@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.schemas import SCHEMAS
+from pipeline.schemas import all_schemas
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -14,10 +14,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def primary_configs():
     """(file, schema) for every primary config: those naming a registered schema first in their defaults."""
     out = []
+    schemas = all_schemas()
     for path in sorted(CONFIGS.glob("*.yaml")):
         first = (OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or [None])[0]
-        if first in SCHEMAS:
-            out.append((path, SCHEMAS[first]))
+        if first in schemas:
+            out.append((path, schemas[first]))
     return out
 
 
