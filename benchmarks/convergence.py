@@ -17,6 +17,7 @@ later call with the same ``--work`` and ``--out`` and later ``--stops`` resumes 
 Writes the JSON and a PNG plot beside it.
 """
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
@@ -126,15 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     ap.add_argument("--stops", help="evaluate every arm at these steps instead of its own (e.g. 2: a smoke run)")
     ap.add_argument("--overrides", default="", help="more sweep overrides for every arm, space-separated")
-    ap.add_argument("--work", help="keep the arms' runs in this folder (default: a new temporary one). Called again "
+    ap.add_argument("--work", help="keep the arms' runs in this folder (default: a temporary one, removed at the end). Called again "
                     "with the same --work, --out, arms and overrides and later --stops, each arm resumes its run at "
                     "its last stop and its new points join the curve in --out")
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return
-    with cli_errors():
-        _run(args)
+    with cli_errors(), (contextlib.nullcontext(args.work) if args.work
+                        else tempfile.TemporaryDirectory(prefix="rcdm-bench-conv-")) as work:
+        _run(args, Path(work))  # a temporary folder is removed at the end: the curve in --out is the result
 
 
 def _earlier_points(args, out: Path, work: Path) -> dict[str, list[dict]]:
@@ -158,17 +160,17 @@ def _earlier_points(args, out: Path, work: Path) -> dict[str, list[dict]]:
     return arms
 
 
-def _run(args) -> None:
+def _run(args, work: Path) -> None:
     log = logging.getLogger("rcdm")  # what training says (resuming, its evaluation), not every library's INFO
     log.setLevel(logging.INFO)
     if not log.handlers:  # once, however often main() runs in one process
         log.addHandler(logging.StreamHandler())
     schemas.register("sweep_schema")
     out = Path(args.out)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rcdm-bench-conv-"))
     earlier = _earlier_points(args, out, work) if args.work else {}
     work.mkdir(parents=True, exist_ok=True)
-    print(f"runs in {work}", flush=True)
+    if args.work:
+        print(f"runs in {work}", flush=True)
     common = [f"encoder={args.encoder}", f"level={args.level}", f"data.url={args.data}",
               f"storage.run_root={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'm.db'}", "train.progress=false",
               "train.sample_every=100000", "train.checkpoint_every=100000", "train.log_every=100000",

@@ -58,16 +58,8 @@ def peak_rss_mb(count: int, workdir: Path) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/sharding.json")
-    ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--arch", default="resnet50")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rss-sizes", default="400,4000")
-    args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="rcdm-bench-"))
+def measure(args, work: Path) -> dict:
+    """The figures of the JSON, from images and shards written under ``work``."""
     make_jpegs(work / "jpegs", args.images)
     encoders = [build_encoder(n, args.arch, "random") for n in ENCODERS]
     pp = encoders[0].preprocess
@@ -92,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(s) for s in args.rss_sizes.split(",")]
     rss = {n: peak_rss_mb(n, work) for n in sizes}
     med = statistics.median
-    result = {
+    return {
         "images": args.images, "arch": args.arch, "batch": args.batch, "encoders": ENCODERS, "flip": True,
         "sharding_images_per_s": 2 * args.images / med(shard_s),
         "bare_forward_images_per_s": 2 * args.images / med(bare_s),
@@ -105,6 +97,19 @@ def main(argv: list[str] | None = None) -> None:
         "note": "seconds are for 2N images: sharding as run(3N) - run(N), so start-up cancels out; bare forward "
                 "as twice the time of N in-memory images; peak RSS in MB (ru_maxrss) of a synthetic tiny-arch run",
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/sharding.json")
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rss-sizes", default="400,4000")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rcdm-bench-") as d:  # images and shards, removed at the end
+        result = measure(args, Path(d))
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -117,11 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--presets", default="tiny,adm128")
     ap.add_argument("--images", type=int, default=256)
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="rcdm-bench-train-"))
     settings = {"tiny": (16, 40), "adm128": (2, 6)}  # (batch, steps) that fit a CPU in minutes
-    result = {"step_overhead": [step_overhead(p, work, *settings.get(p, (2, 6))) for p in args.presets.split(",")],
-              "input_pipeline": [pipeline(work, args.images, 128)],
-              "machine": machine(),
+    with tempfile.TemporaryDirectory(prefix="rcdm-bench-train-") as d:  # runs and images, removed at the end
+        work = Path(d)
+        steps = [step_overhead(p, work, *settings.get(p, (2, 6))) for p in args.presets.split(",")]
+        inputs = [pipeline(work, args.images, 128)]
+    result = {"step_overhead": steps, "input_pipeline": inputs, "machine": machine(),
               "note": "loop = rcdm.train.train's own images_per_s over its last logging window (loader, EMA, "
                       "MLflow logging included); pure = forward + loss + backward + AdamW step on a resident batch"}
     print(json.dumps(result, indent=2))

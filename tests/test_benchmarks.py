@@ -1,6 +1,7 @@
 """The benchmarks run: each script's smallest setting end to end on the CPU, writing the JSON the docs and the
 plan read (their figures are measured elsewhere, on quiet machines and GPUs; these only check that they run)."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,12 +50,15 @@ SMALLEST = {  # each benchmark's command line at its smallest: they run in CI so
 def test_every_benchmark_runs_at_its_smallest(name, tmp_path):
     import subprocess
 
-    out = tmp_path / f"{name}.json"
+    out, scratch = tmp_path / f"{name}.json", tmp_path / "tmp"
+    scratch.mkdir()
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMALLEST[name], "--out", str(out)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert (r.get("machine") or r.get("_machine"))["cpu"]
+    assert not list(scratch.iterdir())  # its scratch runs and images are removed, not left in /tmp per run
 
 
 @pytest.mark.slow
