@@ -141,20 +141,23 @@ def main(argv: list[str] | None = None) -> None:
 
 def _earlier_points(args, out: Path, work: Path) -> dict[str, list[dict]]:
     """The points an earlier call with this --work left in --out, per arm; refused where the new stops would not
-    continue them (a stop at or before an arm's last one would evaluate its later model under an earlier step)."""
-    if not (work / "runs").exists():
-        return {}
-    if not out.exists():
-        raise UserError(f"{work} holds runs but {out} has no curve of them: pass the --out of the call that made them")
-    old = json.loads(out.read_text())
-    if (old.get("encoder"), old.get("level")) != (args.encoder, args.level):
-        raise UserError(f"{out} is the curve of {old.get('encoder')} {old.get('level')}, not {args.encoder} "
-                        f"{args.level}: pass that call's --encoder and --level")
-    arms = {name: [{"machine": old.get("machine"), **p} for p in pts]  # points of before per-point machines
-            for name, pts in old.get("arms", {}).items() if pts}
+    continue an arm's run (a stop at or before the step its checkpoint stands at would evaluate its later model
+    under an earlier step). A run stopped before its first evaluation has no points yet and resumes all the same."""
+    arms = {}
+    if out.exists():
+        old = json.loads(out.read_text())
+        if (old.get("encoder"), old.get("level")) != (args.encoder, args.level):
+            raise UserError(f"{out} is the curve of {old.get('encoder')} {old.get('level')}, not {args.encoder} "
+                            f"{args.level}: pass that call's --encoder and --level")
+        arms = {name: [{"machine": old.get("machine"), **p} for p in pts]  # points of before per-point machines
+                for name, pts in old.get("arms", {}).items() if pts}
+    elif list(work.glob("runs/convergence/*/*/faithfulness.json")):
+        raise UserError(f"{work} holds evaluated runs but {out} has no curve of them: pass the --out of the call "
+                        f"that made them")
     for name in args.arms.split(","):
-        last = arms.get(name, [{}])[-1].get("step", 0)
-        if args.stops and arms.get(name) and min(int(x) for x in args.stops.split(",")) <= last:
+        latest = list(work.glob(f"runs/convergence/{name}/*/checkpoints/latest.json"))
+        last = max((json.loads(f.read_text())["step"] for f in latest), default=0)
+        if args.stops and last and min(int(x) for x in args.stops.split(",")) <= last:
             raise UserError(f"arm {name} already stands at step {last} in {work}: give --stops after it "
                             f"(e.g. --stops {last + 1200})")
     return arms

@@ -91,6 +91,16 @@ def test_convergence_benchmark_runs_at_its_smallest(tmp_path, dataset):
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: arm vpred already stands at "
                                                                               "step 3"), p.stderr[-2000:]
     assert [q["step"] for q in json.loads(out.read_text())["arms"]["vpred"]] == [2, 3]
+    # without the curve, evaluated runs are not resumed into a new one that would lack their points ...
+    out.unlink()
+    p = bench("4")
+    assert p.returncode == 2 and "holds evaluated runs but" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    # ... but a run stopped before its first evaluation (a checkpoint, no curve yet) resumes where it stopped
+    (faith,) = work.glob("runs/convergence/vpred/*/faithfulness.json")
+    faith.unlink()
+    p = bench("4")
+    assert p.returncode == 0 and "at step 3" in p.stdout + p.stderr, p.stderr[-3000:]
+    assert [q["step"] for q in json.loads(out.read_text())["arms"]["vpred"]] == [4]
 
 
 @pytest.mark.slow
