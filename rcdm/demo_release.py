@@ -111,7 +111,8 @@ def _data_digest(url: str, split: str, encoder: str, storage) -> dict:
 
 def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None, storage=None) -> dict:
     """Write ``<encoder>-<level>.pt`` (float16 EMA weights) and its JSON record from a finished training run
-    of ``configs/demo_release.yaml``; returns the record."""
+    (one of ``configs/demo_release.yaml``, or another run of the same data, such as a kept arm of
+    ``benchmarks/convergence.py --work``; the record names the run); returns the record."""
     url = train_checkpoints.latest_path(run_root, storage)
     if url is None:
         raise UserError(f"{run_root} holds no checkpoint (no checkpoints/latest.json)")
@@ -148,7 +149,8 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
         "training": {"steps": state["step"], "batch_size": t["batch_size"], "lr": t["lr"],
                      "lr_schedule": t["lr_schedule"], "ema_decay": t["ema_decay"], "seed": t["seed"],
                      "device": device, "train_seconds": round(state["train_seconds"], 1),
-                     "config": "configs/demo_release.yaml",
+                     "run": {"experiment": cfg["tracking"]["experiment"], "sweep_id": cfg["sweep_id"],
+                             "job_name": cfg["job_name"]},  # which run: the release sweep's, or a benchmark's
                      "data": _data_digest(cfg["data"]["url"], cfg["data"]["split"], card.encoder.name, storage)},
         "faithfulness": {k: f[k] for k in ("n", "mrr", "mrr_ci95", "top1", "top1_ci95", "mean_rank",
                                            "mean_rank_ci95", "cosine_own", "chance", "split", "steps", "guidance")},

@@ -108,6 +108,7 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     rec = json.loads((out / "simclr-projector.json").read_text())
     assert rec["training"]["device"].startswith("cpu: ") and rec["training"]["steps"] == 3
     assert rec["training"]["data"]["count"] == 32 and rec["faithfulness"]["n"] == 4
+    assert rec["training"]["run"] == {"experiment": "rcdm-demo", "sweep_id": "main", "job_name": "simclr-projector-tiny"}
     demo = demo_release.load_demo("demo:simclr-projector", out)
     full = load_trained(str(run_root))
     for k, v in full.model.state_dict().items():  # the EMA weights, rounded to float16 and back
