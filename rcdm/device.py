@@ -24,7 +24,9 @@ def describe(device: torch.device, ranks: int = 1) -> str:
     per_rank = "s" if ranks != 1 else ""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)} x {ranks} rank{per_rank}"
-    return f"{device.type}: {torch.get_num_threads()} torch threads of {os.cpu_count()} cores x {ranks} rank{per_rank}"
+    threads = torch.get_num_threads()
+    return (f"{device.type}: {threads} torch thread{'s' if threads != 1 else ''} of {os.cpu_count()} cores x {ranks} "
+            f"rank{per_rank}")
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
