@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.errors import UserError
-from rcdm.storage import open_fs, read_json, write_json
 from rcdm.report.collect import child_runs
+from rcdm.storage import open_fs, read_json, write_json
 
 # sacct's states after which a job never runs again (a requeued job's current record is PENDING or RUNNING)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
