@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rcdm.analysis.factor_reads import Options as FactorReadOptions
 from rcdm.diffusion.gaussian import Process
 from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join
@@ -190,6 +189,15 @@ class FidelityCheckConfig:
     Inception-v3 (fetched once). Needs faithfulness.images > 0."""
 
     features: Optional[str] = None  # null (off) | encoder | inception
+
+
+@dataclass
+class FactorReadOptions:
+    """The factor reads' options (``analysis=factor_reads``, and ``factor_reads.*`` of every training run)."""
+
+    k: int = 10  # neighbours of the embedding bound's vote
+    reference_images: int = 2048  # labelled reference embeddings for the bound
+    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
 
 
 @dataclass

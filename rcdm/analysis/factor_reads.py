@@ -14,14 +14,13 @@ read as terciles of their range; colour only where the object is coloured.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from rcdm.analysis.base import Inputs, Reference, Result
 from rcdm.analysis.factors import FACTORS, predict, synthetic_reader, true_factors
 from rcdm.analysis.invariance import wilson
+from rcdm.config import FactorReadOptions
 from rcdm.grids import grid_png
 from rcdm.probes import N_BINS
 from rcdm.synthetic import BACKGROUNDS, COLOURS, SHAPES
@@ -34,11 +33,7 @@ NAME = "factor_reads"
 REFERENCE_SEED, REFERENCE_SPLIT = 29, "factor-reference"  # labelled images for the bound, seen by no model
 
 
-@dataclass
-class Options:
-    k: int = 10  # neighbours of the embedding bound's vote
-    reference_images: int = 2048  # labelled reference embeddings for the bound
-    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
+Options = FactorReadOptions  # kept in rcdm.config, so that training's config does not import every analysis
 
 
 @torch.no_grad()
