@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from pipeline import schemas
 from pipeline.sweep import ensure_demo_data, train_config
 from rcdm.errors import UserError, cli_errors
 from rcdm.provenance import machine
-from rcdm.train import train
+from rcdm.train import PREEMPT_SIGNAL, train
+from rcdm.train_checkpoints import LATEST, latest_step
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {  # name: (overrides, the steps at which it is evaluated)
@@ -59,6 +61,9 @@ def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, commo
         ensure_demo_data(cfg)
         t0 = time.perf_counter()
         m = train(cfg)  # resumes from the previous stop
+        # a finished train() ignores the preemption signal (its job has nothing left to save); here the next stop
+        # follows, so the signal ends the benchmark between stops, where the stop just made is checkpointed
+        signal.signal(PREEMPT_SIGNAL, signal.SIG_DFL)
         faith = json.loads((Path(cfg.run_root) / "faithfulness.json").read_text())
         reads = Path(cfg.run_root) / "factor_reads.json"
         factors = {k: {"samples": v["samples"], "ci95": v["samples_ci95"], "bound": v["bound"], "chance": v["chance"]}
@@ -140,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _earlier_points(args, out: Path, work: Path) -> dict[str, list[dict]]:
-    """The points an earlier call with this --work left in --out, per arm; refused where the new stops would not
-    continue an arm's run (a stop at or before the step its checkpoint stands at would evaluate its later model
-    under an earlier step). A run stopped before its first evaluation has no points yet and resumes all the same."""
+    """The points an earlier call with this --work left in --out, per arm. Stops already measured are kept and
+    skipped; refused where a stop still to measure lies at or before the step the arm's checkpoint stands at (it
+    would evaluate the later model under an earlier step). A run stopped before its first evaluation has no points
+    yet and resumes all the same."""
     arms = {}
     if out.exists():
         old = json.loads(out.read_text())
@@ -155,12 +161,19 @@ def _earlier_points(args, out: Path, work: Path) -> dict[str, list[dict]]:
         raise UserError(f"{work} holds evaluated runs but {out} has no curve of them: pass the --out of the call "
                         f"that made them")
     for name in args.arms.split(","):
-        latest = list(work.glob(f"runs/convergence/{name}/*/checkpoints/latest.json"))
-        last = max((json.loads(f.read_text())["step"] for f in latest), default=0)
-        if args.stops and last and min(int(x) for x in args.stops.split(",")) <= last:
-            raise UserError(f"arm {name} already stands at step {last} in {work}: give --stops after it "
-                            f"(e.g. --stops {last + 1200})")
+        pointers = work.glob(f"runs/convergence/{name}/*/checkpoints/{LATEST}")
+        last = max((latest_step(str(f.parent.parent)) for f in pointers), default=0)
+        pending = _pending(args, name, arms.get(name, []))
+        if pending and pending[0] <= last:
+            raise UserError(f"arm {name} already stands at step {last} in {work}, past its unmeasured stop "
+                            f"{pending[0]}: give --stops after {last} (e.g. --stops {last + 1200})")
     return arms
+
+
+def _pending(args, name: str, before: list[dict]) -> list[int]:
+    """The arm's stops (--stops, or its own) not yet measured: those after its last point."""
+    stops = [int(x) for x in args.stops.split(",")] if args.stops else ARMS[name][1]
+    return sorted(k for k in stops if k > (before[-1]["step"] if before else 0))
 
 
 def _run(args, work: Path) -> None:
@@ -193,10 +206,11 @@ def _run(args, work: Path) -> None:
         out.write_text(json.dumps(result, indent=2))
 
     for name in args.arms.split(","):
-        overrides, stops = ARMS[name]
-        stops = [int(x) for x in args.stops.split(",")] if args.stops else stops
+        overrides = ARMS[name][0]
         before = earlier.get(name, [])
-        stops = [k for k in stops if k > (before[-1]["step"] if before else 0)]
+        stops = _pending(args, name, before)
+        if not stops:
+            print(f"{name}: every stop asked for is measured already", flush=True)
         result["arms"][name] = before + run_arm(name, overrides, stops, work, common,
                                                 lambda points, n=name, b=before: save(n, b + points))
     arms = result["arms"]

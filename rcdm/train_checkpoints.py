@@ -69,6 +69,13 @@ def latest_path(run_root: str, storage: StorageOptions | None = None) -> str | N
     return join(run_root, "checkpoints", pointer["file"]) if pointer else None
 
 
+def latest_step(run_root: str, storage: StorageOptions | None = None) -> int:
+    """The step of the newest complete checkpoint under ``run_root``; 0 where it has none."""
+    fs, root = open_fs(run_root, storage)
+    pointer = _pointer(fs, join(root, "checkpoints"), run_root)
+    return int(pointer["step"]) if pointer else 0
+
+
 def load(url: str, storage: StorageOptions | None = None) -> dict:
     """A checkpoint as saved (tensors on CPU), read with weights_only=True (rcdm.safe_load): a file that
     needs anything else is refused, not unpickled."""

@@ -86,11 +86,18 @@ def test_convergence_benchmark_runs_at_its_smallest(tmp_path, dataset):
     assert "resuming from" in p.stdout + p.stderr and "at step 2" in p.stdout + p.stderr
     first, second = json.loads(out.read_text())["arms"]["vpred"]
     assert first == point and second["step"] == 3 and second["train_seconds"] > first["train_seconds"]
-    # a stop the run has passed would evaluate its later model under an earlier step: refused, curve kept
+    # the same stops again: every one is measured, nothing trains, the curve stays
+    p = bench("2,3")
+    assert p.returncode == 0 and "every stop asked for is measured already" in p.stdout, p.stderr[-3000:]
+    assert json.loads(out.read_text())["arms"]["vpred"] == [first, second]
+    # a stop the run has passed without measuring it would evaluate its later model under an earlier step: refused
+    r = json.loads(out.read_text())
+    r["arms"]["vpred"] = [first]
+    out.write_text(json.dumps(r))
     p = bench("3")
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: arm vpred already stands at "
-                                                                              "step 3"), p.stderr[-2000:]
-    assert [q["step"] for q in json.loads(out.read_text())["arms"]["vpred"]] == [2, 3]
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        "error: arm vpred already stands at step 3"), p.stderr[-2000:]
+    assert [q["step"] for q in json.loads(out.read_text())["arms"]["vpred"]] == [2]
     # without the curve, evaluated runs are not resumed into a new one that would lack their points ...
     out.unlink()
     p = bench("4")
