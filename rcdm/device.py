@@ -20,12 +20,15 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def describe(device: torch.device, ranks: int = 1) -> str:
-    """The hardware a job ran on, for records: "cuda: NVIDIA H100 80GB HBM3 x 8 ranks", "cpu: 2 threads x 1 rank"."""
+    """The hardware a job ran on, for records: "cuda: NVIDIA H100 80GB HBM3 x 8 ranks", "cpu: AMD EPYC, 2 torch
+    threads of 2 cores x 1 rank" (machines of the same core count differ twofold in speed: the model says which)."""
+    from rcdm.provenance import cpu_model
+
     per_rank = "s" if ranks != 1 else ""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)} x {ranks} rank{per_rank}"
     threads = torch.get_num_threads()
-    return (f"{device.type}: {threads} torch thread{'s' if threads != 1 else ''} of {os.cpu_count()} cores x {ranks} "
+    return (f"{device.type}: {cpu_model()}, {threads} torch thread{'s' if threads != 1 else ''} of {os.cpu_count()} cores x {ranks} "
             f"rank{per_rank}")
 
 
