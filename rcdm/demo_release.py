@@ -5,7 +5,8 @@ Each model is two files: ``<encoder>-<level>.pt``, the EMA weights as float16 te
 read with ``torch.load(weights_only=True)``: nothing is unpickled), and ``<encoder>-<level>.json``, its
 record: the sha256 of the weights file (checked at every load), what sampling needs (preset, UNet options,
 process, encoder and its exact preprocessing), and how it was made (recipe, steps, batch, data and encoder
-digests, device, seconds, the final faithfulness with its interval and the conditioning gains).
+digests, device, seconds, the final faithfulness with its interval, the conditioning gains and what the
+samples keep, factor by factor, against the embedding's bound).
 
 Anywhere a checkpoint is taken, ``demo:<encoder>-<level>`` names one (``checkpoint=demo:vicreg-backbone``).
 ``export`` writes them from the training runs of ``configs/demo_release.yaml``.
@@ -155,11 +156,25 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
         "faithfulness": {k: f[k] for k in ("n", "mrr", "mrr_ci95", "top1", "top1_ci95", "mean_rank",
                                            "mean_rank_ci95", "cosine_own", "chance", "split", "steps", "guidance")},
         "conditioning_gains": results["conditioning.json"]["final"],
+        # what its samples keep, factor by factor, against the originals and the embedding's k-NN bound
+        "factor_reads": _factor_reads(fs, root),
         "evaluated_on": "the run's float32 EMA weights at its last step; launch/analyze.py re-measures the "
                         "float16 files",
     }
     _write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
     return rec
+
+
+def _factor_reads(fs, root: str) -> dict | None:
+    """The run's end-of-run factor reads (``factor_reads.json``), shortened to each factor's numbers; None where
+    its data records no generative factors."""
+    path = join(root, "factor_reads.json")
+    if not fs.exists(path):
+        return None
+    r = read_json(fs, path)
+    keep = ("samples", "samples_ci95", "originals", "bound", "chance", "n")
+    about = {k: r[k] for k in ("images", "split", "samples_per_image", "steps", "guidance", "bound") if k in r}
+    return {**about, "factors": {k: {x: v[x] for x in keep if x in v} for k, v in r["factors"].items()}}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

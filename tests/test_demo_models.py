@@ -109,6 +109,9 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     assert rec["training"]["device"].startswith("cpu: ") and rec["training"]["steps"] == 3
     assert rec["training"]["data"]["count"] == 32 and rec["faithfulness"]["n"] == 4
     assert rec["training"]["run"] == {"experiment": "rcdm-demo", "sweep_id": "main", "job_name": "simclr-projector-tiny"}
+    reads = rec["factor_reads"]  # what the samples keep, factor by factor, beside the originals and the bound
+    assert reads["images"] == 4 and {"shape", "colour", "background"} <= set(reads["factors"])
+    assert all(0 <= v["samples"] <= 1 and "bound" in v and "chance" in v for v in reads["factors"].values())
     demo = demo_release.load_demo("demo:simclr-projector", out)
     full = load_trained(str(run_root))
     for k, v in full.model.state_dict().items():  # the EMA weights, rounded to float16 and back
