@@ -35,10 +35,10 @@ def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
         assert (loaded.card.encoder.name, loaded.level) == tuple(name.split("-"))
         assert loaded.process.prediction == "v" and loaded.model.cfg.normalize_embeddings
         # the record says how it was made: recipe, steps, device, data and encoder digests, its faithfulness
-        t = rec["training"]
-        assert t["recipe"]["name"] == "vpred" and t["steps"] >= 1000 and t["device"] and t["train_seconds"] > 0
-        assert len(t["data"]["images_sha256"]) == 64 and len(rec["encoder"]["weights"]["sha256"]) == 64
-        assert rec["encoder"]["weights"]["sha256"] == encoder.weights_sha256
+        t, card = rec["training"], demo_release.card_of(rec)
+        assert card.recipe["name"] == "vpred" and t["steps"] >= 1000 and t["device"] and t["train_seconds"] > 0
+        assert len(t["data"]["images_sha256"]) == 64 and len(card.encoder.weights.sha256) == 64
+        assert card.encoder.weights.sha256 == encoder.weights_sha256
         f = rec["faithfulness"]
         assert f["n"] == 64 and f["mrr_ci95"][0] <= f["mrr"] <= f["mrr_ci95"][1]
         assert f["mrr"] > 2 * f["chance"]["mrr"]  # they follow their conditioning
