@@ -213,6 +213,14 @@ def test_finding_commands_write_figures_and_numbers(trained, backbone_run, tmp_p
     assert len(numbers["neighbours"]) == 3 and len(numbers["dims"]) == round(0.1 * numbers["embedding_dim"])
     assert math.isfinite(numbers["transfer"])
     assert Image.open(tmp_path / "manipulate.png").size == (2 + 3 * 34, 2 + 3 * 34)
+    # one named factor edited along its mean difference, read by the factor reader (finding 4's colour edit)
+    pair = ["manipulate.source=synthetic/analysis/0", "manipulate.target=synthetic/analysis/2"]  # differ in colour
+    analyze(["analysis=manipulate", f"checkpoint={run_root}", "images=synthetic:48", "manipulate.attribute=colour",
+             "manipulate.samples=2", "manipulate.reader_steps=30", *pair, *common])
+    numbers = json.loads((tmp_path / "manipulate.json").read_text())
+    assert numbers["attribute"] == "colour" and numbers["source_value"] != numbers["target_value"]
+    assert numbers["transfer"] == numbers["factor_transfer"]["colour"]["transfer"] and -1 <= numbers["transfer"] <= 1
+    assert numbers["group_size"] >= 2 and math.isfinite(numbers["embedding_along_edit"])
 
     analyze(["analysis=invariance", f"checkpoint=[{backbone_run},{run_root}]", "images=synthetic:24",
                   "invariance.families=[grayscale,flip]", *common])
@@ -260,6 +268,11 @@ def test_finding_command_input_errors_name_the_fix(trained, analyze):
     for args, message in (
             (["analysis=adversarial", f"checkpoint={run_root}", f"images={folder}"], "images=synthetic:N"),
             (["analysis=manipulate", f"checkpoint={run_root}", f"images={folder}"], "manipulate.source=<image>"),
+            (["analysis=manipulate", f"checkpoint={run_root}", "images=synthetic:8", "manipulate.attribute=size",
+              "manipulate.source=synthetic/analysis/0", "manipulate.target=synthetic/analysis/2"],
+             "manipulate.attribute=size is not a factor"),
+            (["analysis=manipulate", f"checkpoint={run_root}", f"images={folder}", "manipulate.attribute=colour",
+              "manipulate.source=synthetic/analysis/0", "manipulate.target=synthetic/analysis/2"], "images=synthetic:N"),
             (["analysis=invariance", f"checkpoint=[{run_root},{run_root}]", "images=synthetic:4"],
              "one checkpoint per level"),
             (["analysis=fidelity", f"checkpoint={run_root}", f"images={folder}", "fidelity.features=vgg"],

@@ -30,6 +30,28 @@ def test_shared_dimensions_are_the_ones_the_neighbours_share():
         shared_dimensions(pool[:5], source, k=8, fraction=0.1)
 
 
+def test_attribute_direction_is_the_difference_of_the_value_groups_means():
+    from rcdm.analysis.manipulate import attribute_direction
+
+    pool = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    known = torch.tensor([True, True, True, True, False])  # the last image has no value (grayscale: no colour)
+    direction, group = attribute_direction(pool, labels, known, source_value=1, target_value=0)
+    assert torch.allclose(direction, torch.tensor([-2.0, 3.0])) and group.tolist() == [2, 3]
+    with pytest.raises(ValueError, match="at least 2"):
+        attribute_direction(pool, labels, known, source_value=2, target_value=0)
+
+
+def test_mean_ci_brackets_the_mean_and_shrinks_with_agreement():
+    from rcdm.findings import mean_ci
+
+    m, (lo, hi) = mean_ci([0.0, 1.0] * 8)
+    assert m == pytest.approx(0.5) and lo < 0.5 < hi
+    m, (lo, hi) = mean_ci([0.5] * 16)
+    assert lo == hi == m == pytest.approx(0.5)
+    assert mean_ci([0.1, 0.9, 0.4]) == mean_ci([0.1, 0.9, 0.4])  # seeded: the same numbers, the same interval
+
+
 def test_augmentation_families_do_what_they_say():
     from rcdm.analysis.invariance import FAMILIES, augment, embedding_invariance
 

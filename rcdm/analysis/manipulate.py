@@ -12,6 +12,13 @@ embedding should sit closer to the neighbours' values than re-encoded samples of
 embedding do: ``transfer`` = 1 - distance(edited samples) / distance(target samples) on those
 dimensions (0 = nothing carried over, 1 = all of it), with the distance on the other dimensions
 reported beside it (what the edit left alone).
+
+Where the images' factors are known (the demo's synthetic images), ``attribute=<factor>`` edits one named
+factor instead: the direction from the pool's images with the target's value of that factor to those with the
+source's value (the difference of their mean embeddings, the attribute vector of latent arithmetic; Upchurch et
+al., "Deep Feature Interpolation", CVPR 2017), added to the target's embedding ``strength`` times. Its number is
+the factor reader's: the share of edited samples showing the source's value minus the share among the target's
+own samples, and for every other factor that differs, whether the edited samples kept the target's.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rcdm.analysis.base import Inputs, Result
-from rcdm.analysis.factors import predict, synthetic_reader, true_factors
+from rcdm.analysis.factors import FACTORS, predict, synthetic_reader, true_factors
 from rcdm.analysis.faithfulness import reencode
 from rcdm.errors import UserError
 from rcdm.grids import png_grid
@@ -36,6 +43,8 @@ class Options:
     neighbours: int = 10
     fraction: float = 0.1  # share of the dimensions carried over
     samples: int = 8  # draws per embedding
+    attribute: str | None = None  # a factor (shape, colour, ...): edit it along its mean difference (factors known)
+    strength: float = 1.0  # multiples of that mean difference added to the target
     reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
 
 
@@ -52,6 +61,17 @@ def shared_dimensions(pool: torch.Tensor, source: torch.Tensor, k: int, fraction
     score = z.mean(0).abs()
     n = max(1, int(round(fraction * pool.shape[1])))
     return nn_idx, score.topk(n).indices, pool[nn_idx].mean(0)
+
+
+def attribute_direction(pool: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, source_value: int,
+                        target_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pool [M, D], labels [M] (one factor's values), known [M] -> (the mean embedding of the pool's images with
+    ``source_value`` minus that of those with ``target_value`` [D], indices of the source-value images)."""
+    src, tgt = known & (labels == source_value), known & (labels == target_value)
+    if int(src.sum()) < 2 or int(tgt.sum()) < 2:
+        raise ValueError(f"the pool holds {int(src.sum())} images with the source's value and {int(tgt.sum())} with "
+                         f"the target's; each needs at least 2")
+    return pool[src].mean(0) - pool[tgt].mean(0), src.nonzero().flatten()
 
 
 def edit(target: torch.Tensor, dims: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -84,6 +104,8 @@ def run(inputs: Inputs, opts: Options) -> Result:
     pool, pool_shown = inputs.embeddings.cpu(), inputs.images
     pair = load_inputs([opts.source, opts.target], inputs.image_size)
     (h_src, h_tgt), shown = inputs.encode(pair.pils)
+    if opts.attribute:
+        return _attribute_edit(inputs, opts, pool, pool_shown, pair, h_tgt.cpu(), shown)
     try:
         nn_idx, dims, values = shared_dimensions(pool, h_src, opts.neighbours, opts.fraction)
     except ValueError as e:
@@ -105,6 +127,49 @@ def run(inputs: Inputs, opts: Options) -> Result:
     blank = torch.full_like(shown[0], -1)
     # rows: source and its neighbours; the target and samples of its own embedding; the target and edited samples
     row1 = torch.cat([shown[:1], neighbours, blank[None].expand(m - len(neighbours), -1, -1, -1)])
+    cells = torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]])
+    return Result(numbers, metrics, {"": png_grid(cells, m + 1)})
+
+
+def _attribute_edit(inputs: Inputs, opts: Options, pool, pool_shown, pair, h_tgt, shown) -> Result:
+    """``attribute=<factor>``: the target moved along the pool's mean difference between the source's and the
+    target's value of that factor; read by the factor reader."""
+    factors = inputs.need_factors("manipulate.attribute")
+    if opts.attribute not in FACTORS:
+        raise UserError(f"manipulate.attribute={opts.attribute} is not a factor of the synthetic images; use one of "
+                        f"{', '.join(FACTORS)}")
+    if pair.factors is None:
+        raise UserError("manipulate.attribute needs a source and target whose factors are known: synthetic/<split>/<i>")
+    pair_labels = true_factors(pair.factors)[opts.attribute]
+    if not bool(pair_labels[1].all()):
+        raise UserError(f"the source or target has no {opts.attribute} (a grayscale image has no colour): pick another")
+    ys, yt = (int(v) for v in pair_labels[0])
+    if ys == yt:
+        raise UserError(f"source and target share their {opts.attribute}: pick a pair that differs in it")
+    labels, known = true_factors(factors)[opts.attribute]
+    try:
+        direction, src_idx = attribute_direction(pool, labels, known.bool(), ys, yt)
+    except ValueError as e:
+        raise UserError(f"{e}: add images to images= (synthetic:256 holds enough)") from None
+    h_edit = h_tgt + opts.strength * direction
+    m = opts.samples
+    samples = inputs.draw(torch.stack([h_tgt, h_edit]).repeat_interleave(m, 0))
+    g = reencode(inputs.encoder, inputs.level, samples).cpu()
+    unit = direction / direction.norm().clamp_min(1e-8)
+    along = float((g[m:].mean(0) - g[:m].mean(0)) @ unit) / max(float(opts.strength * direction.norm()), 1e-8)
+    reader, _ = inputs.reader_or(synthetic_reader, opts.reader_steps)
+    reads = factor_transfer(reader, pair.factors[0], pair.factors[1], samples[m:], samples[:m])
+    numbers = {"attribute": opts.attribute, "strength": opts.strength, "source": opts.source, "target": opts.target,
+               "source_value": ys, "target_value": yt, "group_size": len(src_idx),
+               # re-encoded samples' movement along the edit, as a share of the edit's length (1: all of it)
+               "embedding_along_edit": along,
+               "transfer": reads[opts.attribute]["transfer"], "factor_transfer": reads,
+               "samples_per_embedding": m}
+    metrics = {"manipulate_transfer": numbers["transfer"], "manipulate_embedding_along_edit": along}
+    group = pool_shown[src_idx[:m]]
+    blank = torch.full_like(shown[0], -1)
+    # rows: the source and pool images that share its value; the target and its own samples; the target and edits
+    row1 = torch.cat([shown[:1], group, blank[None].expand(m - len(group), -1, -1, -1)])
     cells = torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]])
     return Result(numbers, metrics, {"": png_grid(cells, m + 1)})
 
