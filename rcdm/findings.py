@@ -249,8 +249,8 @@ def findings_markdown(f: dict, guidances: list[float]) -> str:
               "images whose factor the view changed, the share of samples that show the view's value (follows view: "
               "low = invariant), and that show the original's shape as well (object kept, view followed)", "",
               "| encoder | view | factor | backbone: follows view | backbone: shape kept and follows | projector: "
-              "follows view | projector: shape kept and follows | shape kept, all images b / p | embedding "
-              "invariance index b / p |", "|---|---|---|---|---|---|---|---|---|"]
+              "follows view | projector: shape kept and follows | shape kept, all images b / p | shape bound of the "
+              "embedding b / p | embedding invariance index b / p |", "|---|---|---|---|---|---|---|---|---|---|"]
     for enc in encs:
         inv = f["invariance"][enc]
         s = inv["samples"]
@@ -266,7 +266,8 @@ def findings_markdown(f: dict, guidances: list[float]) -> str:
             kept = " / ".join(_ci(s[lv][fam]["preserved"]["shape"], s[lv][fam]["preserved_ci95"]["shape"])
                               for lv in LEVELS)
             emb = inv["embedding"][fam]
-            lines.append(f"| {enc} | {fam} | {factor} | " + " | ".join(cells) + f" | {kept} | "
+            bound = " / ".join(_ci(reads.get(f"{enc}-{lv}", {}).get("shape", {}).get("bound")) for lv in LEVELS)
+            lines.append(f"| {enc} | {fam} | {factor} | " + " | ".join(cells) + f" | {kept} | {bound} | "
                          f"{emb['backbone']['invariance_index']:.2f} / {emb['projector']['invariance_index']:.2f} |")
     pair = f["interpolation"]["pair"]
     lines += ["", f"**Interpolation** ({pair[0]} to {pair[1]}, backbone models): share of the differing factors the "
