@@ -123,12 +123,16 @@ def run(inputs: Inputs, opts: Options) -> Result:
         numbers["factor_transfer"] = factor_transfer(reader, pair.factors[0], pair.factors[1], samples[m:], samples[:m])
         for k, v in numbers["factor_transfer"].items():
             metrics[f"manipulate_{k}_transfer"] = v["transfer"]
-    neighbours = pool_shown[nn_idx[:m]]
-    blank = torch.full_like(shown[0], -1)
     # rows: source and its neighbours; the target and samples of its own embedding; the target and edited samples
-    row1 = torch.cat([shown[:1], neighbours, blank[None].expand(m - len(neighbours), -1, -1, -1)])
-    cells = torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]])
-    return Result(numbers, metrics, {"": png_grid(cells, m + 1)})
+    return Result(numbers, metrics, {"": _grid(shown, pool_shown[nn_idx[:m]], samples, m)})
+
+
+def _grid(shown: torch.Tensor, beside_source: torch.Tensor, samples: torch.Tensor, m: int) -> bytes:
+    """Rows: the source and ``beside_source`` (what defines the edit); the target and its own samples; the target
+    and the edited samples."""
+    blank = torch.full_like(shown[0], -1)
+    row1 = torch.cat([shown[:1], beside_source, blank[None].expand(m - len(beside_source), -1, -1, -1)])
+    return png_grid(torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]]), m + 1)
 
 
 def _attribute_edit(inputs: Inputs, opts: Options, pool, pool_shown, pair, h_tgt, shown) -> Result:
@@ -166,12 +170,8 @@ def _attribute_edit(inputs: Inputs, opts: Options, pool, pool_shown, pair, h_tgt
                "transfer": reads[opts.attribute]["transfer"], "factor_transfer": reads,
                "samples_per_embedding": m}
     metrics = {"manipulate_transfer": numbers["transfer"], "manipulate_embedding_along_edit": along}
-    group = pool_shown[src_idx[:m]]
-    blank = torch.full_like(shown[0], -1)
-    # rows: the source and pool images that share its value; the target and its own samples; the target and edits
-    row1 = torch.cat([shown[:1], group, blank[None].expand(m - len(group), -1, -1, -1)])
-    cells = torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]])
-    return Result(numbers, metrics, {"": png_grid(cells, m + 1)})
+    # first row: the source and pool images that share its value
+    return Result(numbers, metrics, {"": _grid(shown, pool_shown[src_idx[:m]], samples, m)})
 
 
 def factor_transfer(reader, source: dict, target: dict, edited: torch.Tensor, own: torch.Tensor) -> dict:
