@@ -26,6 +26,7 @@ def code_version() -> str:
     return f"rcdm {rcdm.__version__} ({commit}{'+dirty' if dirty else ''})"
 
 
+@functools.lru_cache(maxsize=1)  # a record per checkpoint: read /proc/cpuinfo once
 def cpu_model() -> str:
     """The CPU's model name as ``lscpu`` shows it (from /proc/cpuinfo), or the platform's processor string."""
     import platform

@@ -62,17 +62,20 @@ def save(run_root: str, state: dict, storage: StorageOptions | None = None, keep
     return join(run_root, "checkpoints", name)
 
 
+def _latest(run_root: str, storage: StorageOptions | None) -> dict | None:
+    fs, root = open_fs(run_root, storage)
+    return _pointer(fs, join(root, "checkpoints"), run_root)
+
+
 def latest_path(run_root: str, storage: StorageOptions | None = None) -> str | None:
     """URL of the newest complete checkpoint under ``run_root``, or None."""
-    fs, root = open_fs(run_root, storage)
-    pointer = _pointer(fs, join(root, "checkpoints"), run_root)
+    pointer = _latest(run_root, storage)
     return join(run_root, "checkpoints", pointer["file"]) if pointer else None
 
 
 def latest_step(run_root: str, storage: StorageOptions | None = None) -> int:
     """The step of the newest complete checkpoint under ``run_root``; 0 where it has none."""
-    fs, root = open_fs(run_root, storage)
-    pointer = _pointer(fs, join(root, "checkpoints"), run_root)
+    pointer = _latest(run_root, storage)
     return int(pointer["step"]) if pointer else 0
 
 
