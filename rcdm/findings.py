@@ -44,6 +44,7 @@ class FindingsConfig:
     encoders: list[str] = field(default_factory=lambda: ["vicreg", "dino", "barlow", "simclr"])
     device: str = "auto"
     manipulate_pairs: int = 16  # (source, target) pairs the manipulation's transfer is averaged over
+    reader_steps: int = 600  # training steps of the factor reader and of finding 3's supervised classifier (cached)
 
 
 class Runner:
@@ -69,13 +70,16 @@ class Runner:
         return inputs
 
     def run(self, part: str, analysis: str, models: list[str], images, guidance: float, **options) -> dict:
+        module = ANALYSES[analysis]
+        default = getattr(module.Options, "reader_steps", None)  # the analyses that read factors take it
+        if default is not None and self.cfg.reader_steps != default:
+            options["reader_steps"] = self.cfg.reader_steps
         checkpoint = f"demo:{models[0]}" if len(models) == 1 else "[" + ",".join(f"demo:{m}" for m in models) + "]"
         out = self.out / "runs" / part
         args = [f"analysis={analysis}", f"checkpoint={checkpoint}", f"images={_arg(images)}",
                 f"steps={self.cfg.steps}", f"guidance={guidance:g}", *(f"{analysis}.{k}={_arg(v)}"
                                                                           for k, v in options.items()), f"output={out}"]
         print("python launch/analyze.py " + " ".join(args), flush=True)
-        module = ANALYSES[analysis]
         result: Result = module.run(self.inputs(models, images, guidance), module.Options(**options))
         write_result(out, analysis, result)
         return result.numbers
