@@ -43,6 +43,13 @@ def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
         assert f["n"] == 64 and f["mrr_ci95"][0] <= f["mrr"] <= f["mrr_ci95"][1]
         assert f["mrr"] > 2 * f["chance"]["mrr"]  # they follow their conditioning
         assert "cond_gain_q3" in rec["conditioning_gains"]
+        reads = rec["factor_reads"]["factors"]  # what its samples keep, read on the run's 64 held-out images
+        assert rec["factor_reads"]["images"] == 64
+        if loaded.level == "backbone":  # the bar the shipped backbones were trained to (docs/training.md)
+            shape = reads["shape"]
+            assert shape["samples"] >= min(0.7, shape["bound"] - 0.05), (name, shape)
+            assert reads["colour"]["samples"] >= 0.9 and reads["background"]["samples"] >= 0.9, name
+            assert f["mrr"] >= 0.9, name
         with torch.no_grad():  # the fp16 weights come back as a float32 model that runs
             h = torch.randn(2, loaded.model.cfg.embed_dim)
             out = loaded.model(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), h)
