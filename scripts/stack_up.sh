@@ -105,7 +105,7 @@ EOF
 chmod 600 "$DIR/etc/slurmdbd.conf"
 
 # --- slurm.conf: two slurmd on this host (Debian builds slurmd with multiple-slurmd support) -------
-CPUS=$(nproc)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: a shell that pins torch to one thread would declare 1-CPU nodes
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 cat > "$DIR/etc/slurm.conf" <<EOF
 ClusterName=$CLUSTER
