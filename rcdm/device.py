@@ -29,8 +29,7 @@ def describe(device: torch.device, ranks: int = 1) -> str:
         return f"cuda: {torch.cuda.get_device_name(device)} x {ranks} rank{per_rank}"
     threads = torch.get_num_threads()
     return (f"{device.type}: {cpu_model()}, {threads} torch thread{'s' if threads != 1 else ''} of {os.cpu_count()} "
-            f"cores x {ranks} "
-            f"rank{per_rank}")
+            f"cores x {ranks} rank{per_rank}")
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

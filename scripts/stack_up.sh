@@ -105,7 +105,8 @@ EOF
 chmod 600 "$DIR/etc/slurmdbd.conf"
 
 # --- slurm.conf: two slurmd on this host (Debian builds slurmd with multiple-slurmd support) -------
-CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: a shell that pins torch to one thread would declare 1-CPU nodes
+# nproc obeys OMP_NUM_THREADS: a shell that pins torch to one thread would otherwise declare 1-CPU nodes
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 cat > "$DIR/etc/slurm.conf" <<EOF
 ClusterName=$CLUSTER
