@@ -119,6 +119,9 @@ class LoopConfig:
     lr_schedule: str = "constant"  # constant | cosine (to 0 at train.steps; after the recipe's warm-up)
     progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
     lease_s: float = 300.0  # the run root's lease (rcdm.lease): a second launch of the job is refused; 0 = none
+    # start a new run from a trained RCDM's EMA weights (demo:<encoder>-<level>, a run root or checkpoint file) of
+    # the same UNet, encoder and level; the optimizer starts fresh; ignored once the run has a checkpoint
+    init_from: str | None = None
 
 
 @dataclass

@@ -143,13 +143,23 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
     digest = hashlib.sha256(buf.getvalue()).hexdigest()
     f = results["faithfulness.json"]
     t = cfg["train"]
+    steps, seconds, start = state["step"], round(state["train_seconds"], 1), None
+    if fs.exists(join(root, train_checkpoints.INIT_FILE)):  # continued from another model's weights (train.init_from)
+        start = read_json(fs, join(root, train_checkpoints.INIT_FILE))
+        if start.get("steps") is None or start.get("train_seconds") is None:
+            raise UserError(f"{run_root} started from {start.get('source')}, whose steps and seconds are not on "
+                            f"record: a demo record needs both; start it from a demo model instead")
+        steps, seconds = steps + start["steps"], round(seconds + start["train_seconds"], 1)
+        start = {**start, "run_steps": state["step"], "run_train_seconds": round(state["train_seconds"], 1),
+                 "how": "this run's online and EMA weights started from the source's EMA weights; its optimizer "
+                        "and EMA warm-up started afresh"}
     rec = {
         "format": RECORD_FORMAT, "name": name, "weights_file": weights.name, "sha256": digest,
         "dtype": "float16", "weights": "EMA", "parameters": sum(v.numel() for v in state["ema"].values()),
         "card": card.to_dict(),
-        "training": {"steps": state["step"], "batch_size": t["batch_size"], "lr": t["lr"],
+        "training": {"steps": steps, "batch_size": t["batch_size"], "lr": t["lr"],
                      "lr_schedule": t["lr_schedule"], "ema_decay": t["ema_decay"], "seed": t["seed"],
-                     "device": device, "train_seconds": round(state["train_seconds"], 1),
+                     "device": device, "train_seconds": seconds, **({"continued_from": start} if start else {}),
                      "run": {"experiment": cfg["tracking"]["experiment"], "sweep_id": cfg["sweep_id"],
                              "job_name": cfg["job_name"]},  # which run: the release sweep's, or a benchmark's
                      "data": _data_digest(cfg["data"]["url"], cfg["data"]["split"], card.encoder.name, storage)},

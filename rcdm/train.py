@@ -117,6 +117,38 @@ def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[in
     return state["step"], state, url
 
 
+def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, ema) -> dict:
+    """Copy a trained RCDM's EMA weights (its embedding statistics included: its weights were trained on them)
+    into ``model`` and ``ema``; refused unless it is the same UNet, for the same encoder weights and level.
+    Returns what the run records about its start (``init_from.json``): the source, its digest, its training."""
+    from rcdm import demo_release
+    from rcdm.model_files import load_checkpoint
+
+    loaded = load_checkpoint(ref, download=False, storage=cfg.storage)
+    card, enc = loaded.card, info.encoder_record.weights
+    pairs = {"preset": (card.preset, cfg.model.name), "image size": (card.image_size, info.image_size),
+             "encoder": (card.encoder.name, cfg.encoder.name), "level": (card.encoder.level, cfg.level.name),
+             "encoder weights": (card.encoder.weights.sha256 or enc.sha256, enc.sha256 or card.encoder.weights.sha256)}
+    pairs.update({f"UNet {k}": (v, getattr(unet_cfg, k)) for k, v in asdict(loaded.model.cfg).items()})
+    differ = [f"{k} {a} (this job: {b})" for k, (a, b) in pairs.items() if a != b]
+    if differ:
+        raise UserError(f"train.init_from={ref} is another kind of model than this job trains: its " +
+                        "; ".join(differ)[:600] + ". Start from a model of the same UNet, recipe options, encoder "
+                        "and level, or drop train.init_from")
+    weights = loaded.model.state_dict()
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
+    source = {"source": ref, "loaded": loaded.source, "steps": None, "train_seconds": None}
+    if demo_release.is_demo_ref(ref):
+        rec = demo_release.record(ref.removeprefix(demo_release.PREFIX))
+        source.update(sha256=rec["sha256"], steps=rec["training"]["steps"],
+                      train_seconds=rec["training"]["train_seconds"], device=rec["training"]["device"])
+    elif train_checkpoints.NAME.match(loaded.source.rsplit("/", 1)[-1]):  # an rcdm checkpoint: ckpt-<step>.pt
+        source.update(steps=int(loaded.source.rsplit("-", 1)[-1].removesuffix(".pt")), device=card.device)
+    log.info("starting from the weights of %s (%s steps)", loaded.source, source["steps"])
+    return source
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of all random draws of update ``step`` on ``rank``: a resumed job draws what an
     uninterrupted one drew, with no RNG state to carry over."""
@@ -195,6 +227,11 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
 
     step, state, ckpt_url = restore(cfg.run_root, cfg.storage, model, ema, opt)
+    if state is None and t.init_from:  # a resumed run keeps its own weights
+        source = warm_start(t.init_from, cfg, info, unet_cfg, model, ema)
+        if dist.is_main:
+            fs, root = open_fs(cfg.run_root, cfg.storage)
+            write_json(fs, join(root, train_checkpoints.INIT_FILE), source)
     for group in opt.param_groups:  # the config's hyper-parameters win over the checkpoint's
         group.update(lr=t.lr, weight_decay=t.weight_decay)
     if state:

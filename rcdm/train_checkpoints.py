@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 FORMAT = "rcdm"
 VERSION = 1
 LATEST = "latest.json"
+INIT_FILE = "init_from.json"  # in the run root: the model train.init_from started the run from (rcdm.train)
 NAME = re.compile(r"^ckpt-\d{9}\.pt$")  # the only files housekeeping ever deletes: ckpt-<step>.pt, no folder part
 
 

@@ -134,3 +134,18 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     torch.save(state, url)
     with pytest.raises(UserError, match="stopped at step 3 of 5"):
         demo_release.export(str(run_root), out)
+
+    # a run continued from a shipped model (train.init_from): its record adds the source's steps and seconds
+    more = typed("sweep", ["data=shards", f"data.url={tmp_path / 'ds'}", "encoder=simclr", "level=projector",
+                           "sweep_id=continued", "train.init_from=demo:simclr-projector", "train.steps=1",
+                           "recipe.whiten_embeddings=true",
+                           "train.batch_size=4", "train.loader_workers=0", "grid.images=1", "grid.samples=1",
+                           "grid.steps=ddim2", "faithfulness.images=4", "faithfulness.steps=ddim2",
+                           f"storage.run_root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    train(more)
+    rec = demo_release.export(more.run_root, tmp_path / "continued")
+    src = demo_release.record("simclr-projector")
+    t = rec["training"]
+    assert t["steps"] == src["training"]["steps"] + 1 and t["continued_from"]["run_steps"] == 1
+    assert t["continued_from"]["sha256"] == src["sha256"] and t["continued_from"]["source"] == "demo:simclr-projector"
+    assert t["train_seconds"] > src["training"]["train_seconds"]

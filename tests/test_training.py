@@ -349,3 +349,33 @@ def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket, make_d
     assert r.returncode == 0, r.stderr[-2000:]
     from PIL import Image
     assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 34, 2 + 34)
+
+
+def test_init_from_starts_a_new_run_from_a_trained_model_and_refuses_another_kind(tmp_path, dataset, compose_sweep):
+    base = ["data=shards", f"data.url={dataset}", "encoder=dino", f"storage.run_root={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.loader_workers=0", "train.sample_every=1000",
+            "train.batch_size=4", "grid.images=1", "grid.samples=1", "grid.steps=ddim2", "faithfulness.images=2",
+            "faithfulness.steps=ddim2"]
+    first = train_config(compose_sweep(base + ["sweep_id=first", "train.steps=2"]))
+    train(first)
+    source = train_checkpoints.load(train_checkpoints.latest_path(first.run_root))
+    # lr 1e-30: one update leaves the weights where init_from put them (to float32 rounding), the source's EMA
+    second = train_config(compose_sweep(base + ["sweep_id=second", "train.steps=1", "train.lr=1e-30",
+                                                f"train.init_from={first.run_root}"]))
+    train(second)
+    state = train_checkpoints.load(train_checkpoints.latest_path(second.run_root))
+    for k, v in source["ema"].items():
+        for got in (state["model"][k], state["ema"][k]):
+            assert torch.allclose(got, v, rtol=1e-6, atol=1e-20), k
+    assert not torch.equal(source["model"]["out.2.weight"], source["ema"]["out.2.weight"])  # EMA, not online
+    start = json.loads((Path(second.run_root) / train_checkpoints.INIT_FILE).read_text())
+    assert start["source"] == first.run_root and start["steps"] == 2
+    # resumed, the run continues from its own checkpoint, not from the source again
+    init = f"train.init_from={first.run_root}"
+    train(train_config(compose_sweep(base + ["sweep_id=second", "train.steps=2", init])))
+    assert train_checkpoints.load(train_checkpoints.latest_path(second.run_root))["step"] == 2
+    # the projector level conditions on another embedding: refused before any step, nothing written
+    other = train_config(compose_sweep(base + ["sweep_id=third", "level=projector", init]))
+    with pytest.raises(UserError, match=r"another kind of model .*: its level backbone \(this job: projector\); UNet"):
+        train(other)
+    assert train_checkpoints.latest_path(other.run_root) is None
