@@ -12,7 +12,8 @@ holds the shipped backbones to.
 import argparse
 from pathlib import Path
 
-from rcdm.demo_release import DEMO_DIR, export, read_held_out
+from rcdm.demo_release import DEMO_DIR, export
+from rcdm.findings import read_held_out
 from rcdm.errors import UserError, cli_errors
 
 

@@ -139,7 +139,7 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
     torch.save({k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in state["ema"].items()},
                buf)
     weights = directory / f"{name}.pt"
-    _write_atomic(weights, buf.getvalue())
+    write_atomic(weights, buf.getvalue())
     digest = hashlib.sha256(buf.getvalue()).hexdigest()
     f = results["faithfulness.json"]
     t = cfg["train"]
@@ -167,49 +167,15 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
                                            "mean_rank_ci95", "cosine_own", "chance", "split", "steps", "guidance")},
         "conditioning_gains": results["conditioning.json"]["final"],
         # what its samples keep, factor by factor, against the originals and the embedding's k-NN bound
-        "factor_reads": _factor_reads(fs, root),
+        "factor_reads": shorten_factor_reads(fs, root),
         "evaluated_on": "the run's float32 EMA weights at its last step; launch/analyze.py re-measures the "
                         "float16 files",
     }
-    _write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
+    write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
     return rec
 
 
-HELD_OUT_COMMAND = ("python launch/analyze.py analysis=factor_reads checkpoint=demo:{name} images=synthetic:{images} "
-                    "steps=ddim25 guidance=1")
-
-
-def read_held_out(name: str, directory: Path, images: int = 256) -> dict:
-    """Read what the shipped file ``<directory>/<name>.pt`` keeps, factor by factor, on ``images`` images of the
-    demo generator's ``analysis`` split (no model trained on it; its own k-NN bound), exactly as the analysis
-    command does, and keep it in the record as ``factor_reads_held_out``: the bar the shipped backbones are held
-    to (the run's own read uses the 64 validation images every encoder shares). Returns the record."""
-    import tempfile
-
-    from rcdm.analysis.commands import AnalyzeConfig, run_analysis
-
-    rec = record(name, directory)
-    before = os.environ.get("RCDM_DEMO_MODELS")
-    os.environ["RCDM_DEMO_MODELS"] = str(directory)  # demo:<name> resolves to this directory's file
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_analysis(AnalyzeConfig(analysis="factor_reads", checkpoint=PREFIX + name,
-                                       images=f"synthetic:{images}", output=tmp, steps="ddim25", guidance=1.0,
-                                       download=False))
-            fs, root = open_fs(tmp)
-            reads = _factor_reads(fs, root)
-    finally:
-        if before is None:
-            os.environ.pop("RCDM_DEMO_MODELS", None)
-        else:
-            os.environ["RCDM_DEMO_MODELS"] = before
-    rec["factor_reads_held_out"] = {**reads, "images": images, "split": "analysis", "weights_sha256": rec["sha256"],
-                                    "command": HELD_OUT_COMMAND.format(name=name, images=images)}
-    _write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
-    return rec
-
-
-def _factor_reads(fs, root: str) -> dict | None:
+def shorten_factor_reads(fs, root: str) -> dict | None:
     """The run's end-of-run factor reads (``factor_reads.json``), shortened to each factor's numbers; None where
     its data records no generative factors."""
     path = join(root, "factor_reads.json")
@@ -221,7 +187,7 @@ def _factor_reads(fs, root: str) -> dict | None:
     return {**about, "factors": {k: {x: v[x] for x in keep if x in v} for k, v in r["factors"].items()}}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     fs, p = open_fs(str(path))
     with atomic_open(fs, p) as f:
         f.write(data)

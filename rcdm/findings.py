@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from rcdm import demo_release, synthetic
 from rcdm.analysis import ANALYSES
 from rcdm.analysis.base import Inputs, Result, Sampling
-from rcdm.analysis.commands import write_result
+from rcdm.analysis.commands import AnalyzeConfig, run_analysis, write_result
 from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT, load_inputs
 from rcdm.device import pick_device
 from rcdm.grids import png_grid
 from rcdm.report.figures import interval_bars
 from rcdm.sampling import load_with_encoder
+from rcdm.storage import open_fs
 
 log = logging.getLogger(__name__)
 LEVELS = ("backbone", "projector")
@@ -317,3 +321,26 @@ def findings_markdown(f: dict, guidances: list[float]) -> str:
                  f"{r['samples']['samples_show_true'][i]:.2f}" for i in range(len(eps))]
         lines.append(f"| {enc} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+HELD_OUT_COMMAND = ("python launch/analyze.py analysis=factor_reads checkpoint=demo:{name} images=synthetic:{images} "
+                    "steps=ddim25 guidance=1")
+
+
+def read_held_out(name: str, directory: Path, images: int = 256) -> dict:
+    """Read what the shipped file ``<directory>/<name>.pt`` keeps, factor by factor, on ``images`` images of the
+    demo generator's ``analysis`` split (no model trained on it; its own k-NN bound), exactly as the analysis
+    command does, and keep it in the record as ``factor_reads_held_out``: the bar the shipped backbones are held
+    to (the run's own read uses the 64 validation images every encoder shares). Returns the record."""
+    rec = demo_release.record(name, directory)
+    # demo:<name> resolves to this directory's file
+    with mock.patch.dict(os.environ, {"RCDM_DEMO_MODELS": str(directory)}), tempfile.TemporaryDirectory() as tmp:
+        run_analysis(AnalyzeConfig(analysis="factor_reads", checkpoint=demo_release.PREFIX + name,
+                                   images=f"synthetic:{images}", output=tmp, steps="ddim25", guidance=1.0,
+                                   download=False))
+        fs, root = open_fs(tmp)
+        reads = demo_release.shorten_factor_reads(fs, root)
+    rec["factor_reads_held_out"] = {**reads, "images": images, "split": "analysis", "weights_sha256": rec["sha256"],
+                                    "command": HELD_OUT_COMMAND.format(name=name, images=images)}
+    demo_release.write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
+    return rec

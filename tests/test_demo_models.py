@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rcdm import demo_release
+from rcdm import demo_release, findings
 from rcdm.encoders.weights import sha256sum
 from rcdm.errors import UserError
 from rcdm.model_files import load_checkpoint, load_trained
@@ -150,7 +150,7 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     assert t["continued_from"]["sha256"] == src["sha256"] and t["continued_from"]["source"] == "demo:simclr-projector"
     assert t["train_seconds"] > src["training"]["train_seconds"]
     # the shipped file's factors on held-out images of the analysis split go into its record
-    rec = demo_release.read_held_out("simclr-projector", tmp_path / "continued", images=4)
+    rec = findings.read_held_out("simclr-projector", tmp_path / "continued", images=4)
     held = rec["factor_reads_held_out"]
     assert held["images"] == 4 and held["weights_sha256"] == rec["sha256"] and "images=synthetic:4" in held["command"]
     assert {"shape", "colour", "background"} <= set(held["factors"]) and "bound" in held["factors"]["shape"]
