@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {f"{e}-{lv}" for e in ("vicreg", "dino", "barlow", "simclr") for lv in ("backbone", "projector")}
 
 
+# where a shipped backbone misses the bar on its 256-image read, by how much (docs/sampling.md says so and what the
+# curve says it takes): DINO's 4800-step model reads shape 0.48 against its goal 0.55 (bound 0.60 - 0.05)
+SHORT_ON_256 = {"dino-backbone": 0.08}
+
+
 def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
     assert set(demo_release.available()) == EXPECTED
     total = 0
@@ -43,13 +48,16 @@ def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
         assert f["n"] == 64 and f["mrr_ci95"][0] <= f["mrr"] <= f["mrr_ci95"][1]
         assert f["mrr"] > 2 * f["chance"]["mrr"]  # they follow their conditioning
         assert "cond_gain_q3" in rec["conditioning_gains"]
-        reads = rec["factor_reads"]["factors"]  # what its samples keep, read on the run's 64 held-out images
-        assert rec["factor_reads"]["images"] == 64
+        assert rec["factor_reads"]["images"] == 64  # what its samples keep, read on the run's 64 held-out images
         if loaded.level == "backbone":  # the bar the shipped backbones were trained to (docs/training.md)
-            shape = reads["shape"]
-            assert shape["samples"] >= min(0.7, shape["bound"] - 0.05), (name, shape)
-            assert reads["colour"]["samples"] >= 0.9 and reads["background"]["samples"] >= 0.9, name
             assert f["mrr"] >= 0.9, name
+            held = rec["factor_reads_held_out"]  # this very file, read on 256 images of the analysis split
+            assert held["images"] >= 256 and held["weights_sha256"] == rec["sha256"], name
+            for reads, short in ((rec["factor_reads"]["factors"], 0.0), (held["factors"], SHORT_ON_256.get(name, 0))):
+                shape = reads["shape"]
+                assert shape["samples"] >= min(0.7, shape["bound"] - 0.05) - short, (name, shape)
+                assert shape["samples_ci95"][0] > shape["chance"], name  # it draws the object, beyond doubt
+                assert reads["colour"]["samples"] >= 0.9 and reads["background"]["samples"] >= 0.9, name
         with torch.no_grad():  # the fp16 weights come back as a float32 model that runs
             h = torch.randn(2, loaded.model.cfg.embed_dim)
             out = loaded.model(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), h)
