@@ -124,7 +124,10 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     from rcdm import demo_release
     from rcdm.model_files import load_checkpoint
 
-    loaded = load_checkpoint(ref, download=False, storage=cfg.storage)
+    try:
+        loaded = load_checkpoint(ref, download=False, storage=cfg.storage)
+    except UserError as e:
+        raise UserError(f"train.init_from={ref}: {e}") from None
     card, enc = loaded.card, info.encoder_record.weights
     pairs = {"preset": (card.preset, cfg.model.name), "image size": (card.image_size, info.image_size),
              "encoder": (card.encoder.name, cfg.encoder.name), "level": (card.encoder.level, cfg.level.name),

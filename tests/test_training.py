@@ -379,3 +379,6 @@ def test_init_from_starts_a_new_run_from_a_trained_model_and_refuses_another_kin
     with pytest.raises(UserError, match=r"another kind of model .*: its level backbone \(this job: projector\); UNet"):
         train(other)
     assert train_checkpoints.latest_path(other.run_root) is None
+    missing = train_config(compose_sweep(base + ["sweep_id=fourth", f"train.init_from={tmp_path / 'nothing'}"]))
+    with pytest.raises(UserError, match=r"^train.init_from=.*nothing: checkpoint .* not found; give a checkpoint"):
+        train(missing)
