@@ -131,7 +131,8 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     card, enc = loaded.card, info.encoder_record.weights
     pairs = {"preset": (card.preset, cfg.model.name), "image size": (card.image_size, info.image_size),
              "encoder": (card.encoder.name, cfg.encoder.name), "level": (card.encoder.level, cfg.level.name),
-             "encoder weights": (card.encoder.weights.sha256 or enc.sha256, enc.sha256 or card.encoder.weights.sha256)}
+             "encoder weights": (card.encoder.weights.sha256 or enc.sha256, enc.sha256 or card.encoder.weights.sha256),
+             "diffusion": (card.process, cfg.process())}  # what its output means: schedule, prediction
     pairs.update({f"UNet {k}": (v, getattr(unet_cfg, k)) for k, v in asdict(loaded.model.cfg).items()})
     differ = [f"{k} {a} (this job: {b})" for k, (a, b) in pairs.items() if a != b]
     if differ:

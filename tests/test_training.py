@@ -379,6 +379,9 @@ def test_init_from_starts_a_new_run_from_a_trained_model_and_refuses_another_kin
     with pytest.raises(UserError, match=r"another kind of model .*: its level backbone \(this job: projector\); UNet"):
         train(other)
     assert train_checkpoints.latest_path(other.run_root) is None
+    x0 = train_config(compose_sweep(base + ["sweep_id=fifth", "recipe.prediction=x0", init]))  # same UNet, other output
+    with pytest.raises(UserError, match=r"another kind of model .*: its diffusion Process\(.*prediction='v'"):
+        train(x0)
     missing = train_config(compose_sweep(base + ["sweep_id=fourth", f"train.init_from={tmp_path / 'nothing'}"]))
     with pytest.raises(UserError, match=r"^train.init_from=.*nothing: checkpoint .* not found; give a checkpoint"):
         train(missing)
