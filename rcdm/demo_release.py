@@ -90,7 +90,10 @@ def load_demo(ref: str, directory: Path | None = None) -> LoadedRCDM:
     card = card_of(rec)
     model = card.build()
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return LoadedRCDM(model.eval(), card, f"{PREFIX}{name} ({path})")
+    t = rec.get("training", {})
+    return LoadedRCDM(model.eval(), card, f"{PREFIX}{name} ({path})",
+                      {"steps": t.get("steps"), "train_seconds": t.get("train_seconds"), "sha256": rec["sha256"],
+                       "device": t.get("device")})
 
 
 def _data_digest(url: str, split: str, encoder: str, storage) -> dict:

@@ -67,6 +67,9 @@ class LoadedRCDM:
     model: RCDMUNet
     card: ModelCard
     source: str
+    # how it was trained, where its file says (rcdm checkpoints, demo models): steps, train_seconds, and for demo
+    # models the weights file's sha256 and the device; None for the official release's files
+    training: dict | None = None
 
     @property
     def level(self) -> str:

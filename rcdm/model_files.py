@@ -80,7 +80,7 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
     card = ModelCard.from_dict(state["meta"])
     model = card.build()
     model.load_state_dict(state["ema"], strict=True)
-    return LoadedRCDM(model, card, url)
+    return LoadedRCDM(model, card, url, {"steps": state["step"], "train_seconds": state.get("train_seconds")})
 
 
 def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | None = None) -> LoadedRCDM:

@@ -121,17 +121,16 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     """Copy a trained RCDM's EMA weights (its embedding statistics included: its weights were trained on them)
     into ``model`` and ``ema``; refused unless it is the same UNet, for the same encoder weights and level.
     Returns what the run records about its start (``init_from.json``): the source, its digest, its training."""
-    from rcdm import demo_release
     from rcdm.model_files import load_checkpoint
 
     try:
         loaded = load_checkpoint(ref, download=False, storage=cfg.storage)
     except UserError as e:
         raise UserError(f"train.init_from={ref}: {e}") from None
-    card, enc = loaded.card, info.encoder_record.weights
+    card, have, want = loaded.card, loaded.card.encoder.weights.sha256, info.encoder_record.weights.sha256
     pairs = {"preset": (card.preset, cfg.model.name), "image size": (card.image_size, info.image_size),
              "encoder": (card.encoder.name, cfg.encoder.name), "level": (card.encoder.level, cfg.level.name),
-             "encoder weights": (card.encoder.weights.sha256 or enc.sha256, enc.sha256 or card.encoder.weights.sha256),
+             "encoder weights": (have, want) if have and want else (None, None),  # compared where both are known
              "diffusion": (card.process, cfg.process())}  # what its output means: schedule, prediction
     pairs.update({f"UNet {k}": (v, getattr(unet_cfg, k)) for k, v in asdict(loaded.model.cfg).items()})
     differ = [f"{k} {a} (this job: {b})" for k, (a, b) in pairs.items() if a != b]
@@ -142,13 +141,8 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     weights = loaded.model.state_dict()
     model.load_state_dict(weights)
     ema.load_state_dict(weights)
-    source = {"source": ref, "loaded": loaded.source, "steps": None, "train_seconds": None}
-    if demo_release.is_demo_ref(ref):
-        rec = demo_release.record(ref.removeprefix(demo_release.PREFIX))
-        source.update(sha256=rec["sha256"], steps=rec["training"]["steps"],
-                      train_seconds=rec["training"]["train_seconds"], device=rec["training"]["device"])
-    elif train_checkpoints.NAME.match(loaded.source.rsplit("/", 1)[-1]):  # an rcdm checkpoint: ckpt-<step>.pt
-        source.update(steps=int(loaded.source.rsplit("-", 1)[-1].removesuffix(".pt")), device=card.device)
+    source = {"source": ref, "loaded": loaded.source, "steps": None, "train_seconds": None, "device": card.device,
+              **(loaded.training or {})}
     log.info("starting from the weights of %s (%s steps)", loaded.source, source["steps"])
     return source
 
