@@ -151,7 +151,7 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
         start = read_json(fs, join(root, train_checkpoints.INIT_FILE))
         if start.get("steps") is None or start.get("train_seconds") is None:
             raise UserError(f"{run_root} started from {start.get('source')}, whose steps and seconds are not on "
-                            f"record: a demo record needs both; start it from a demo model instead")
+                            f"record: a demo record needs both; start it from a demo model or an rcdm run instead")
         steps, seconds = steps + start["steps"], round(seconds + start["train_seconds"], 1)
         start = {**start, "run_steps": state["step"], "run_train_seconds": round(state["train_seconds"], 1),
                  "how": "this run's online and EMA weights started from the source's EMA weights; its optimizer "
