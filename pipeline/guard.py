@@ -14,7 +14,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rcdm.redaction import guard_logging, scrub, scrub_files
+from rcdm.redaction import guard_logging, scrub
+from rcdm.storage import write_local
 
 
 class JobFailed(Exception):
@@ -36,6 +37,17 @@ def hydra_files(config: DictConfig) -> list[Path]:
     if str(h.mode) == "RunMode.MULTIRUN":
         out.append(Path(h.sweep.dir) / "multirun.yaml")
     return out
+
+
+def scrub_files(paths: list[Path]) -> None:
+    """Rewrite text files (Hydra's saved configs) with credentials masked, where they hold any."""
+    for path in paths:
+        if path.is_symlink() or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        clean = scrub(text)
+        if clean != text:
+            write_local(path, clean)
 
 
 class GuardCallback(Callback):

@@ -26,7 +26,7 @@ from rcdm.device import pick_device
 from rcdm.grids import png_grid
 from rcdm.report.figures import interval_bars
 from rcdm.sampling import load_with_encoder
-from rcdm.storage import open_fs
+from rcdm.storage import open_fs, write_local
 
 log = logging.getLogger(__name__)
 LEVELS = ("backbone", "projector")
@@ -133,7 +133,7 @@ def run_findings(cfg: FindingsConfig) -> dict:
     findings: dict = {"encoders": encs, "steps": cfg.steps, "guidance": g0,
                       "images": f"{cfg.images} held-out images (synthetic split {SYNTHETIC_SPLIT!r})",
                       "models": {n: demo_release.record(n)["training"] for n in demo_release.available()}}
-    (out / "samples.png").write_bytes(samples_figure(run, encs, min(cfg.images, 12), g0))
+    write_local(out / "samples.png", samples_figure(run, encs, min(cfg.images, 12), g0))
 
     faith = findings["faithfulness"] = {}
     for enc in encs:
@@ -142,7 +142,7 @@ def run_findings(cfg: FindingsConfig) -> dict:
             faith[name] = {str(g): _pick(run.run(f"faithfulness/{name}/guidance{g:g}", "faithfulness", [name],
                                                  images, g), "n", "mrr", "mrr_ci95", "top1", "top1_ci95", "chance")
                            for g in cfg.guidance}
-    (out / "faithfulness.png").write_bytes(interval_bars(
+    write_local(out / "faithfulness.png", interval_bars(
         {f"{e}\n{lv}": [(f"guidance {g:g}", faith[f"{e}-{lv}"][str(g)]["mrr"], faith[f"{e}-{lv}"][str(g)]["mrr_ci95"])
                         for g in cfg.guidance] for e in encs for lv in LEVELS},
         "faithfulness MRR (95 % CI)", chance=next(iter(faith.values()))[str(g0)]["chance"]["mrr"]))
@@ -152,7 +152,7 @@ def run_findings(cfg: FindingsConfig) -> dict:
         for level in LEVELS:
             name = f"{enc}-{level}"
             reads[name] = run.run(f"factor_reads/{name}", "factor_reads", [name], images, g0)["factors"]
-    (out / "factor_reads.png").write_bytes(interval_bars(
+    write_local(out / "factor_reads.png", interval_bars(
         {f"{e}\n{lv}": [(k, reads[f"{e}-{lv}"][k]["samples"], reads[f"{e}-{lv}"][k]["samples_ci95"])
                         for k in ("shape", "colour", "background")] for e in encs for lv in LEVELS},
         "share of samples read as the original's factor (95 % CI)"))
@@ -161,7 +161,7 @@ def run_findings(cfg: FindingsConfig) -> dict:
     for enc in encs:
         r = run.run(f"invariance/{enc}", "invariance", [f"{enc}-backbone", f"{enc}-projector"], images, g0)
         inv[enc] = _pick(r, "embedding", "samples", "factor_predictor")
-    (out / "invariance.png").write_bytes(run.figure(f"invariance/{encs[0]}", "invariance"))
+    write_local(out / "invariance.png", run.figure(f"invariance/{encs[0]}", "invariance"))
 
     a, b = pick_pairs(1)[0]
     pair = [f"synthetic/{SYNTHETIC_SPLIT}/{a}", f"synthetic/{SYNTHETIC_SPLIT}/{b}"]
@@ -169,7 +169,7 @@ def run_findings(cfg: FindingsConfig) -> dict:
     for enc in encs:
         r = run.run(f"interpolate/{enc}", "interpolate", [f"{enc}-backbone"], pair, g0, points=8, rows=3)
         interp[enc] = _pick(r, "alphas", "sample_cosine_to_a", "sample_cosine_to_b", "monotone_fraction", "factors")
-    (out / "interpolation.png").write_bytes(run.figure(f"interpolate/{encs[0]}", "interpolate"))
+    write_local(out / "interpolation.png", run.figure(f"interpolate/{encs[0]}", "interpolate"))
 
     manip = findings["manipulation"] = {}
     pairs = pick_pairs(cfg.manipulate_pairs)
@@ -182,7 +182,7 @@ def run_findings(cfg: FindingsConfig) -> dict:
                     for i, (s, t) in enumerate(pairs)]
             manip[enc][edit] = manipulation_summary(rows)
     for edit, _, _ in EDITS:
-        (out / f"manipulation_{edit}.png").write_bytes(run.figure(f"manipulate/{encs[0]}/{edit}/0", "manipulate"))
+        write_local(out / f"manipulation_{edit}.png", run.figure(f"manipulate/{encs[0]}/{edit}/0", "manipulate"))
 
     adv = findings["adversarial"] = {}
     for enc in encs:
@@ -190,10 +190,10 @@ def run_findings(cfg: FindingsConfig) -> dict:
         adv[enc] = _pick(r, "task", "images", "models", "samples", "supervised_test_accuracy",
                          "ssl_flips_less_at_smallest_epsilon")
     for suffix in ("", "_samples"):
-        (out / f"adversarial{suffix}.png").write_bytes(run.figure(f"adversarial/{encs[0]}", "adversarial", suffix))
+        write_local(out / f"adversarial{suffix}.png", run.figure(f"adversarial/{encs[0]}", "adversarial", suffix))
 
-    (out / "findings.json").write_text(json.dumps(findings, indent=2, default=str) + "\n")
-    (out / "findings.md").write_text(findings_markdown(findings, cfg.guidance))
+    write_local(out / "findings.json", json.dumps(findings, indent=2, default=str) + "\n")
+    write_local(out / "findings.md", findings_markdown(findings, cfg.guidance))
     return findings
 
 

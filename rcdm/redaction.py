@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 MASK = "***"
@@ -32,6 +31,15 @@ def scrub(text: str) -> str:
     for value in _env_values():
         out = out.replace(value, MASK)
     return out
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal escapes and other control characters
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: credentials masked (``scrub``) and control characters (ANSI escape sequences
+    from a file someone else wrote) shown as ``\\x1b`` instead of acted on; newlines and tabs stay."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", scrub(str(text)))
 
 
 def scrub_tree(obj: Any) -> Any:
@@ -75,16 +83,3 @@ def guard_logging() -> None:
     make = logging.getLogRecordFactory()
     if not getattr(make, "rcdm_scrubs", False):
         logging.setLogRecordFactory(_scrubbing_factory(make))
-
-
-def scrub_files(paths: list[Path]) -> None:
-    """Rewrite text files (Hydra's saved configs) with credentials masked, where they hold any."""
-    for path in paths:
-        if not path.is_file():
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        clean = scrub(text)
-        if clean != text:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(clean, encoding="utf-8")
-            tmp.replace(path)

@@ -11,12 +11,15 @@ import io
 import json
 import os
 import posixpath
+import re
+import secrets
 from dataclasses import dataclass
 from typing import IO, Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from rcdm.errors import UserError
 from rcdm.redaction import split_userinfo
 from rcdm.tars import DEFAULT_MAX_MEMBER_BYTES, read_samples
 
@@ -61,30 +64,69 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def refuse_link(path: str) -> None:
+    """A local file rcdm reads or writes in a run, sweep or dataset folder must not be a link: in a folder others can
+    write to, a planted link would send the write (or the trust) somewhere else."""
+    if os.path.islink(path):
+        raise UserError(f"{path} is a symbolic link; rcdm never reads or writes its own files through a link (in a "
+                        f"shared folder someone may have planted it): remove the link, or use a run or dataset folder "
+                        f"only you can write to")
+
+
 @contextlib.contextmanager
 def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
     """Write ``path`` so that it appears only complete.
 
-    Local: a temporary name in the same folder, fsync, then rename over the final name. Object stores
-    (S3): the bytes are gathered in memory and uploaded in one call once complete; an object becomes
-    visible only when its upload completes.
+    Local: a new temporary file beside it, created exclusively under a random name and never through a link
+    (``O_CREAT | O_EXCL | O_NOFOLLOW``: a name planted in a shared folder makes the write fail, never redirects
+    it), fsync, then renamed over the final name, which must not be a link. Object stores (S3): the bytes are
+    gathered in memory and uploaded in one call once complete; an object becomes visible only when its upload
+    completes.
     """
     if is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        refuse_link(path)
+        tmp = f"{path}.tmp-{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            with open(tmp, "wb") as f:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)  # 0o666 less the umask, as open() would give
+        except (PermissionError, NotADirectoryError, FileExistsError, OSError) as e:
+            raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__}): give a folder you can write to "
+                            f"(a run root, dataset or output folder)") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            refuse_link(path)  # planted while the body ran
+            os.replace(tmp, path)  # replaces a name; follows no link
         finally:
-            if os.path.exists(tmp):
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     else:
         buf = io.BytesIO()  # nothing reaches the store unless the body finishes without an exception
         yield buf
         fs.pipe_file(path, buf.getvalue())
+
+
+def refuse_linked_entries(fs: fsspec.AbstractFileSystem, root: str, folders: tuple[str, ...] = ()) -> None:
+    """Local only: no entry directly in ``root`` or in its sub-folders ``folders`` may be a link (``refuse_link``).
+    A run folder's files and its ``checkpoints`` folder are rcdm's own; a link among them was planted."""
+    if not is_local(fs) or not os.path.isdir(root):
+        return
+    for folder in ("", *folders):
+        where = os.path.join(root, folder) if folder else root
+        if folder:
+            refuse_link(where)
+        if os.path.isdir(where):
+            for entry in os.scandir(where):
+                refuse_link(entry.path)
+
+
+def write_local(path: str | os.PathLike, data: bytes | str) -> None:
+    """A local file written whole (``atomic_open``): never through a link, never half-written under its name."""
+    with atomic_open(LocalFileSystem(), os.fspath(path)) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
@@ -104,6 +146,8 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj) -> None:
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str):
+    if is_local(fs):
+        refuse_link(path)
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
 
@@ -111,7 +155,16 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str):
 def recorded_run_id(url: str, storage: StorageOptions | None = None) -> str | None:
     """The MLflow run id a run file (``mlflow_run.json``, ``parent_run.json``) records; None if there is none."""
     fs, path = open_fs(url, storage)
-    return read_json(fs, path)["run_id"] if fs.exists(path) else None
+    if not fs.exists(path):
+        return None
+    try:
+        run_id = read_json(fs, path).get("run_id")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        run_id = None
+    if not (isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id)):
+        raise UserError(f"{url} does not hold an MLflow run id; it was altered or damaged: delete it (a new run is "
+                        f"then opened) or restore it")
+    return run_id
 
 
 def tar_samples(fileobj, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[tuple[str, dict[str, bytes]]]:

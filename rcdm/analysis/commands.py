@@ -18,6 +18,7 @@ from rcdm.analysis.images import load_inputs
 from rcdm.device import pick_device
 from rcdm.errors import UserError
 from rcdm.sampling import load_with_encoder
+from rcdm.storage import write_local
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def write_result(out: Path, name: str, result: Result) -> list[Path]:
     written = []
     for suffix, data in result.figures.items():
         written.append(out / f"{name}{suffix}.png")
-        written[-1].write_bytes(data)
+        write_local(written[-1], data)
     written.append(out / f"{name}.json")
-    written[-1].write_text(json.dumps(result.numbers, indent=2, default=str))
+    write_local(written[-1], json.dumps(result.numbers, indent=2, default=str))
     return written

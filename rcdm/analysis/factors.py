@@ -11,6 +11,7 @@ caches it under ``$RCDM_CACHE`` (default ``~/.cache/rcdm``), keyed by everything
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from rcdm import safe_load
 from rcdm.encoders.backbones import TinyResNet
 from rcdm.probes import factor_labels, synthetic_set
 from rcdm.ssl.augment import blur
+from rcdm.storage import write_local
 
 log = logging.getLogger(__name__)
 FACTORS = ("shape", "colour", "background", "scale", "x", "y", "grayscale")
@@ -116,10 +118,9 @@ def factor_net(cfg: FactorNetConfig = FactorNetConfig()) -> tuple[FactorNet, dic
         return net.eval(), json.loads(state["report"])
     log.info("training the synthetic-factor predictor once (cached at %s)", path)
     net, report = train_factor_net(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save({"model": net.state_dict(), "report": json.dumps(report)}, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "report": json.dumps(report)}, buf)
+    write_local(path, buf.getvalue())
     return net, report
 
 

@@ -17,6 +17,7 @@ from rcdm.config import TrackingConfig
 from rcdm.report.collect import PICTURED, Sweep, collect
 from rcdm.report.figures import figures
 from rcdm.report.page import render
+from rcdm.storage import write_local
 from rcdm.tracking import runs_link
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,9 @@ def write_report(cfg: ReportConfig) -> dict:
     out = Path(cfg.output or f"reports/{cfg.tracking.experiment}/{cfg.sweep_id}")
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
-        (out / name).write_bytes(png)
+        write_local(out / name, png)
     html = out / "report.html"
-    tmp = html.with_suffix(".html.tmp")
-    tmp.write_text(render(sweep, figs, link), encoding="utf-8")
-    tmp.replace(html)  # a half-written page never replaces a good one
+    write_local(html, render(sweep, figs, link))  # a half-written page never replaces a good one
     if cfg.log_to_mlflow:
         client = MlflowClient(tracking_uri=cfg.tracking.uri)
         for name in ["report.html", *figs]:

@@ -3,10 +3,10 @@ method's released on-disk layout, so the zoo's loaders read it like any publishe
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -20,6 +20,7 @@ from rcdm.encoders.layouts import to_release_layout
 from rcdm.encoders.weights import sha256sum
 from rcdm.preprocess import to_uint8_tensor
 from rcdm.ssl.augment import AugmentConfig, views
+from rcdm.storage import write_local
 from rcdm.ssl.objectives import DINOHead, DINOLoss, barlow_loss, nt_xent, vicreg_loss
 from rcdm.tracking import Tracker
 
@@ -126,14 +127,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     seconds = time.perf_counter() - t0
     final = (teacher if teacher is not None else encoder).eval()
     extra = {"head.last_layer": teacher_head.last_layer} if teacher_head is not None else {}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    torch.save(to_release_layout(final, extra), cfg.output)
+    buf = io.BytesIO()
+    torch.save(to_release_layout(final, extra), buf)
+    write_local(cfg.output, buf.getvalue())
     record = {"method": name, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
               "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "final": last, "config": asdict(cfg) | {"output": None, "tracking": None}}
-    with open(cfg.output.rsplit(".", 1)[0] + ".json", "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+    write_local(cfg.output.rsplit(".", 1)[0] + ".json", json.dumps(record, indent=2, sort_keys=True))
     if tracker:
         tracker.end("FINISHED")
     return record
