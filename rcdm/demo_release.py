@@ -58,14 +58,24 @@ def record(name: str, directory: Path | None = None) -> dict:
     if not NAME.match(name) or not path.exists():
         have = ", ".join(PREFIX + n for n in available(directory)) or "none (rcdm/demo_models/ is empty)"
         raise UserError(f"no demo model {PREFIX}{name}; the shipped ones are: {have}")
-    return json.loads(path.read_text())
+    try:
+        rec = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        rec = None
+    if not isinstance(rec, dict):
+        raise UserError(f"{path} is not a demo model record (not a JSON object); restore it with git checkout -- "
+                        f"rcdm/demo_models")
+    return rec
 
 
-def card_of(rec: dict) -> ModelCard:
+def card_of(rec: dict, where: str = "a demo record") -> ModelCard:
     """The model card of a demo record (records before cards kept its parts under ``model`` and ``encoder``)."""
     if "card" in rec:
-        return ModelCard.from_dict(rec["card"])
-    m, enc = rec["model"], rec["encoder"]
+        return ModelCard.from_dict(rec["card"], where)
+    try:
+        m, enc = rec["model"], rec["encoder"]
+    except (KeyError, TypeError):
+        raise UserError(f"{where} holds no model card") from None
     return ModelCard.from_dict({"preset": m["preset"], "embed_dim": m["embed_dim"], "image_size": m["image_size"],
                                 "unet": m["unet"], "process": m["process"], "encoder": enc["name"],
                                 "level": enc["level"], "encoder_arch": enc["arch"], "encoder_weights": enc["weights"],
@@ -78,6 +88,10 @@ def load_demo(ref: str, directory: Path | None = None) -> LoadedRCDM:
     directory = directory or demo_dir()
     name = ref.removeprefix(PREFIX)
     rec = record(name, directory)
+    if rec.get("weights_file") != f"{name}.pt" or not isinstance(rec.get("sha256"), str):
+        raise UserError(f"{directory / name}.json names weights file {str(rec.get('weights_file'))[:80]!r} (a demo "
+                        f"record names its own, {name}.pt, with its sha256): the record was altered; restore it with "
+                        f"git checkout -- rcdm/demo_models")
     path = directory / rec["weights_file"]
     if not path.exists():
         raise UserError(f"{path} is missing (the record {name}.json is there): restore rcdm/demo_models/ from "
@@ -87,9 +101,10 @@ def load_demo(ref: str, directory: Path | None = None) -> LoadedRCDM:
         raise UserError(f"{path} does not match the sha256 in {name}.json ({digest} != {rec['sha256']}): the file "
                         f"is damaged or was replaced; restore it with git checkout -- rcdm/demo_models")
     state = safe_load.load(path)
-    card = card_of(rec)
-    model = card.build()
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a state dict of tensors: restore it with git checkout -- rcdm/demo_models")
+    card = card_of(rec, f"{directory / name}.json")
+    model = card.build_for({k: v.float() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, str(path))
     t = rec.get("training", {})
     return LoadedRCDM(model.eval(), card, f"{PREFIX}{name} ({path})",
                       {"steps": t.get("steps"), "train_seconds": t.get("train_seconds"), "sha256": rec["sha256"],
@@ -101,6 +116,9 @@ def _data_digest(url: str, split: str, encoder: str, storage) -> dict:
     manifest = read_manifest(url, storage)
     if manifest is None or split not in manifest.splits:
         raise UserError(f"{url} has no {split} split: export on the machine that trained the demo models")
+    if encoder not in manifest.encoders:  # the name comes from the run's card: never a folder the manifest lacks
+        raise UserError(f"{url} holds no embeddings of encoder {encoder!r} (it has {sorted(manifest.encoders)}): the "
+                        f"run's card and its dataset disagree; nothing was written")
     fs, root = open_fs(url, storage)
     out = {"url": url, "split": split, "count": manifest.splits[split].count,
            "source": manifest.splits[split].source}
@@ -121,6 +139,14 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
     if url is None:
         raise UserError(f"{run_root} holds no checkpoint (no checkpoints/latest.json)")
     state = train_checkpoints.load(url, storage)
+    try:
+        return _export(run_root, directory, device, storage, state)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise UserError(f"{run_root} is not what a finished rcdm run holds ({type(e).__name__}: {str(e)[:200]}) in its "
+                        f"checkpoint or result files; nothing was written") from None
+
+
+def _export(run_root: str, directory: Path, device: str | None, storage, state: dict) -> dict:
     card, cfg = ModelCard.from_dict(state["meta"]), state["config"]
     if state["step"] != cfg["train"]["steps"]:
         raise UserError(f"{run_root} stopped at step {state['step']} of {cfg['train']['steps']}: finish the run "
@@ -137,12 +163,14 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
                         f"it): pass --device")
     card = card.with_device(device)
     name = f"{card.encoder.name}-{card.encoder.level}"
-    directory.mkdir(parents=True, exist_ok=True)
+    if not NAME.match(name):  # the card is the run folder's word: it names files here, so it must be a name
+        raise UserError(f"{run_root}'s checkpoint names its encoder and level {name!r}, which is not a demo model name "
+                        f"(<encoder>-<backbone|projector>, lower-case letters and digits): it is not a demo run; "
+                        f"nothing was written")
     buf = io.BytesIO()
     torch.save({k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in state["ema"].items()},
                buf)
     weights = directory / f"{name}.pt"
-    write_atomic(weights, buf.getvalue())
     digest = hashlib.sha256(buf.getvalue()).hexdigest()
     f = results["faithfulness.json"]
     t = cfg["train"]
@@ -174,6 +202,9 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
         "evaluated_on": "the run's float32 EMA weights at its last step; launch/analyze.py re-measures the "
                         "float16 files",
     }
+    # every refusal above comes before the first write: a refused export leaves --out as it was
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(weights, buf.getvalue())
     write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
     return rec
 
