@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import json
 import logging
 import os
 import signal
@@ -23,11 +24,12 @@ from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.data import open_dataset
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
+from rcdm.lease import Lease, LeaseHeld, describe
 from rcdm.manifest import read_manifest
 from rcdm.redaction import scrub
 from rcdm.report import ReportConfig, write_report
 from rcdm.report.collect import child_runs
-from rcdm.storage import atomic_open, open_fs, recorded_run_id, write_json
+from rcdm.storage import atomic_open, join, open_fs, recorded_run_id, write_json
 from rcdm.tracking import Tracker, check_reachable
 from sharding.config import ShardJob, SyntheticInput
 from sharding.orchestrate import shard
@@ -52,11 +54,17 @@ def job_configs(args: list[str]) -> list[TrainConfig]:
     from pipeline import schemas
     from rcdm.provenance import REPO
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     schemas.register("sweep_schema")
-    parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
-    (combinations,) = BasicSweeper.split_arguments(parsed, None)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return [train_config(compose("sweep", overrides=list(overrides))) for overrides in combinations]
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
+        (combinations,) = BasicSweeper.split_arguments(parsed, None)
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            return [train_config(compose("sweep", overrides=list(overrides))) for overrides in combinations]
+    except (HydraException, OmegaConfBaseException) as e:  # a key that does not exist, a value of the wrong type
+        raise UserError(f"the overrides do not compose: {' '.join(str(e).split())[:400]}") from None
 
 
 def ensure_demo_data(cfg: TrainConfig) -> None:
@@ -84,6 +92,17 @@ def ensure_demo_data(cfg: TrainConfig) -> None:
                        shard_size=d.synthetic.shard_size, loader_workers=0, storage=cfg.storage))
 
 
+def jobs_in_use(cfg: TrainConfig, combos: list[tuple[str, str]]) -> list[str]:
+    """The jobs of ``combos`` whose run root another live launch holds (its lease), each with who holds it."""
+    out = []
+    for encoder, level in combos:
+        name = f"{encoder}-{level}-{cfg.model.name}"  # configs/sweep.yaml's job_name
+        holder = Lease(join(cfg.sweep_root, name), cfg.storage, cfg.train.lease_s).held_elsewhere()
+        if holder:
+            out.append(f"job {name} is trained by {describe(holder)}")
+    return out
+
+
 def _choices(overrides: list[str], group: str, default: str) -> list[str]:
     for o in OverridesParser.create().parse_overrides(overrides):
         if o.get_key_element() == group:
@@ -108,7 +127,7 @@ def probe_writable(url: str, storage) -> None:
         with atomic_open(fs, probe) as f:
             f.write(b"rcdm")
         fs.rm(probe)
-    except OSError as e:
+    except (OSError, UserError) as e:
         raise UserError(f"cannot write under storage.run_root ({scrub(url)}): {scrub(str(e))}; give a folder or bucket "
                         f"you can write to") from None
 
@@ -153,6 +172,7 @@ class SweepCallback(GuardCallback):
     def __init__(self) -> None:
         self._open_parent: Tracker | None = None  # on the sweep's parent run, until it is ended
         self._config: DictConfig | None = None
+        self._shared = False  # a job was refused: another launch of this sweep trains it, and owns the parent run
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         super().on_run_start(config)
@@ -166,12 +186,17 @@ class SweepCallback(GuardCallback):
 
     def _open_sweep(self, config: DictConfig) -> None:
         cfg, combos = _prepare(config)
+        busy = jobs_in_use(cfg, combos)
+        if busy:
+            raise UserError(f"this sweep is running in another launch: {'; '.join(busy)[:600]}. Nothing was started "
+                            f"and the sweep's parent run is left as it is: wait for that launch to end, or follow it "
+                            f"in MLflow; give a new sweep_id to train beside it")
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
         existing = recorded_run_id(cfg.parent_run_file, cfg.storage)  # a re-launched sweep continues its run
         run_id = tracker.start(existing, f"sweep {cfg.sweep_id}",
                                {"sweep_id": cfg.sweep_id, "run_root": cfg.sweep_root, "jobs": str(len(combos)),
                                 "kind": "sweep"},
-                               {"sweep": {"overrides": " ".join(config.hydra.overrides.task)}})
+                               {"sweep": {"overrides": json.dumps(list(config.hydra.overrides.task))}})
         try:
             write_json(*open_fs(cfg.parent_run_file, cfg.storage), {"run_id": run_id})
         except BaseException:
@@ -183,6 +208,11 @@ class SweepCallback(GuardCallback):
         _exit_on_sigterm()
         print(f"sweep {config.sweep_id}: {len(combos)} jobs, parent MLflow run {run_id}; runs: {tracker.link()}",
               flush=True)  # link() masks credentials in the tracking URI
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
+        if isinstance(job_return._return_value, LeaseHeld):  # another launch took a job between the check and now
+            self._shared = True
+        super().on_job_end(config, job_return, **kwargs)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._open_parent is None:
@@ -210,13 +240,19 @@ class SweepCallback(GuardCallback):
         if self._open_parent is None:
             return
         run_id = self._open_parent.run_id
+        if self._shared:
+            self._open_parent = None
+            print(f"sweep parent MLflow run {run_id} is left RUNNING: another launch of this sweep trains one of its "
+                  f"jobs and ends it", file=sys.stderr, flush=True)
+            return
         try:
             self._parent_tracker().end("FAILED")
             print(f"sweep parent MLflow run {run_id} ended FAILED: the launcher stopped before every job returned "
                   "(jobs already submitted to a cluster carry on and log to their own runs)", file=sys.stderr,
                   flush=True)
         except Exception as e:  # the tracking server may be what failed; never hide the original error
-            print(f"warning: could not end the sweep's parent MLflow run {run_id}: {e}", file=sys.stderr, flush=True)
+            print(f"warning: could not end the sweep's parent MLflow run {run_id}: {scrub(str(e))}", file=sys.stderr,
+                  flush=True)
             return
         report_sweep(TrackingConfig(self._config.tracking.uri, self._config.tracking.experiment), self._config.sweep_id,
                 run_id)
@@ -228,6 +264,6 @@ def report_sweep(tracking: TrackingConfig, sweep_id: str, parent_run_id: str) ->
         out = write_report(ReportConfig(tracking=tracking, sweep_id=sweep_id, run_id=parent_run_id))
         print(f"sweep {sweep_id}: report {out['html']}; in MLflow: {out['link']}", flush=True)
     except Exception as e:
-        print(f"warning: the sweep report was not written ({type(e).__name__}: {e}); write it with: python "
+        print(f"warning: the sweep report was not written ({type(e).__name__}: {scrub(str(e))}); write it with: python "
               f"launch/report.py tracking.experiment={tracking.experiment} sweep_id={sweep_id} "
               f"tracking.uri={scrub(tracking.uri)}", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from rcdm.config import TrackingConfig
 from rcdm.report import ReportConfig, write_report
-from rcdm.report.collect import expected_jobs
+from rcdm.report.collect import expected_jobs, recorded_overrides
 from rcdm.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,11 +129,21 @@ def test_a_sweep_that_does_not_exist_is_a_clear_error(tmp_path):
 
 
 def test_expected_jobs_are_the_product_of_the_swept_overrides():
-    assert expected_jobs("encoder=a,b level=x,y data.url=/d") == [
+    assert expected_jobs(["encoder=a,b", "level=x,y", "data.url=/d"]) == [
         {"encoder": "a", "level": "x"}, {"encoder": "a", "level": "y"}, {"encoder": "b", "level": "x"},
         {"encoder": "b", "level": "y"}]
-    assert expected_jobs("encoder=a,b level=x") == [{"encoder": "a"}, {"encoder": "b"}]  # only what is swept
-    assert expected_jobs("") == [{}]
+    assert expected_jobs(["encoder=a,b", "level=x"]) == [{"encoder": "a"}, {"encoder": "b"}]  # only what is swept
+    assert expected_jobs([]) == [{}]
+
+
+def test_recorded_overrides_keep_a_quoted_space():
+    """A dataset path with a space: the parent records its overrides as a JSON list, so the report reads them back
+    whole (they were joined by spaces and split again, and the report failed); older parents' strings still read."""
+    task = ["encoder=a,b", "data.url='/data/my set'"]
+    assert recorded_overrides(json.dumps(task)) == task
+    assert expected_jobs(recorded_overrides(json.dumps(task))) == [{"encoder": "a"}, {"encoder": "b"}]
+    assert recorded_overrides("encoder=a,b level=x") == ["encoder=a,b", "level=x"]
+    assert expected_jobs(["data.url=/data/my set'"]) is None  # unparsable: no list of missing jobs, no failure
 
 
 def test_a_value_a_hair_outside_its_bootstrap_interval_still_draws():

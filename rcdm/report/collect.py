@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from rcdm.tracking import PARENT_TAG
 
 END_JSON = ("faithfulness", "factor_reads", "conditioning", "invariance", "fidelity")
 READERS = 8  # runs read at once
+GRID_NAME = re.compile(r"^step-\d{9}\.png$")
 PICTURED = 8  # encoders whose sample grids, bars and loss curves the page draws; its tables hold every run
 
 
@@ -87,7 +89,7 @@ class Sweep:
     parent: Run
     experiment: str
     tracking_uri: str
-    overrides: str
+    overrides: list[str]
     runs: list[JobRun]
     missing: list[tuple[dict[str, str], str]]  # (the job's sweep choices, why it has no run)
 
@@ -117,9 +119,26 @@ def find_parent(client: MlflowClient, experiment: str, sweep_id: str, run_id: st
     return runs[0]
 
 
-def expected_jobs(overrides: str) -> list[dict[str, str]]:
-    """The jobs a multirun's overrides ask for, each as {key: choice} over the swept keys."""
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides.split() if o])
+def recorded_overrides(param: str) -> list[str]:
+    """The sweep's command-line overrides as its parent run records them: a JSON list (a value may hold a space,
+    ``data.url='/data/my set'``); parents from before that recorded them joined by spaces."""
+    if param.startswith("["):
+        try:
+            value = json.loads(param)
+            if isinstance(value, list) and all(isinstance(o, str) for o in value):
+                return value
+        except ValueError:
+            pass
+    return [o for o in param.split() if o]
+
+
+def expected_jobs(overrides: list[str]) -> list[dict[str, str]] | None:
+    """The jobs a multirun's overrides ask for, each as {key: choice} over the swept keys; None where the recorded
+    overrides do not parse (the report then lists no missing jobs, and says so)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - Hydra's parser raises its own kinds; the report goes on without this list
+        return None
     swept = [(o.get_key_element(), [str(v) for v in o.sweep_iterator()]) for o in parsed if o.is_sweep_override()]
     return [dict(zip([k for k, _ in swept], combo)) for combo in itertools.product(*[v for _, v in swept])]
 
@@ -155,7 +174,8 @@ def _read_run(client: MlflowClient, run: Run, scratch: Path, pictured: bool) -> 
         job.loss = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
     names = {Path(a.path).name: a for a in repo.list_artifacts()}
     if pictured and "samples" in names and names["samples"].is_dir:
-        grids = sorted(f"samples/{Path(a.path).name}" for a in repo.list_artifacts("samples") if a.path.endswith(".png"))
+        grids = sorted(f"samples/{Path(a.path).name}" for a in repo.list_artifacts("samples")
+                       if GRID_NAME.match(Path(a.path).name))  # step-<9 digits>.png, as rcdm logs them
         for path in reversed(grids):  # the newest grid that can be read
             job.grid = _download(repo, job, path, scratch)
             if job.grid is not None:
@@ -164,13 +184,66 @@ def _read_run(client: MlflowClient, run: Run, scratch: Path, pictured: bool) -> 
     for key in END_JSON:
         if f"{key}.json" in names:
             data = _download(repo, job, f"{key}.json", scratch)
+            if data is None:
+                continue
             try:
-                job.end[key] = json.loads(data) if data is not None else None
-            except ValueError:
-                job.unread.append(f"{key}.json (not JSON)")
-            if job.end.get(key) is None:
-                job.end.pop(key, None)
+                job.end[key] = checked_end_json(key, json.loads(data))
+            except ValueError as e:  # one malformed artifact costs its own cells, never the report
+                job.unread.append(f"{key}.json ({str(e)[:160]})")
     return job
+
+
+def _number(x, what: str, optional: bool = False) -> None:
+    if optional and x is None:
+        return
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"{what} is not a finite number")
+
+
+def _interval(x, what: str) -> None:
+    if not (isinstance(x, list) and len(x) == 2):
+        raise ValueError(f"{what} is not an interval [lo, hi]")
+    for v in x:
+        _number(v, what)
+
+
+def _mapping(x, what: str) -> dict:
+    if not isinstance(x, dict):
+        raise ValueError(f"{what} is not an object")
+    return x
+
+
+def checked_end_json(key: str, d) -> dict:
+    """An end-of-run JSON a run logged, checked for the fields the page and figures read (their types and finite
+    numbers): an artifact is anyone's word who may log to the run, so a malformed one raises ValueError naming the
+    field, and the page escapes every string it shows."""
+    d = _mapping(d, key)
+    try:
+        if key == "faithfulness":
+            for k in ("mrr", "top1"):
+                _number(d[k], k)
+                _interval(d[f"{k}_ci95"], f"{k}_ci95")
+                _number(_mapping(d["chance"], "chance")[k], f"chance.{k}")
+            if isinstance(d["n"], bool) or not isinstance(d["n"], int):
+                raise ValueError("n is not a count")
+            if not (isinstance(d.get("keys", []), list) and all(isinstance(k, str) for k in d.get("keys", []))):
+                raise ValueError("keys is not a list of names")
+        elif key == "factor_reads":
+            for name, v in _mapping(d["factors"], "factors").items():
+                v = _mapping(v, f"factors.{name}")
+                _number(v["samples"], f"{name}.samples")
+                _interval(v["samples_ci95"], f"{name}.samples_ci95")
+                _number(v.get("bound"), f"{name}.bound", optional=True)
+                _number(v["chance"], f"{name}.chance")
+        elif key == "invariance":
+            for name, v in _mapping(d.get("families", {}), "families").items():
+                _number(_mapping(v, f"families.{name}")["invariance_index"], f"{name}.invariance_index")
+        elif key == "fidelity":
+            for k in ("fid", "precision", "recall"):
+                _number(d.get(k), k, optional=True)
+    except KeyError as e:
+        raise ValueError(f"no {e.args[0]!r}") from None
+    return d
 
 
 def _read_runs(client: MlflowClient, children: list[Run], scratch: Path, pictured: int) -> list[JobRun]:
@@ -212,11 +285,14 @@ def collect(tracking_uri: str, experiment: str, sweep_id: str, run_id: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         runs = _read_runs(client, children, Path(tmp), pictured)
     runs.sort(key=lambda j: (j.encoder, j.level, j.name))
-    overrides = parent.data.params.get("sweep.overrides", "")
-    missing = []
-    for job in expected_jobs(overrides):
+    overrides = recorded_overrides(parent.data.params.get("sweep.overrides", ""))
+    missing, jobs = [], expected_jobs(overrides)
+    for job in jobs or []:
         if not any(_matches(r, job) for r in runs):
             missing.append((job, "no MLflow run: not started yet, or the job failed before training began "
                                  "(see the launcher's output, or the job's SLURM log)"))
+    if jobs is None:
+        missing.append(({}, "the sweep's recorded overrides do not parse, so the jobs it asked for are unknown: the "
+                            "tables hold the runs that exist"))
     exp = client.get_experiment(parent.info.experiment_id)
     return Sweep(parent, exp.name, tracking_uri, overrides, runs, missing)

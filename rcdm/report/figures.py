@@ -87,8 +87,9 @@ def factor_figure(runs: list[JobRun]) -> bytes | None:
         bars = [(k, t[k]["samples"], t[k]["samples_ci95"]) for k in ("shape", "colour", "background") if k in t]
         if t.get("shape", {}).get("bound") is not None:
             bars.append(("shape: embedding bound", t["shape"]["bound"], [t["shape"]["bound"]] * 2))
-        groups[f"{r.encoder}\n{r.level}"] = bars
-    return interval_bars(groups, "read as the original's (95 % CI)")
+        if bars:  # a run that reads none of these factors has no bars here (its table row says what it reads)
+            groups[f"{r.encoder}\n{r.level}"] = bars
+    return interval_bars(groups, "read as the original's (95 % CI)") if groups else None
 
 
 def conditioning_figure(runs: list[JobRun]) -> bytes | None:

@@ -57,7 +57,7 @@ def _status(r: JobRun) -> str:
 def problems_section(sweep: Sweep) -> str:
     items = [f"<li><b>{escape(r.name)}</b> ({escape(r.encoder)} {escape(r.level)}): {escape(r.problem())}</li>"
              for r in sweep.runs if r.problem()]
-    items += [f"<li><b>{escape(' '.join(f'{k}={v}' for k, v in job.items()))}</b>: {escape(why)}</li>"
+    items += [f"<li><b>{escape(' '.join(f'{k}={v}' for k, v in job.items()) or 'the sweep')}</b>: {escape(why)}</li>"
               for job, why in sweep.missing]
     items += [f"<li><b>{escape(r.name)}</b>: artifacts listed but not readable yet: {escape(', '.join(r.unread))}</li>"
               for r in sweep.runs if r.unread]
@@ -80,7 +80,7 @@ def results_table(sweep: Sweep) -> str:
         if f:
             row += [f'<td class="num">{_ci(f, "mrr")}</td>', f'<td class="num">{_ci(f, "top1")}</td>',
                     f'<td class="num">{f["chance"]["mrr"]:.3f} / {f["chance"]["top1"]:.3f}</td>',
-                    f'<td class="num">{f["n"]}</td>']
+                    f'<td class="num">{int(f["n"])}</td>']
         else:
             row += ["–"] * 4
         row += [f'<td class="num">{_num(r.metrics.get(f"cond_gain_q{k}"))}</td>' for k in range(4)]
@@ -113,8 +113,9 @@ def factor_table(sweep: Sweep) -> str:
             f'<td class="num">{t[k]["samples"]:.2f} [{t[k]["samples_ci95"][0]:.2f}, {t[k]["samples_ci95"][1]:.2f}]'
             f'<br><span class="meta">bound {_num(t[k]["bound"], "{:.2f}")}</span></td>' if k in t else "–"
             for k in names])
-    chance = runs[0].end["factor_reads"]["factors"]
-    return (_table(["encoder", "level", *(f"{k} (chance {chance[k]['chance']:.2f})" for k in names)], rows,
+    tables = [r.end["factor_reads"]["factors"] for r in runs]
+    chance = {k: next(t[k]["chance"] for t in tables if k in t) for k in names}
+    return (_table(["encoder", "level", *(f"{escape(k)} (chance {chance[k]:.2f})" for k in names)], rows,
                    "factors") +
             '<p class="meta">What the samples keep: one sample per held-out embedding (the faithfulness samples), its '
             'generative factors read by a classifier trained on labelled images (rcdm.analysis.factors); the share read '
@@ -201,7 +202,8 @@ def render(sweep: Sweep, figures: dict[str, bytes], link: str) -> str:
     body = [
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">{finished}/{expected} jobs finished · parent MLflow run <code>{escape(p.info.run_id)}'
-        f"</code> ({escape(p.info.status)}) · <code>{escape(sweep.overrides) or 'no overrides'}</code> · tracking "
+        f"</code> ({escape(p.info.status)}) · <code>{escape(' '.join(sweep.overrides)) or 'no overrides'}</code> · "
+        f"tracking "
         f"<code>{escape(scrub(sweep.tracking_uri))}</code> · {escape(link)} · report written "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
         _pictured_note(sweep),
