@@ -7,11 +7,13 @@ in ``configs/sweep.yaml``. A key that is neither fails at composition with Hydra
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from rcdm.diffusion.gaussian import Process
+from rcdm.diffusion.schedules import space_timesteps
 from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join
 
@@ -259,10 +261,21 @@ class TrainConfig:
             if getattr(t, key) < 1:
                 raise UserError(f"train.{key}={getattr(t, key)} must be at least 1")
         for key in ("lr", "grad_clip"):
-            if not getattr(t, key) > 0:
-                raise UserError(f"train.{key}={getattr(t, key)} must be positive")
+            if not 0 < getattr(t, key) < math.inf:
+                raise UserError(f"train.{key}={getattr(t, key)} must be a positive finite number")
+        for key in ("grid", "faithfulness"):  # how the end-of-run samples are drawn: checked before training
+            spacing, guidance = _get(self, f"{key}.steps"), _get(self, f"{key}.guidance")
+            try:
+                space_timesteps(self.diffusion.steps, spacing)
+            except (ValueError, TypeError) as e:
+                raise UserError(f"{key}.steps={spacing!r} is not a sampling schedule over diffusion.steps="
+                                f"{self.diffusion.steps} ({e}); use ddim<N> (e.g. ddim25), a step count, or counts "
+                                f"per section (10,15,20)") from None
+            if not 0 <= guidance < math.inf:
+                raise UserError(f"{key}.guidance={guidance} must be a finite number >= 0 (1 = the plain conditional "
+                                f"model)")
         checks = {"train.loader_workers": t.loader_workers >= 0, "train.weight_decay": t.weight_decay >= 0,
-                  "train.ema_decay": 0 <= t.ema_decay < 1, "train.lease_s": t.lease_s >= 0,
+                  "train.ema_decay": 0 <= t.ema_decay < 1, "train.lease_s": 0 <= t.lease_s < math.inf,
                   "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
                   "recipe.prediction": self.recipe.prediction in ("epsilon", "v", "x0"),
                   "recipe.weighting": self.recipe.weighting in ("uniform", "min_snr"),

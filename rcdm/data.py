@@ -254,6 +254,11 @@ def embedding_stats(info: DatasetInfo, storage: StorageOptions | None = None, ma
     samples in shard order, and with ``whiten`` their ZCA matrix [D, D] (``zca``), all from one read of the
     embedding shards: what a recipe with normalised (or whitened) embeddings stores in the model."""
     h = _embedding_rows(info, storage, max_samples)
+    images = len(h) // (2 if info.manifest.flip else 1)
+    if images < 2:  # one image (and its mirror) has no spread to speak of: its statistics are NaN or degenerate
+        raise UserError(f"split {info.split} of {info.url} holds {images} image(s): normalised embeddings "
+                        f"(recipe.normalize_embeddings) need the statistics of at least 2; shard more images, or set "
+                        f"recipe.normalize_embeddings=false")
     return h.mean(0).float(), h.std(0).clamp_min(1e-6).float(), zca(h)[1] if whiten else None
 
 
@@ -266,7 +271,7 @@ def zca(h: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]
     mean = h.mean(0)
     lam, u = torch.linalg.eigh(torch.cov((h - mean).T))
     lam = lam.clamp_min(0)
-    w = u @ torch.diag(1 / torch.sqrt(lam + eps * lam.max())) @ u.T
+    w = u @ torch.diag(1 / torch.sqrt(lam + eps * lam.max().clamp_min(1e-12))) @ u.T
     return mean.float(), w.float()
 
 

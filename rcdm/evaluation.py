@@ -24,11 +24,12 @@ from rcdm.grids import grid_png
 from rcdm.model_card import LoadedRCDM, ModelCard
 from rcdm.preprocess import Preprocess
 from rcdm.sampling import draw
-from rcdm.storage import atomic_open, join, open_fs, write_json
+from rcdm.storage import atomic_open, join, open_fs, read_json, write_json
 from rcdm.tracking import Tracker
 
 log = logging.getLogger(__name__)
 QUARTILES = 4
+EVALUATED = "evaluated.json"  # in the run root, once the end-of-run evaluation is complete
 
 
 @torch.no_grad()
@@ -87,7 +88,7 @@ class Evaluator:
         """What is due at ``step``: a grid every ``train.sample_every`` steps and at the last one; at the last
         one (``final``) also the diagnostic's JSON and the end-of-run analyses (``end_analyses``). Returns the
         metrics it logged."""
-        if step % self.cfg.train.sample_every == 0 or final:
+        if (step % self.cfg.train.sample_every == 0 or final) and self.cfg.grid.images:  # grid.images=0: no grids
             self.grid(ema, step)
         if not final:
             return {}
@@ -96,9 +97,8 @@ class Evaluator:
             self._write_json("conditioning.json", {"final": self.diagnostics[-1], "history": self.diagnostics,
                                                    "images": self.cfg.diagnostic.images, "split": self.held.split})
         encoder = self._encoder()
-        if encoder is None:
-            return metrics
-        for name, opts, inputs in self.end_analyses(ema, encoder):
+        done = []
+        for name, opts, inputs in self.end_analyses(ema, encoder) if encoder is not None else []:
             t0 = time.perf_counter()
             result = ANALYSES[name].run(inputs, opts)
             result.numbers.update(split=self.held.split, keys=inputs.names, model_step=step,
@@ -106,8 +106,24 @@ class Evaluator:
             self._write_json(f"{name}.json", result.numbers)
             self.tracker.log_metrics(result.metrics, step, int(time.time() * 1000), once=True)
             metrics.update(result.metrics)
+            done.append(name)
             log.info("end of run, %s on %d held-out images: %s", name, len(inputs.names), _brief(name, result))
+        # last: its presence says the run owes nothing more (a relaunch after a failure here evaluates again)
+        fs, root = open_fs(self.cfg.run_root, self.cfg.storage)
+        write_json(fs, join(root, EVALUATED), {"step": step, "analyses": done})
         return metrics
+
+    def owed(self, step: int) -> bool:
+        """Whether the end-of-run evaluation of ``step`` has not completed: its run stopped after training, in the
+        evaluation (an offline Inception, out of memory, a killed job)."""
+        fs, root = open_fs(self.cfg.run_root, self.cfg.storage)
+        path = join(root, EVALUATED)
+        if not fs.exists(path):
+            return True
+        try:
+            return read_json(fs, path).get("step") != step
+        except (ValueError, AttributeError):
+            return True
 
     def end_analyses(self, ema: torch.nn.Module, encoder) -> list[tuple[str, object, Inputs]]:
         """(name, options, inputs) of the analyses every run ends with, from the registry: faithfulness, the factor

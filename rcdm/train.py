@@ -35,7 +35,7 @@ from rcdm.preprocess import Preprocess
 from rcdm.presets import preset_config
 from rcdm.provenance import code_version
 from rcdm.redaction import guard_logging, scrub, scrub_tree
-from rcdm.storage import StorageOptions, join, open_fs, recorded_run_id, write_json
+from rcdm.storage import StorageOptions, join, open_fs, recorded_run_id, refuse_linked_entries, write_json
 from rcdm.tracking import PARENT_TAG, Tracker, check_reachable
 from rcdm.unet import RCDMUNet
 
@@ -198,6 +198,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
     if dist.is_main:
         check_reachable(cfg.tracking.uri)
         try:
+            refuse_linked_entries(*open_fs(cfg.run_root, cfg.storage), ("checkpoints", "samples"))
             lease.acquire()  # before anything is read or written under the run root
         except UserError as e:
             refused = e
@@ -343,6 +344,11 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
                 final.update(evaluator.evaluate(ema, step, final=step == t.steps))
             if stop and step < t.steps:  # a signal during the last step: the job is done, not preempted
                 raise Preempted(f"checkpointed at step {step} on signal {int(PREEMPT_SIGNAL)}", flag.previous)
+        if evaluator and evaluator.owed(step):  # trained before this start, but its end-of-run evaluation failed
+            log.info("step %d is the last: the end-of-run evaluation the run still owes", step)
+            if not evaluator.diagnostics:
+                last.update(evaluator.diagnose(ema, step))
+            final.update(evaluator.evaluate(ema, step, final=True))
     finally:
         bar.close()
         if step >= t.steps:  # finished: a time-limit signal from now on has nothing to save, and must not end
