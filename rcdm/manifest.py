@@ -19,6 +19,10 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a split or encoder: one folder name
 # sha256 of the shard sharding writes for a task whose every input was rejected (a tar with no member)
+# bounds on what a manifest may say, so a forged number cannot size a model or an image read: the largest released
+# SSL embedding is 8192-d (VICReg's and Barlow Twins' projectors); a whitened 16384-d model holds a 1 GiB matrix
+MAX_EMBED_DIM = 16384
+MAX_IMAGE_SIZE = 4096
 EMPTY_SHARD_SHA256 = "84ff92691f909a05b224e1c56abb4864f01b4f8e3c854e4bb4c7baf1d3f6d652"
 
 
@@ -94,7 +98,8 @@ class Manifest:
 
     def check(self, where: str = "the manifest") -> None:
         """Types, counts, dims and names: shard and encoder names must stay inside the dataset's folder."""
-        if not (_int(self.image_size) and self.image_size >= 8) or self.image_format not in ("png", "jpg") \
+        if not (_int(self.image_size) and 8 <= self.image_size <= MAX_IMAGE_SIZE) \
+                or self.image_format not in ("png", "jpg") \
                 or not isinstance(self.flip, bool):
             raise _invalid(where, "image_size, image_format or flip has an impossible value")
         for split, rec in self.splits.items():
@@ -123,8 +128,10 @@ class Manifest:
         for name, enc in self.encoders.items():
             if not NAME.match(name) or name == "images":
                 raise _invalid(where, f"encoder name {name!r} is not one folder name")
-            if not enc.levels or not all(isinstance(k, str) and _int(v) and v > 0 for k, v in enc.levels.items()):
-                raise _invalid(where, f"encoder {name}: levels {enc.levels!r} are not positive dims")
+            if not enc.levels or not all(isinstance(k, str) and _int(v) and 0 < v <= MAX_EMBED_DIM
+                                         for k, v in enc.levels.items()):
+                raise _invalid(where, f"encoder {name}: levels {str(enc.levels)[:200]} are not dims from 1 to "
+                                      f"{MAX_EMBED_DIM}")
             if not isinstance(enc.preprocess, dict) or any(sp not in self.splits for sp in enc.splits):
                 raise _invalid(where, f"encoder {name}: its preprocessing or splits are not what a manifest holds")
 

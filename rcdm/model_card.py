@@ -5,16 +5,30 @@ weights record and exact preprocessing), and how it was trained. Training checkp
 name. Sampling and every analysis read it and guess nothing."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from rcdm.diffusion.gaussian import Process
+from rcdm.diffusion.schedules import SCHEDULES
 from rcdm.encoders import EncoderCard, recorded_weights
+from rcdm.errors import UserError
+from rcdm.manifest import MAX_EMBED_DIM
 from rcdm.preprocess import Preprocess
-from rcdm.presets import preset_config
+from rcdm.presets import PRESETS, preset_config
 from rcdm.unet import RCDMUNet, UNetConfig
 
 FORMAT = "rcdm-model-card"
 VERSION = 1
+MAX_DIFFUSION_STEPS = 100_000  # a card's word sizes the schedule's tensors: bounded like every other number in it
+# what a recipe may change in a preset's UNet (rcdm.config.RecipeConfig.unet_options), and the values it can take
+UNET_OPTIONS = {"out_channels": (3, 6), "normalize_embeddings": (False, True), "whiten_embeddings": (False, True),
+                "null_embedding": (False, True)}
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,49 @@ class ModelCard:
         """The UNet this card describes, randomly initialised (load its weights next)."""
         return RCDMUNet(self.unet_config())
 
+    def check(self, where: str) -> None:
+        """Every number that sizes the model within what rcdm builds, before anything is allocated: a card is the
+        word of whoever wrote the file (``where``), and one forged number must cost one error line, not memory."""
+        def bad(what: str) -> UserError:
+            return UserError(f"{where}: its model card {what}; the file was altered or is not an rcdm model")
+        if self.preset not in PRESETS:
+            raise bad(f"names UNet preset {str(self.preset)[:40]!r} (rcdm has {', '.join(sorted(PRESETS))})")
+        if not (_count(self.embed_dim) and 1 <= self.embed_dim <= MAX_EMBED_DIM):
+            raise bad(f"gives embed_dim {str(self.embed_dim)[:40]} (1 to {MAX_EMBED_DIM})")
+        if self.image_size != PRESETS[self.preset].image_size:
+            raise bad(f"gives image_size {str(self.image_size)[:40]} for preset {self.preset} "
+                      f"({PRESETS[self.preset].image_size} px)")
+        for k, v in self.unet.items():
+            allowed = UNET_OPTIONS.get(k, ())
+            if not any(v is a or (_count(v) and v == a and not isinstance(a, bool)) for a in allowed):
+                raise bad(f"sets UNet option {str(k)[:40]}={str(v)[:40]} (a recipe sets only "
+                          f"{', '.join(f'{o} {list(a)}' for o, a in UNET_OPTIONS.items())})")
+        p = self.process
+        if not (p.schedule in SCHEDULES and _count(p.num_steps) and 2 <= p.num_steps <= MAX_DIFFUSION_STEPS
+                and p.prediction in ("epsilon", "v", "x0") and isinstance(p.learn_sigma, bool)):
+            raise bad(f"describes a diffusion rcdm does not train ({str(p)[:120]})")
+
+    def build_for(self, weights: Mapping[str, torch.Tensor], where: str) -> RCDMUNet:
+        """The UNet this card describes with ``weights`` loaded, after checking the card (``check``) and that it
+        fits the weights tensor by tensor on the meta device (no memory): a card that does not fit its weights is
+        one error line naming the first difference."""
+        self.check(where)
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in RCDMUNet(self.unet_config()).state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+        differ = ([f"{k} missing" for k in sorted(want.keys() - have.keys())] +
+                  [f"{k} unexpected" for k in sorted(have.keys() - want.keys())] +
+                  [f"{k} {list(have[k])} (the card's model: {list(want[k])})"
+                   for k in sorted(want.keys() & have.keys()) if want[k] != have[k]])
+        if differ:
+            raise UserError(f"{where}: its model card ({self.preset}, {self.embed_dim}-d conditioning, "
+                            f"{self.unet}) does not fit its weights ({len(differ)} tensors differ, first: "
+                            f"{'; '.join(differ[:3])[:300]}); the card or the weights were altered, or belong to "
+                            f"another model")
+        model = self.build()
+        model.load_state_dict(dict(weights), strict=True)
+        return model
+
     def with_device(self, device: str) -> ModelCard:
         return replace(self, device=device)
 
@@ -45,9 +102,19 @@ class ModelCard:
                 "unet": dict(self.unet), "recipe": self.recipe, "dataset": self.dataset, "device": self.device}
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelCard:
+    def from_dict(cls, d: dict, where: str = "a model file") -> ModelCard:
         """A card as written now, or the self-description of checkpoints from before cards (rcdm 0.1-0.3:
-        flat encoder fields; rcdm 0.1: no process, a string weights record beside its sha256)."""
+        flat encoder fields; rcdm 0.1: no process, a string weights record beside its sha256). A card that is
+        neither is a UserError naming ``where`` and what it lacks."""
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:160]}"
+            raise UserError(f"{where} does not hold an rcdm model card ({what}); the file was altered or is not "
+                            f"an rcdm model") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> ModelCard:
         if d.get("format") == FORMAT:
             return cls(d["preset"], d["embed_dim"], d["image_size"], Process(**d["process"]),
                        EncoderCard.from_dict(d["encoder"]), dict(d.get("unet") or {}), d.get("recipe"),

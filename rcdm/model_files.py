@@ -77,10 +77,14 @@ def load_trained(ref: str, storage: StorageOptions | None = None) -> LoadedRCDM:
         state = train_checkpoints.load(url, storage)
     except ValueError as e:
         raise UserError(str(e)) from None
-    card = ModelCard.from_dict(state["meta"])
-    model = card.build()
-    model.load_state_dict(state["ema"], strict=True)
-    return LoadedRCDM(model, card, url, {"steps": state["step"], "train_seconds": state.get("train_seconds")})
+    if not (isinstance(state.get("meta"), dict) and isinstance(state.get("ema"), dict)):
+        raise UserError(f"{url} holds no model card and EMA weights (meta, ema): it is not a training checkpoint of "
+                        f"rcdm, or it was altered")
+    card = ModelCard.from_dict(state["meta"], url)
+    model = card.build_for(state["ema"], url)
+    steps, seconds = state.get("step"), state.get("train_seconds")
+    return LoadedRCDM(model, card, url, {"steps": steps if isinstance(steps, int) else None,
+                                         "train_seconds": seconds if isinstance(seconds, (int, float)) else None})
 
 
 def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | None = None) -> LoadedRCDM:
