@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
+from pipeline.submitted import Submitted, read_submitted, write_submitted
 from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.errors import UserError
+from rcdm.redaction import printable
 from rcdm.report.collect import child_runs
-from rcdm.storage import open_fs, read_json, write_json
+from rcdm.storage import recorded_run_id
+from rcdm.tracking import check_reachable
 
 # sacct's states after which a job never runs again (a requeued job's current record is PENDING or RUNNING)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -38,39 +41,66 @@ class JobState:
         return self.slurm == "COMPLETED" and self.run_status == "FINISHED"
 
 
+SACCT_BATCH = 1000  # job ids per sacct call: thousands in one argument list overflow it
+
+
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
     """The current State of each job in SLURM's accounting (``CANCELLED by 0`` -> ``CANCELLED``)."""
     if not shutil.which("sacct"):
         raise UserError("sacct was not found: run launch/status.py where SLURM's client commands are (the login node)")
-    p = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,State"], capture_output=True,
-                       text=True, timeout=120)
-    if p.returncode != 0:
-        raise UserError(f"sacct failed ({p.stderr.strip()}); SLURM's accounting (slurmdbd) must be on to follow a sweep "
-                        f"that was submitted without waiting")
     states = {}
-    for line in p.stdout.splitlines():
-        if "|" in line:
-            job, state = line.split("|", 1)
-            states[job] = state.split()[0] if state.strip() else "UNKNOWN"
+    ids = list(dict.fromkeys(job_ids))
+    for i in range(0, len(ids), SACCT_BATCH):
+        p = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids[i:i + SACCT_BATCH]), "-o", "JobID,State"],
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise UserError(f"sacct failed ({printable(p.stderr.strip())[:300]}); SLURM's accounting (slurmdbd) "
+                            f"must be on to follow a sweep that was submitted without waiting")
+        for line in p.stdout.splitlines():
+            if "|" in line:
+                job, state = line.split("|", 1)
+                states[job] = state.split()[0] if state.strip() else "UNKNOWN"
     return states
 
 
+def _own_parent(cfg: TrainConfig, client: MlflowClient, record: Submitted):
+    """The parent MLflow run ``record`` names, once it is shown to be this sweep's: the run ``parent_run.json``
+    records, tagged as the sweep with this sweep_id, in this experiment. Anything else is refused: a record in a
+    shared folder must not end (or write a report into) another sweep's run."""
+    own = recorded_run_id(cfg.parent_run_file, cfg.storage)
+    refuse = (f"{cfg.submitted_file} names parent run {record.parent_run_id}, which is not this sweep's parent run "
+              f"({own or 'none recorded in parent_run.json'})")
+    if record.parent_run_id is None or record.parent_run_id != own:
+        raise UserError(f"{refuse}; nothing was ended: check that these are the overrides the sweep was launched with")
+    run = client.get_run(own)
+    exp = client.get_experiment(run.info.experiment_id)
+    tags = run.data.tags
+    if tags.get("kind") != "sweep" or tags.get("sweep_id") != cfg.sweep_id or exp.name != cfg.tracking.experiment:
+        raise UserError(f"MLflow run {own} is not the parent run of sweep {cfg.sweep_id} in experiment "
+                        f"{cfg.tracking.experiment} (its tags: kind {tags.get('kind')}, sweep_id "
+                        f"{tags.get('sweep_id')}; experiment {exp.name}); nothing was ended")
+    return run
+
+
 def reconcile(cfg: TrainConfig, now: datetime.datetime | None = None) -> dict:
-    """Read ``submitted.json``, compare SLURM with MLflow, end what has ended; -> the record, with ``jobs`` as
-    JobState and ``ended`` set once the parent run was ended."""
-    fs, path = open_fs(cfg.submitted_file, cfg.storage)
-    if not fs.exists(path):
+    """Read ``submitted.json``, compare SLURM with MLflow, end what has ended; -> the record as a dict, with
+    ``jobs`` as JobState and ``ended`` set once the parent run was ended."""
+    record = read_submitted(cfg.submitted_file, cfg.storage)
+    if record is None:
         raise UserError(f"no sweep submitted without waiting is recorded at {cfg.sweep_root}: give the overrides the "
                         f"sweep was launched with (storage, tracking, sweep_id, experiment), or launch it with "
                         f"cluster=slurm cluster.wait=false")
-    record = read_json(fs, path)
-    states = sacct_states([j["slurm_job_id"] for j in record["jobs"]])
+    if not record.jobs:
+        raise UserError(f"{cfg.submitted_file} records no submitted job; nothing to follow (launch the sweep again "
+                        f"with cluster.wait=false)")
+    check_reachable(cfg.tracking.uri)  # one line, not minutes of retries and a traceback
     client = MlflowClient(cfg.tracking.uri)
-    parent = client.get_run(record["parent_run_id"])
-    runs = {r.data.tags.get("slurm_job_id"): r for r in child_runs(client, parent)}
+    parent = _own_parent(cfg, client, record)
+    states = sacct_states([j.slurm_job_id for j in record.jobs])
+    runs = {r.data.tags.get("slurm_job_id"): r for r in child_runs(client, parent)}  # this parent's children only
     jobs = []
-    for j in record["jobs"]:
-        job = JobState(j["slurm_job_id"], j["overrides"], states.get(j["slurm_job_id"], "UNKNOWN"))
+    for j in record.jobs:
+        job = JobState(j.slurm_job_id, list(j.overrides), states.get(j.slurm_job_id, "UNKNOWN"))
         run = runs.get(job.slurm_job_id)
         if run is not None:
             job.run_id, job.run_status = run.info.run_id, run.info.status
@@ -79,28 +109,47 @@ def reconcile(cfg: TrainConfig, now: datetime.datetime | None = None) -> dict:
                 client.set_terminated(job.run_id, "FAILED")
                 job.run_status = "FAILED"
         jobs.append(job)
-    if all(j.ended for j in jobs) and not record.get("ended"):
-        status = "FINISHED" if all(j.ok for j in jobs) else "FAILED"
+    if all(j.ended for j in jobs) and not record.ended:
+        # a job submitted twice (a relaunch) counts as done when one of its submissions completed
+        by_job: dict[tuple, bool] = {}
+        for j in jobs:
+            by_job[tuple(j.overrides)] = by_job.get(tuple(j.overrides), False) or j.ok
+        status = "FINISHED" if all(by_job.values()) else "FAILED"
+        fresh = read_submitted(cfg.submitted_file, cfg.storage)  # a relaunch may have added jobs meanwhile
+        if fresh is None or fresh.jobs != record.jobs or fresh.ended:
+            return {**record.to_dict(), "jobs": jobs, "changed": True}
         client.set_terminated(parent.info.run_id, status)
         now = now or datetime.datetime.now(datetime.timezone.utc)
-        record["ended"] = {"status": status, "at": now.isoformat(timespec="seconds")}
-        write_json(fs, path, record)
+        record.ended = {"status": status, "at": now.isoformat(timespec="seconds")}
+        write_submitted(cfg.submitted_file, record, cfg.storage)
         from pipeline.sweep import report_sweep
 
         report_sweep(TrackingConfig(cfg.tracking.uri, cfg.tracking.experiment), cfg.sweep_id, parent.info.run_id)
-    return {**record, "jobs": jobs}
+    return {**record.to_dict(), "jobs": jobs}
 
 
 def format_status(record: dict) -> str:
+    """What status prints; every text that came from a file or from SLURM is made printable (no terminal escapes)."""
     jobs: list[JobState] = record["jobs"]
     rows = [("SLURM job", "SLURM state", "MLflow run", "run status", "job")]
-    rows += [(j.slurm_job_id, j.slurm, (j.run_id or "-")[:12], j.run_status or "-",
-              " ".join(o for o in j.overrides if o.split("=")[0] in ("encoder", "level", "model"))) for j in jobs]
+    rows += [(j.slurm_job_id, printable(j.slurm), (j.run_id or "-")[:12], j.run_status or "-",
+              printable(" ".join(o for o in j.overrides if o.split("=")[0] in ("encoder", "level", "model"))))
+             for j in jobs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     done = sum(j.ended for j in jobs)
-    head = f"sweep {record['sweep_id']} (submitted {record['submitted_at']}): {done}/{len(jobs)} jobs ended"
-    if record.get("ended"):
+    head = (f"sweep {printable(record['sweep_id'])} (submitted {printable(record['submitted_at'])}): "
+            f"{done}/{len(jobs)} jobs ended")
+    unknown = [j.slurm_job_id for j in jobs if j.slurm == "UNKNOWN"]
+    if unknown:
+        lines.append(f"{len(unknown)} job(s) unknown to SLURM's accounting ({', '.join(unknown[:5])}"
+                     f"{', ...' if len(unknown) > 5 else ''}): a job just submitted appears within seconds; one the "
+                     f"accounting has purged never will, and the sweep cannot end here until it does: check it with "
+                     f"sacct -j <id> and end the MLflow runs by hand")
+    if record.get("changed"):
+        tail = ("the record changed while this ran (a relaunch submitted more jobs): nothing was ended; run this "
+                "again")
+    elif record.get("ended"):
         tail = f"parent MLflow run {record['parent_run_id']} ended {record['ended']['status']} at {record['ended']['at']}"
     else:
         tail = (f"parent MLflow run {record['parent_run_id']} stays RUNNING: {len(jobs) - done} jobs still pending or "

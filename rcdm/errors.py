@@ -22,9 +22,14 @@ class DatasetError(UserError):
 
 
 @contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """In a launcher: a UserError or a missing mandatory config value becomes one `error:` line and exit 2."""
+def cli_errors(catch_all: bool = True) -> Iterator[None]:
+    """In a launcher: a UserError or a missing mandatory config value becomes one `error:` line and exit 2; with
+    ``catch_all``, any other exception (a bug, a server's error) its traceback with credentials masked and exit 1,
+    so no password in a tracking URI or an exception's text reaches the console. A sweep's job passes False: its
+    exceptions go to Hydra's launcher, which masks them itself (pipeline/guard.py) and ends the runs."""
     from omegaconf.errors import MissingMandatoryValue
+
+    from rcdm.redaction import printable
 
     try:
         yield
@@ -32,7 +37,13 @@ def cli_errors() -> Iterator[None]:
         print(f"error: {e.full_key} is required: add {e.full_key}=... to the command", file=sys.stderr)
         sys.exit(2)
     except UserError as e:
-        from rcdm.redaction import scrub
-
-        print(f"error: {scrub(str(e))}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - printed masked, then the exit status says it failed
+        if not catch_all:
+            raise
+        import traceback
+
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
+        print(f"{printable(text)}\nerror: {type(e).__name__}: {printable(str(e))}", file=sys.stderr)
+        sys.exit(1)

@@ -8,7 +8,7 @@ It lives in ``hydra_plugins``, the one package Hydra takes launchers from, which
 the module first: no ``from __future__ import annotations`` here (dataclasses would not find the module)."""
 
 import contextlib
-import datetime
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -23,6 +23,7 @@ class WaitOrNotConf(SlurmQueueConf):
     wait: bool = True  # false: submit, record the jobs, return
 
 
+log = logging.getLogger(__name__)
 ConfigStore.instance().store(group="hydra/launcher", name="rcdm_slurm", node=WaitOrNotConf, provider="rcdm")
 
 
@@ -73,19 +74,20 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         return returns
 
     def _record(self, submitted: list[_Submitted]) -> None:
-        """``submitted.json`` in the sweep's run root; a later launch of the same sweep replaces the entries of
-        the jobs it submits again (they resume) and keeps the others."""
+        """Add the jobs just submitted to ``submitted.json`` in the sweep's run root (pipeline/submitted.py): earlier
+        submissions stay recorded, so status follows every job that may still run."""
+        from pipeline.submitted import SubmittedJob, now, record_submission
         from pipeline.sweep import train_config
+        from rcdm.errors import UserError
         from rcdm.redaction import scrub
-        from rcdm.storage import open_fs, read_json, recorded_run_id, write_json
+        from rcdm.storage import recorded_run_id
 
         cfg = train_config(self.config)
-        fs, path = open_fs(cfg.submitted_file, cfg.storage)
-        record = read_json(fs, path) if fs.exists(path) else {"jobs": []}
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        record.update(sweep_id=cfg.sweep_id, submitted_at=now, ended=None,
-                      parent_run_id=recorded_run_id(cfg.parent_run_file, cfg.storage))
-        new = [{"slurm_job_id": s.job.job_id, "overrides": [scrub(o) for o in s.overrides]} for s in submitted]
-        again = {tuple(j["overrides"]) for j in new}
-        record["jobs"] = [j for j in record["jobs"] if tuple(j["overrides"]) not in again] + new
-        write_json(fs, path, record)
+        at = now()
+        jobs = [SubmittedJob(s.job.job_id, tuple(scrub(o) for o in s.overrides), at) for s in submitted]
+        try:
+            parent = recorded_run_id(cfg.parent_run_file, cfg.storage)
+        except UserError as e:  # the jobs are submitted: record them whatever else is wrong
+            log.warning("%s; the submission is recorded without its parent run", e)
+            parent = None
+        record_submission(cfg.submitted_file, cfg.sweep_id, parent, jobs, cfg.storage)
