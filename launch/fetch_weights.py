@@ -11,22 +11,42 @@ import torch
 
 from pipeline.sweep import job_configs
 from rcdm.encoders.needed import fetch_all, needed
-from rcdm.errors import cli_errors
+from rcdm.errors import UserError, cli_errors
+from rcdm.redaction import printable
+
+
+BOOLEAN = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def download_option(argv: list[str]) -> tuple[bool, list[str]]:
+    """``fetch.download`` as Hydra reads a boolean (``false``, ``False``, ``no``, ...), and the other arguments."""
+    download, rest = True, []
+    for a in argv:
+        key = a.split("=", 1)[0]
+        if not key.startswith("fetch."):
+            rest.append(a)
+        elif key != "fetch.download":
+            raise UserError(f"unknown key {key!r}; this command's own key is fetch.download=true|false")
+        elif a.split("=", 1)[-1].strip().lower() not in BOOLEAN or "=" not in a:
+            raise UserError(f"{a}: fetch.download takes true or false")
+        else:
+            download = BOOLEAN[a.split("=", 1)[1].strip().lower()]
+    return download, rest
 
 
 def main(argv: list[str]) -> list[dict]:
-    download = "fetch.download=false" not in argv
+    download, args = download_option(list(argv))
     files, notes = [], []
-    for cfg in job_configs([a for a in argv if not a.startswith("fetch.download=")]):
+    for cfg in job_configs(args):
         f, n = needed(cfg)
         files += f
         notes += n
     rows = fetch_all(files, download)
     print(f"torch.hub cache: {torch.hub.get_dir()}/checkpoints")
     for r in rows:
-        print(f"  {r['what']:<24} {r['state']:<10} checked: {r['checked']:<28} {r['path']}")
+        print(printable(f"  {r['what']:<24} {r['state']:<10} checked: {r['checked']:<28} {r['path']}"))
     for note in dict.fromkeys(notes):
-        print(f"  {note}")
+        print(f"  {printable(note)}")  # notes quote a manifest: someone else's text
     if not rows:
         print("  nothing to fetch")
     return rows

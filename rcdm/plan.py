@@ -4,17 +4,20 @@ and the storage its dataset and checkpoints take (``launch/plan.py``, the same o
 Device-hours come from a measured step time where ``benchmarks/results/gpu_step.json`` holds one for the device
 named (``--device``, matched on the name the benchmark recorded), scaled linearly in the per-device batch; else
 from the model's FLOPs (counted by torch on a meta-device model, three times the forward per image) at a stated
-utilisation of the device's dense bf16 peak, and marked as an estimate. Nothing here runs a model on data.
+utilisation of the device's dense bf16 peak, and marked as an estimate. For the demo's tiny preset on a CPU, three
+training steps on random tensors time this machine (at most 2048-d conditioning); nothing here reads the data.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rcdm.config import TrainConfig
+from rcdm.errors import UserError
 
 # Dense bf16 peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched on the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
@@ -23,8 +26,16 @@ CHECKPOINT_BYTES_PER_PARAM = 16  # fp32 model, EMA and AdamW's two moments
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_step.json"
 
 
+def _tokens(name: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
 def peak_tflops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in device_name.lower()), None)
+    """The data-sheet peak of the device ``device_name`` names: the longest known name whose words all appear, whole,
+    in it (``NVIDIA H100 80GB HBM3`` is an H100 SXM; ``L40`` is not an ``L4``); None for a device not listed."""
+    words = _tokens(device_name)
+    hits = [k for k in PEAK_BF16_TFLOPS if all(w in words for w in _tokens(k))]
+    return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
 
 
 @dataclass
@@ -56,7 +67,7 @@ def measured_step(device: str, preset: str, results: Path | None = None) -> dict
         return None
     r = json.loads(results.read_text())
     name = (r.get("machine") or {}).get("gpu") or r.get("device", "")
-    if r.get("reduced") or device.lower() not in name.lower():
+    if r.get("reduced") or not all(w in _tokens(name) for w in _tokens(device)):
         return None
     row = (r.get("presets") or {}).get(preset, {}).get("rcdm")
     return row and {**row, "device": name}
@@ -90,6 +101,7 @@ def cpu_images_per_s(cfg: TrainConfig, embed_dim: int, steps: int = 3) -> float:
     from rcdm.presets import build_unet
     from rcdm.train import apply_update, forward_losses
 
+    embed_dim = min(embed_dim, 2048)  # the conditioning layer is a sliver of the step: time a bounded one
     key = (cfg.model.name, cfg.train.batch_size, embed_dim)
     if key not in _CPU_RATE:
         torch.manual_seed(0)
@@ -112,7 +124,9 @@ def runs_on_cpu(cfg: TrainConfig) -> bool:
     return cfg.device == "cpu" or (cfg.device == "auto" and cfg.cluster.name != "slurm" and not torch.cuda.is_available())
 
 
-def plan_job(cfg: TrainConfig, embed_dim: int, device: str, utilisation: float) -> JobPlan:
+def plan_job(cfg: TrainConfig, embed_dim: int, device: str, utilisation: float,
+             peak: float | None = None) -> JobPlan:
+    """``peak``: the device's dense bf16 TFLOP/s where rcdm has no data sheet for it (``plan.peak_tflops``)."""
     c = cfg.cluster
     nodes = c.nodes if c.name == "slurm" else 1
     per_node = c.gpus_per_node or c.tasks_per_node if c.name == "slurm" else 1
@@ -136,13 +150,17 @@ def plan_job(cfg: TrainConfig, embed_dim: int, device: str, utilisation: float) 
             f"measured: {step['step_s']:.3f} s/step at batch {step['batch']} on {step['device']} "
             f"(benchmarks/gpu_step.py), scaled to batch {per_device:g} per device")
     else:
-        peak = peak_tflops(device) if device else None
-        peak = peak or 989.0
+        named = peak is not None
+        peak = peak or (peak_tflops(device) if device else 989.0)
+        if peak is None:
+            raise UserError(f"plan.device={device} is not a device rcdm knows the peak of "
+                            f"({', '.join(PEAK_BF16_TFLOPS)}): add plan.peak_tflops=<its dense bf16 TFLOP/s from the "
+                            f"data sheet>")
         flops = 3 * model.forward_flops_per_image * batch * steps
         hours = flops / (peak * 1e12 * utilisation) / 3600
+        whose = "plan.peak_tflops" if named else f"bf16 peak of {device or 'an H100 SXM / H200 (no plan.device)'}"
         source = (f"estimate: {3 * model.forward_flops_per_image / 1e9:,.1f} GFLOP per image per step at "
-                  f"{utilisation:.0%} of {peak:g} TFLOP/s (bf16 peak of {device or 'an H100/H200'}); no measured "
-                  f"step for it in {RESULTS.name}")
+                  f"{utilisation:.0%} of {peak:g} TFLOP/s ({whose}); no measured step for it in {RESULTS.name}")
     ckpt = model.parameters * CHECKPOINT_BYTES_PER_PARAM / 1e9
     return JobPlan(cfg.job_name, nodes, devices, steps, batch, steps * batch, hours, source, ckpt,
                    cfg.train.keep_checkpoints, model.parameters)
@@ -159,7 +177,7 @@ def dataset_bytes(url: str, storage) -> int | None:
         return None
 
 
-def format_plan(jobs: list[JobPlan], data_url: str, data_bytes: int | None) -> str:
+def format_plan(jobs: list[JobPlan], data_url: str, data_bytes: int | None, unreadable: str | None = None) -> str:
     head = ("job", "nodes", "devices", "steps", "global batch", "images seen", "device-hours", "checkpoints")
     rows = [(j.job, str(j.nodes), str(j.devices), f"{j.steps:,}", str(j.batch), f"{j.images_seen:,}",
              f"{j.device_hours:,.1f}", f"{j.checkpoint_gb:.2f} GB x {j.checkpoints_kept}") for j in jobs]
@@ -169,6 +187,9 @@ def format_plan(jobs: list[JobPlan], data_url: str, data_bytes: int | None) -> s
     total_h = sum(j.device_hours for j in jobs)
     total_ckpt = sum(j.checkpoint_gb * j.checkpoints_kept for j in jobs)
     size = f"{data_bytes / 1e9:,.2f} GB" if data_bytes is not None else "unknown (nothing listed there yet)"
+    if unreadable:
+        size = (f"UNREADABLE ({unreadable}); its manifest could not be read, so every job is planned with 2048-d "
+                f"conditioning: fix the storage settings or credentials and plan again")
     out += ["", f"total: {len(jobs)} jobs, {total_h:,.1f} device-hours, checkpoints {total_ckpt:,.1f} GB, "
                 f"dataset {data_url}: {size}"]
     sources = sorted({j.hours_source for j in jobs})

@@ -1,10 +1,13 @@
 """Where encoder weights come from: torch.hub's cache, a download, or a file the user names."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import secrets
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,6 +20,7 @@ from rcdm.errors import UserError
 log = logging.getLogger(__name__)
 
 
+DOWNLOAD_TIMEOUT_S = 60.0  # a server silent this long fails the download (it would hang a fetch forever)
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[a-z]+$")  # torch.hub's convention: name-<sha256 prefix>.ext
 
 
@@ -65,32 +69,57 @@ def fetch(url: str, download: bool = True, sha256: str | None = None, name: str 
     """
     path = hub_cache_path(name or url)
     prefix = published_prefix(url)
+    if path.is_dir() or (path.parent.exists() and not path.parent.is_dir()):
+        raise UserError(f"the torch.hub cache {path.parent} is not a folder of files (TORCH_HOME="
+                        f"{os.environ.get('TORCH_HOME', 'unset')}): point TORCH_HOME at a folder")
     if not path.exists():
         if not download:
             raise UserError(f"weights not found at {path}; download {url} and place it there "
                             f"(or allow downloads)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".part{os.getpid()}")
         try:
-            log.info("downloading %s to %s", url, path)
-            torch.hub.download_url_to_file(url, str(tmp), progress=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make the torch.hub cache folder {path.parent} ({e.strerror}): point TORCH_HOME at "
+                            f"a folder you can write to") from None
+        log.info("downloading %s to %s", url, path)
+        with _downloaded(url, path) as tmp:
             bad = _checksum_error(path, url, sha256sum(tmp), sha256, prefix)
             if bad:
                 raise UserError(f"the download failed its checksum: {bad}; nothing was kept")
             os.replace(tmp, path)  # never leave a truncated or unchecked file under the final name
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any network or disk failure means the same to the user
-            raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}); offline? "
-                            f"download it elsewhere and place it at {path}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
     if sha256 is not None or prefix is not None:
         bad = _checksum_error(path, url, sha256sum(path), sha256, prefix)
         if bad:
             raise UserError(f"{bad}; delete it and download it again")
     return path
+
+
+@contextlib.contextmanager
+def _downloaded(url: str, path: Path):
+    """``url`` downloaded whole into a new private file beside ``path`` (created exclusively, never through a link),
+    yielded for checking; removed afterwards unless renamed. A server silent for ``DOWNLOAD_TIMEOUT_S`` or a body
+    shorter than its Content-Length is a UserError naming the URL and where to place the file instead."""
+    tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:  # noqa: S310
+            total, got = r.headers.get("Content-Length"), 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+            if total is not None and total.isdigit() and got != int(total):
+                raise UserError(f"the download of {url} stopped at {got} of {total} bytes; nothing was kept: try "
+                                f"again, or download it elsewhere and place it at {path}")
+        yield tmp
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any network or disk failure means the same to the user
+        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}); offline? download it elsewhere and "
+                        f"place it at {path}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_file(path: str | Path) -> dict:
