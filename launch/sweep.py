@@ -22,7 +22,7 @@ schemas.register("sweep_schema")
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
 def main(cfg: DictConfig) -> dict:
-    with cli_errors():
+    with cli_errors(catch_all=False):
         try:
             metrics = train(train_config(cfg))
         except Preempted as e:
