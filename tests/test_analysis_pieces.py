@@ -169,3 +169,27 @@ def test_single_synthetic_images_by_name_carry_their_factors():
     assert pair.factors == [first8.factors[3], first8.factors[7]]
     with pytest.raises(UserError, match="mixes synthetic images and files"):
         load_inputs(["synthetic/analysis/3", "a.png"], 32)
+
+
+def test_the_default_factor_readers_ship_and_are_checked(tmp_path, monkeypatch):
+    """A new machine reads factors without training a reader (it cost about two minutes of the first run): the
+    default reader and the adversarial probe's supervised baseline load from the package, nothing is cached or
+    trained; a shipped file that does not match its sha256 is refused."""
+    import shutil
+
+    from rcdm.analysis import factors
+    from rcdm.errors import UserError
+
+    monkeypatch.setenv("RCDM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(factors, "train_factor_net", lambda cfg: pytest.fail(f"trained a reader for {cfg}"))
+    for cfg in (factors.FactorNetConfig(), factors.FactorNetConfig(soften=False)):
+        net, report = factors.factor_net(cfg)
+        assert report["config"] == {**factors.asdict(cfg)} and report["test_accuracy"]["shape"] > 0.95
+    assert not (tmp_path / "cache").exists()
+    shipped = tmp_path / "readers"
+    shutil.copytree(factors.SHIPPED, shipped)
+    key = factors.FactorNetConfig().key()
+    (shipped / f"{key}.pt").write_bytes((shipped / f"{key}.pt").read_bytes()[:-4] + b"abcd")
+    monkeypatch.setattr(factors, "SHIPPED", shipped)
+    with pytest.raises(UserError, match="does not match its sha256"):
+        factors.factor_net(factors.FactorNetConfig())

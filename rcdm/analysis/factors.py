@@ -5,8 +5,10 @@ in a sample conditioned on an augmented view), and it is the supervised baseline
 probe (the same tiny ResNet trunk the SSL encoders use, trained end to end on labels).
 
 Trained on labelled synthetic images (a split no encoder or RCDM saw) with mild blur and noise, so that
-it also reads slightly soft generated images; the first call trains it (about a minute on a CPU) and
-caches it under ``$RCDM_CACHE`` (default ``~/.cache/rcdm``), keyed by everything that defines it.
+it also reads slightly soft generated images. The default ones (32 px, 600 steps, the reader and the
+supervised baseline) ship with rcdm (``rcdm/analysis/readers/``, checked against their sha256): a fresh
+machine reads factors at once. Any other is trained on first use (about a minute and a half of a CPU per
+600 steps) and cached under ``$RCDM_CACHE`` (default ``~/.cache/rcdm``), keyed by everything that defines it.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from rcdm import safe_load
 from rcdm.encoders.backbones import TinyResNet
 from rcdm.probes import factor_labels, synthetic_set
 from rcdm.ssl.augment import blur
+from rcdm.errors import UserError
 from rcdm.storage import write_local
 
 log = logging.getLogger(__name__)
@@ -98,7 +101,7 @@ def train_factor_net(cfg: FactorNetConfig) -> tuple[FactorNet, dict]:
     test_x, test_f = synthetic_set(1000, cfg.data_seed, "factors-test", cfg.image_size)
     pred = predict(net, test_x.float() / 127.5 - 1)
     accuracy = {k: float((pred[k][m] == y[m]).float().mean()) for k, (y, m) in _labels(test_f).items()}
-    report = {"config": asdict(cfg), "version": VERSION, "test_accuracy": accuracy, "final_loss": float(loss)}
+    report = {"config": asdict(cfg), "version": VERSION, "test_accuracy": accuracy, "final_loss": float(loss.detach())}
     log.info("factor predictor: held-out accuracy %s", {k: round(v, 3) for k, v in accuracy.items()})
     return net, report
 
@@ -107,15 +110,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RCDM_CACHE", Path.home() / ".cache" / "rcdm"))
 
 
+SHIPPED = Path(__file__).parent / "readers"  # the default readers, <key>.pt, and index.json: {key: sha256}
+
+
+def shipped_reader(key: str) -> Path | None:
+    """The packaged reader of config ``key``, after checking its sha256; None where none ships."""
+    index = SHIPPED / "index.json"
+    digests = json.loads(index.read_text()) if index.exists() else {}
+    path = SHIPPED / f"{key}.pt"
+    if key not in digests or not path.exists():
+        return None
+    if hashlib.sha256(path.read_bytes()).hexdigest() != digests[key]:
+        raise UserError(f"{path} does not match its sha256 in {index}: restore it with git checkout -- "
+                        f"rcdm/analysis/readers")
+    return path
+
+
+def _load(path: Path) -> tuple[FactorNet, dict]:
+    state = safe_load.load(path)
+    net = FactorNet({k.split(".")[1]: v.shape[0] for k, v in state["model"].items()
+                     if k.startswith("heads.") and k.endswith(".bias")})
+    net.load_state_dict(state["model"])
+    return net.eval(), json.loads(state["report"])
+
+
 def factor_net(cfg: FactorNetConfig = FactorNetConfig()) -> tuple[FactorNet, dict]:
-    """The predictor for ``cfg`` from the cache, training and caching it on a miss."""
+    """The predictor for ``cfg``: the shipped one, else the cached one, else trained and cached."""
+    shipped = shipped_reader(cfg.key())
+    if shipped is not None:
+        return _load(shipped)
     path = cache_dir() / "factor_net" / f"{cfg.key()}.pt"
     if path.exists():
-        state = safe_load.load(path)
-        net = FactorNet({k.split(".")[1]: v.shape[0] for k, v in state["model"].items()
-                         if k.startswith("heads.") and k.endswith(".bias")})
-        net.load_state_dict(state["model"])
-        return net.eval(), json.loads(state["report"])
+        return _load(path)
     log.info("training the synthetic-factor predictor once (cached at %s)", path)
     net, report = train_factor_net(cfg)
     buf = io.BytesIO()
