@@ -16,7 +16,8 @@ COMMANDS = {"sweep_schema": ("launch/sweep.py", "configs/sweep.yaml"),
             "analyze_schema": ("launch/analyze.py", "configs/analyze.yaml"),
             "report_schema": ("launch/report.py", "configs/report.yaml"),
             "findings_schema": ("launch/demo_findings.py", "configs/findings.yaml"),
-            "pretrain_schema": ("launch/pretrain_encoder.py", "configs/pretrain_encoder.yaml")}
+            "pretrain_schema": ("launch/pretrain_encoder.py", "configs/pretrain_encoder.yaml"),
+            "retention_schema": ("launch/retention.py", "configs/retention.yaml")}
 
 
 def _type(t) -> str:

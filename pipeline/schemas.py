@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 SCHEMA_PATHS = {"sweep_schema": "rcdm.config:TrainConfig", "shard_schema": "sharding.config:ShardJob",
                 "pretrain_schema": "rcdm.ssl.pretrain:PretrainConfig", "sample_schema": "rcdm.sampling:SampleConfig",
                 "analyze_schema": "rcdm.analysis.commands:AnalyzeConfig", "report_schema": "rcdm.report:ReportConfig",
-                "findings_schema": "rcdm.findings:FindingsConfig"}
+                "findings_schema": "rcdm.findings:FindingsConfig", "retention_schema": "rcdm.retention:RetentionConfig"}
 
 
 def schema(name: str) -> type:

@@ -1,0 +1,37 @@
+"""What each embedding level of an encoder keeps: per level and labelled factor a linear probe and a k-nearest-
+neighbour vote with 95 % intervals, the invariance index per SSL augmentation, each encoder's training cost.
+
+    python launch/retention.py                                   # the demo's four tiny encoders, demo generator
+    python launch/retention.py markdown=docs/encoders_retention.md
+    python launch/retention.py encoders=[vicreg,barlow] arch=resnet50 images=/data/val-subset train_images=700 \
+        test_images=300                                          # labels: the folder's class sub-folders
+"""
+import json
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import schemas
+from rcdm.errors import cli_errors
+from rcdm.retention import fmt, markdown, retention
+from rcdm.storage import write_local
+
+schemas.register("retention_schema")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="retention")
+def main(cfg: DictConfig) -> dict:
+    with cli_errors():
+        table = retention(OmegaConf.to_object(cfg))
+        write_local(cfg.output, json.dumps(table, indent=2) + "\n")
+        if cfg.markdown:
+            write_local(cfg.markdown, markdown(table))
+    for name, e in table["encoders"].items():
+        for level, row in e["levels"].items():
+            print(f"{name} {level}: " + ", ".join(f"{f} {fmt(v['knn'])}" for f, v in row.items()), flush=True)
+    print(f"k-NN estimates above (probes and invariance in the file): {cfg.output}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

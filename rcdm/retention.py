@@ -1,0 +1,243 @@
+"""What an encoder's embedding levels keep: for every level and labelled factor, a linear probe and a k-nearest-
+neighbour vote trained on labelled images and read on others (Wilson 95 % intervals over the test images), the
+embedding invariance index per SSL augmentation (bootstrap 95 % interval over images), and what training the
+encoder cost. ``launch/retention.py`` runs it on any encoder rcdm loads (the demo's tiny ones, the released
+ResNet-50s and ViTs): on the demo generator's images the factors are known (shape, colour, background, scale,
+position, grayscale); on a folder of class sub-folders the label is the sub-folder.
+
+The paper's findings 1 and 2 in embedding space: the backbone keeps what the augmentations vary (colour, and
+the object), the projector drops colour and keeps the object.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rcdm import synthetic
+from rcdm.analysis.factor_reads import knn_predict
+from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT
+from rcdm.analysis.invariance import FAMILIES, augment, embed, embedding_invariance, wilson
+from rcdm.device import pick_device
+from rcdm.encoders import build_encoder
+from rcdm.encoders.zoo import TINY_WEIGHTS
+from rcdm.errors import UserError
+from rcdm.preprocess import IMAGE_SUFFIXES, load_rgb, to_uint8_tensor
+from rcdm.probes import factor_labels, fit_linear_probe
+
+LABEL = "label"  # the one factor of a folder of class sub-folders
+
+
+@dataclass
+class RetentionConfig:
+    """``configs/retention.yaml``: which encoders, on which labelled images, how many."""
+
+    encoders: list[str] = field(default_factory=lambda: ["vicreg", "dino", "barlow", "simclr"])
+    arch: str = "tiny"  # tiny (the demo's) | resnet50; a ViT encoder brings its own
+    weights: str = "released"  # released | random | a file in the method's release layout (one encoder)
+    images: str = "synthetic"  # synthetic (the demo generator's analysis split) | a folder of class sub-folders
+    train_images: int = 2048  # the probes' and the k-NN vote's labelled images
+    test_images: int = 512  # the images they are read on
+    k: int = 10
+    invariance_images: int = 256  # 0 = no invariance index
+    bootstrap: int = 1000  # resamples of the invariance index's interval
+    seed: int = 0
+    device: str = "auto"
+    output: str = "benchmarks/results/retention.json"
+    markdown: str | None = None  # also the table as Markdown (docs/encoders.md quotes it)
+
+    def __post_init__(self):
+        for key in ("train_images", "test_images", "k"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}={getattr(self, key)} must be at least 1")
+        if self.invariance_images < 0 or self.bootstrap < 1:
+            raise UserError("invariance_images must be >= 0 and bootstrap >= 1")
+        if not self.encoders:
+            raise UserError("encoders=[] names no encoder; give encoders=[vicreg,dino,...]")
+
+
+@dataclass
+class Labelled:
+    """Images [N, 3, S, S] uint8 at the encoder's input size and their labels: {factor: (classes [N], mask [N])}."""
+
+    images: torch.Tensor
+    labels: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    source: str
+
+
+def synthetic_labelled(count: int, size: int) -> Labelled:
+    """The demo generator's held-out ``analysis`` split (no encoder, RCDM or reader trained on it)."""
+    pairs = [synthetic.sample(SYNTHETIC_SEED, SYNTHETIC_SPLIT, i, size) for i in range(count)]
+    images = torch.stack([to_uint8_tensor(img) for img, _ in pairs])
+    return Labelled(images, factor_labels([f for _, f in pairs]),
+                    f"the demo generator's {SYNTHETIC_SPLIT!r} split (seed {SYNTHETIC_SEED}), images 0-{count - 1}")
+
+
+def folder_labelled(folder: str, count: int, preprocess) -> Labelled:
+    """Up to ``count`` images of ``folder``'s class sub-folders (label = sub-folder, sorted by name), taken in a
+    fixed order that interleaves the classes, prepared by the encoder's own preprocessing."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"images={folder}: not a folder; give images=synthetic or a folder of class sub-folders")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = {c.name: sorted(f for f in c.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+             for c in classes}
+    files = {k: v for k, v in files.items() if v}
+    if len(files) < 2:
+        raise UserError(f"images={folder} needs labels: retention probes what a level keeps of labelled factors, and "
+                        f"this folder has {len(files)} class sub-folder(s) with images; give a folder of class "
+                        f"sub-folders (the ImageNet layout: <folder>/<class>/<image>), or images=synthetic")
+    order = sorted(((hashlib.sha256(str(f).encode()).hexdigest(), i, f) for i, (name, fs) in
+                    enumerate(sorted(files.items())) for f in fs))  # a fixed shuffle: classes interleave
+    order = order[:count]
+    images = torch.stack([preprocess.crop_uint8(load_rgb(f)) for _, _, f in order])
+    y = torch.tensor([i for _, i, _ in order])
+    return Labelled(images, {LABEL: (y, torch.ones(len(y), dtype=torch.bool))},
+                    f"{len(order)} images of {folder} ({len(files)} classes: its sub-folders)")
+
+
+def _estimate(hits: int, n: int) -> dict:
+    lo, hi = wilson(hits, n)
+    return {"value": hits / n, "ci95": [lo, hi], "n": n}
+
+
+def _bootstrap_mean(x: torch.Tensor, resamples: int, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(0, len(x), (resamples, len(x)), generator=g)].mean(1)
+    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
+
+
+def level_retention(feats: torch.Tensor, labels: dict, n_train: int, k: int) -> dict[str, dict]:
+    """{factor: {"probe": estimate, "knn": estimate, "chance"}} for one level's embeddings [N, D]: the first
+    ``n_train`` rows train, the rest test."""
+    out = {}
+    for name, (y, mask) in labels.items():
+        idx = torch.nonzero(mask).flatten()
+        tr, te = idx[idx < n_train], idx[idx >= n_train]
+        if len(tr) < 2 or len(te) < 1 or len(torch.unique(y[tr])) < 2:
+            continue
+        classes = int(y[mask].max()) + 1
+        mean, std, w, b = fit_linear_probe(feats[tr], y[tr], classes=classes)
+        probe_hits = int(((((feats[te] - mean) / std) @ w + b).argmax(1) == y[te]).sum())
+        knn_hits = int((knn_predict(feats[tr], y[tr], feats[te], k) == y[te]).sum())
+        out[name] = {"probe": _estimate(probe_hits, len(te)), "knn": _estimate(knn_hits, len(te)),
+                     "chance": 1.0 / len(torch.unique(y[mask]))}
+    return out
+
+
+def invariance_indices(encoder, images: torch.Tensor, cfg: RetentionConfig) -> dict:
+    """{family: {level: {"value", "ci95"}}}: the invariance index of each level to each SSL augmentation family
+    (rcdm.analysis.invariance), with a bootstrap interval over the images."""
+    x = images[:cfg.invariance_images].float() / 255
+    g = torch.Generator().manual_seed(cfg.seed)
+    clean = embed(encoder, x)
+    out = {}
+    for family in FAMILIES:
+        view = embed(encoder, augment(family, x, g))
+        summary = embedding_invariance(clean, {family: view})
+        out[family] = {}
+        for level, h in clean.items():
+            other = summary["cosine_other"][level]
+            per = (torch.nn.functional.cosine_similarity(h, view[level], dim=1) - other) / max(1 - other, 1e-8)
+            out[family][level] = {"value": summary[family][level]["invariance_index"],
+                                  "ci95": _bootstrap_mean(per, cfg.bootstrap, cfg.seed)}
+    return out
+
+
+def training_cost(name: str, arch: str, weights: str) -> dict:
+    """What training the encoder cost, where rcdm trained it (the tiny encoders' records); else where it came from."""
+    if arch == "tiny" and weights == "released":
+        rec = json.loads((TINY_WEIGHTS / f"{name}.json").read_text())
+        c = rec.get("config", {})
+        method = c.get("method") if isinstance(c.get("method"), dict) else c  # records before MethodConfig: flat
+        return {"steps": rec.get("steps"), "seconds": rec.get("seconds"), "device": rec.get("device", "not recorded"),
+                "batch_size": c.get("batch_size"), "images": c.get("images"),
+                "jitter": (method.get("augment") or {}).get("jitter"), "sha256": rec.get("sha256")}
+    if weights == "released":
+        return {"source": f"the method's published {arch} weights (not trained by rcdm)"}
+    return {"source": weights}
+
+
+def retention(cfg: RetentionConfig) -> dict:
+    """The table for every encoder of ``cfg``: -> the JSON written to ``cfg.output``."""
+    device = pick_device(cfg.device)
+    n = cfg.train_images + cfg.test_images
+    out = {"config": asdict(cfg), "encoders": {}}
+    for name in cfg.encoders:
+        encoder = build_encoder(name, cfg.arch, cfg.weights).to(device)
+        pre = encoder.preprocess
+        data = synthetic_labelled(n, pre.size) if cfg.images == "synthetic" else folder_labelled(cfg.images, n, pre)
+        if len(data.images) <= cfg.train_images:
+            raise UserError(f"{data.source}: {len(data.images)} images, not more than train_images="
+                            f"{cfg.train_images}: lower train_images so that some are left to test on")
+        feats = {k: v.cpu() for k, v in embed_for(encoder, data.images).items()}
+        levels = {level: level_retention(f, data.labels, cfg.train_images, cfg.k) for level, f in feats.items()}
+        out["encoders"][name] = {
+            "arch": encoder.arch, "weights": str(encoder.weights), "dims": dict(encoder.dims), "images": data.source,
+            "train_images": cfg.train_images, "test_images": len(data.images) - cfg.train_images,
+            "levels": levels, "training": training_cost(name, cfg.arch, cfg.weights),
+            "invariance": invariance_indices(encoder, data.images, cfg) if cfg.invariance_images else None}
+    return out
+
+
+def embed_for(encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{level: [N, D]} of uint8 images already at the encoder's input size."""
+    from rcdm.encoders import embed_in_chunks
+
+    return embed_in_chunks(encoder, images, encoder.preprocess.normalize_uint8)
+
+
+def fmt(e: dict) -> str:
+    return f"{e['value']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}]"
+
+
+def markdown(table: dict) -> str:
+    """The retention table as Markdown: one row per encoder and level; per factor the linear probe, then the k-NN
+    vote, each with its 95 % interval; then the invariance index per augmentation."""
+    lines = []
+    factors = list(dict.fromkeys(f for e in table["encoders"].values() for lv in e["levels"].values() for f in lv))
+    head = ["encoder", "level", *(f"{f} probe / {table['config']['k']}-NN" for f in factors)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in table["encoders"].items():
+        for level, row in e["levels"].items():
+            cells = [f"{fmt(row[f]['probe'])} / {fmt(row[f]['knn'])}" if f in row else "–" for f in factors]
+            lines.append(f"| {name} | {level} | " + " | ".join(cells) + " |")
+    chance = {f: lv[f]["chance"] for e in table["encoders"].values() for lv in e["levels"].values() for f in lv}
+    lines.append("")
+    lines.append("Chance: " + ", ".join(f"{f} {c:.2f}" for f, c in chance.items()) + ".")
+    inv = [(n, e) for n, e in table["encoders"].items() if e.get("invariance")]
+    if inv:
+        fams = list(next(iter(inv))[1]["invariance"])
+        lines += ["", "| encoder | level | " + " | ".join(fams) + " |", "|" + "---|" * (len(fams) + 2)]
+        for name, e in inv:
+            for level in e["levels"]:
+                lines.append(f"| {name} | {level} | " + " | ".join(fmt(e["invariance"][f][level]) for f in fams) + " |")
+    cost = [(n, e["training"]) for n, e in table["encoders"].items()]
+    lines += ["", "| encoder | trained | steps | CPU/GPU seconds | device |", "|---|---|---|---|---|"]
+    for name, t in cost:
+        if "steps" in t:
+            lines.append(f"| {name} | {t.get('images')} images, batch {t.get('batch_size')}, jitter {t.get('jitter')} "
+                         f"| {t['steps']} | {t.get('seconds')} | {t.get('device')} |")
+        else:
+            lines.append(f"| {name} | {t['source']} | – | – | – |")
+    return "\n".join(lines) + "\n"
+
+
+def goals_met(table: dict, backbone: dict[str, float], projector: dict[str, tuple[str, float]]) -> dict[str, dict]:
+    """Per encoder, whether each level's k-NN estimates meet the demo's goals (``backbone``: factor -> minimum;
+    ``projector``: factor -> (">=" or "<=", bound)), read on the estimate itself."""
+    out = {}
+    for name, e in table["encoders"].items():
+        res = {}
+        for f, lo in backbone.items():
+            v = e["levels"].get("backbone", {}).get(f, {}).get("knn", {}).get("value", math.nan)
+            res[f"backbone {f} >= {lo}"] = v >= lo
+        for f, (op, b) in projector.items():
+            v = e["levels"].get("projector", {}).get(f, {}).get("knn", {}).get("value", math.nan)
+            res[f"projector {f} {op} {b}"] = v >= b if op == ">=" else v <= b
+        out[name] = res
+    return out
