@@ -117,7 +117,9 @@ class LoopConfig:
     sample_every: int = 50
     loader_workers: int = 1
     seed: int = 0
-    compile: bool = False  # torch.compile the UNet (GPU)
+    compile: bool = False  # torch.compile the UNet
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; fp32 | bf16
+    precision: str = "auto"
     lr_schedule: str = "constant"  # constant | cosine (to 0 at train.steps; after the recipe's warm-up)
     progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
     lease_s: float = 300.0  # the run root's lease (rcdm.lease): a second launch of the job is refused; 0 = none
@@ -277,6 +279,7 @@ class TrainConfig:
         checks = {"train.loader_workers": t.loader_workers >= 0, "train.weight_decay": t.weight_decay >= 0,
                   "train.ema_decay": 0 <= t.ema_decay < 1, "train.lease_s": 0 <= t.lease_s < math.inf,
                   "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
+                  "train.precision": t.precision in ("auto", "fp32", "bf16"),
                   "recipe.prediction": self.recipe.prediction in ("epsilon", "v", "x0"),
                   "recipe.weighting": self.recipe.weighting in ("uniform", "min_snr"),
                   "recipe.cond_drop": 0 <= self.recipe.cond_drop < 1, "recipe.warmup_steps": self.recipe.warmup_steps >= 0,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from rcdm import distributed, train_checkpoints
 from rcdm.config import LoopConfig, RecipeConfig, TrainConfig
 from rcdm.data import DatasetInfo, embedding_stats, open_dataset, train_loader
-from rcdm.device import autocast, describe
+from rcdm.device import autocast, describe, training_precision
 from rcdm.diffusion.likelihood import quartile_means
 from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
@@ -65,11 +65,12 @@ class _Flag:
 
 def forward_losses(net, diffusion, x: torch.Tensor, h: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor | None = None, drop: torch.Tensor | None = None,
-                   recipe: RecipeConfig | None = None) -> dict[str, torch.Tensor]:
+                   recipe: RecipeConfig | None = None, precision: str | None = None) -> dict[str, torch.Tensor]:
     """Per-sample loss terms of a batch (images [B, 3, S, S], embeddings [B, D], timesteps [B], ``drop`` [B]
-    rows on the null embedding) under ``recipe`` (default: the ADM recipe's hybrid loss)."""
+    rows on the null embedding) under ``recipe`` (default: the ADM recipe's hybrid loss), in ``precision``
+    (rcdm.device.training_precision; None: bf16 on CUDA, fp32 on CPU)."""
     recipe = recipe or RecipeConfig()
-    with autocast(x.device):
+    with autocast(x.device, precision):
         return diffusion.training_losses(net, x, t, h, noise=noise, drop=drop, weighting=recipe.weighting,
                                          min_snr_gamma=recipe.min_snr_gamma)
 
@@ -172,7 +173,8 @@ def model_card(cfg: TrainConfig, info: DatasetInfo, dist: distributed.DistInfo |
                      EncoderCard(cfg.encoder.name, enc.arch, cfg.level.name, enc.weights,
                                  Preprocess.from_dict(enc.preprocess)),
                      cfg.recipe.unet_options(), asdict(cfg.recipe), cfg.data.url,
-                     describe(dist.device, dist.world) if dist else None)
+                     f"{describe(dist.device, dist.world)}, {training_precision(cfg.train.precision, dist.device)}"
+                     if dist else None)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -291,6 +293,10 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
     diffusion = cfg.process().build()
     recipe = cfg.recipe
     per_rank = t.batch_size // dist.world
+    precision = training_precision(t.precision, device)
+    log.info("training in %s on %s", precision, describe(device, dist.world))
+    if tracker:
+        tracker.set_tag("precision", precision)
     batches = iter(train_loader(info, per_rank, dist.rank, dist.world, t.seed, t.loader_workers, cfg.storage, step))
     flag = _Flag()
     flag.previous = signal.signal(PREEMPT_SIGNAL, flag)
@@ -314,7 +320,7 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             drop = representation_dropout(len(x), recipe.cond_drop, device)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(t, recipe.warmup_steps, step)
-            losses = forward_losses(net, diffusion, x, h, ts, drop=drop, recipe=recipe)
+            losses = forward_losses(net, diffusion, x, h, ts, drop=drop, recipe=recipe, precision=precision)
             stop = distributed.any_flag(flag.raised, dist)
             if distributed.any_flag(not torch.isfinite(losses["loss"].mean()).item(), dist):
                 raise FloatingPointError(f"loss is {losses['loss'].mean().item()} at step {step + 1}; stopping "
