@@ -69,7 +69,10 @@ def _lr_at(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
+    """Train, save the release-layout file and its record; -> the record. ``on_step(step, encoder)``, when given, is
+    called every ``every`` steps and at the last with the encoder as it would be saved (DINO's teacher), in eval
+    mode (a curve of what it keeps against steps); it goes back to its mode afterwards."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     name, p = cfg.method.name, cfg.method.params
@@ -116,6 +119,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
             step += 1
             last = {"loss": loss.item(), **terms, "lr": opt.param_groups[0]["lr"]}
+            if on_step is not None and every and (step % every == 0 or step == cfg.steps):
+                current = teacher if teacher is not None else encoder
+                was = current.training
+                with torch.no_grad():
+                    on_step(step, current.eval())
+                current.train(was)
             if step % 10 == 0 or step == cfg.steps:
                 log.info("%s step %d: %s", name, step, {k: round(v, 4) for k, v in last.items()})
                 if tracker:

@@ -1,0 +1,87 @@
+"""What a tiny encoder's levels keep against its pretraining steps: the demo encoders' goals (issue: the
+backbone keeps shape and colour, the projector keeps shape and drops colour) read along the run.
+
+    python benchmarks/encoder_curves.py --method simclr --every 500 \
+        --overrides "method.augment.jitter=[0.8,0.8,0.8,0.2] images=16384" --out benchmarks/results/encoder_curve_simclr.json
+
+Each point: the step, the process's CPU seconds and wall seconds of pretraining so far (evaluation excluded), and
+per level the 10-NN vote and the linear probe of shape and colour (launch/retention.py's estimates, Wilson 95 %
+intervals) on the demo generator's held-out analysis split. The run's final file is written where --output says
+(default: a scratch folder), so the curve's last point is the file a retention table would read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline import schemas
+    from rcdm.provenance import machine
+    from rcdm.retention import embed_for, level_retention, synthetic_labelled
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--overrides", default="", help="launch/pretrain_encoder.py overrides, space-separated")
+    ap.add_argument("--every", type=int, default=500)
+    ap.add_argument("--train-images", type=int, default=2048)
+    ap.add_argument("--test-images", type=int, default=512)
+    ap.add_argument("--output", default=None, help="the encoder file (default: a scratch folder)")
+    ap.add_argument("--out", required=True, help="the curve's JSON")
+    a = ap.parse_args(argv)
+    schemas.register("pretrain_schema")
+    scratch = tempfile.mkdtemp(prefix="rcdm-curve-")
+    output = a.output or f"{scratch}/{a.method}.pt"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("pretrain_encoder", overrides=[f"method={a.method}", f"output={output}",
+                                                                         *a.overrides.split()]))
+    data = synthetic_labelled(a.train_images + a.test_images, cfg.image_size)
+    labels = {k: v for k, v in data.labels.items() if k in ("shape", "colour")}
+    points, spent = [], {"cpu": 0.0, "wall": 0.0}
+    mark = {"cpu": cpu_seconds(), "wall": time.perf_counter()}
+
+    def on_step(step: int, encoder) -> None:
+        spent["cpu"] += cpu_seconds() - mark["cpu"]
+        spent["wall"] += time.perf_counter() - mark["wall"]
+        feats = {k: v.cpu() for k, v in embed_for(encoder, data.images).items()}
+        levels = {lv: level_retention(f, labels, a.train_images, 10) for lv, f in feats.items()}
+        points.append({"step": step, "cpu_s": round(spent["cpu"], 1), "wall_s": round(spent["wall"], 1),
+                       "levels": levels})
+        print(f"step {step} ({spent['cpu']:.0f} CPU-s): " + "; ".join(
+            f"{lv} " + ", ".join(f"{f} {r['knn']['value']:.2f}/{r['probe']['value']:.2f}" for f, r in row.items())
+            for lv, row in levels.items()), flush=True)
+        mark.update(cpu=cpu_seconds(), wall=time.perf_counter())
+
+    from rcdm.ssl.pretrain import pretrain
+
+    record = pretrain(cfg, a.every, on_step)
+    out = {"machine": machine(), "method": a.method,
+           "overrides": a.overrides.split(), "config": record["config"], "file_sha256": record["sha256"],
+           "eval": {"train_images": a.train_images, "test_images": a.test_images,
+                    "images": data.source, "estimates": "value [95 % Wilson interval]; knn: 10-NN vote, probe: "
+                                                        "logistic regression on standardised embeddings"},
+           "points": points}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
