@@ -5,6 +5,7 @@ faithfulness protocol. Rank 0 only; the loop calls ``Evaluator.diagnose`` with i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -83,13 +84,15 @@ class Evaluator:
         self._held = None  # (images, embeddings, keys): the split's first images, read once for every use
         self._diag = None  # (diffusion, images, embeddings) on the device
         self.diagnostics: list[dict] = []  # every diagnose() result, for conditioning.json
+        self.seconds: dict[str, float] = {}  # this start's wall seconds: setup, grids, diagnostic, each analysis
 
     def evaluate(self, ema: torch.nn.Module, step: int, final: bool) -> dict:
         """What is due at ``step``: a grid every ``train.sample_every`` steps and at the last one; at the last
         one (``final``) also the diagnostic's JSON and the end-of-run analyses (``end_analyses``). Returns the
         metrics it logged."""
         if (step % self.cfg.train.sample_every == 0 or final) and self.cfg.grid.images:  # grid.images=0: no grids
-            self.grid(ema, step)
+            with self._timed("grids"):
+                self.grid(ema, step)
         if not final:
             return {}
         metrics = dict(self.diagnostics[-1]) if self.diagnostics else {}
@@ -101,8 +104,10 @@ class Evaluator:
         for name, opts, inputs in self.end_analyses(ema, encoder) if encoder is not None else []:
             t0 = time.perf_counter()
             result = ANALYSES[name].run(inputs, opts)
-            result.numbers.update(split=self.held.split, keys=inputs.names, model_step=step,
-                                  seconds=time.perf_counter() - t0, **inputs.sampling.describe())
+            took = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + took
+            result.numbers.update(split=self.held.split, keys=inputs.names, model_step=step, seconds=took,
+                                  **inputs.sampling.describe())
             self._write_json(f"{name}.json", result.numbers)
             self.tracker.log_metrics(result.metrics, step, int(time.time() * 1000), once=True)
             metrics.update(result.metrics)
@@ -111,6 +116,27 @@ class Evaluator:
         # last: its presence says the run owes nothing more (a relaunch after a failure here evaluates again)
         fs, root = open_fs(self.cfg.run_root, self.cfg.storage)
         write_json(fs, join(root, EVALUATED), {"step": step, "analyses": done})
+        return metrics
+
+    @contextlib.contextmanager
+    def _timed(self, what: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] = self.seconds.get(what, 0.0) + time.perf_counter() - t0
+
+    def record_time(self, step: int, train_s: float) -> dict:
+        """Where this start's time went (wall seconds: setup, training, grids, the conditioning diagnostic, each
+        end-of-run analysis), as ``time_<part>_s`` metrics and ``timing.json``; the report shows it per run."""
+        parts = {"setup": self.seconds.get("setup", 0.0), "training": train_s,
+                 **{k: v for k, v in self.seconds.items() if k != "setup"}}
+        record = {"step": step, "seconds": {k: round(v, 2) for k, v in parts.items()},
+                  "total": round(sum(parts.values()), 2), "what": "wall seconds of the start that finished the run; "
+                  "training excludes the diagnostic and grids, which run between steps"}
+        self._write_json("timing.json", record)
+        metrics = {f"time_{k}_s": v for k, v in record["seconds"].items()}
+        self.tracker.log_metrics(metrics, step, int(time.time() * 1000), once=True)
         return metrics
 
     def owed(self, step: int) -> bool:
@@ -179,7 +205,7 @@ class Evaluator:
         diffusion, x, h = self._diag
         if len(x) < 2:
             return {}
-        with autocast(self.device):
+        with self._timed("diagnostic"), autocast(self.device):
             gains = conditioning_gains(ema, diffusion, x, h, d.seed, null=ema.cfg.null_embedding)
         self.diagnostics.append({"step": step, **gains})
         return gains

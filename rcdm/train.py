@@ -179,14 +179,15 @@ def model_card(cfg: TrainConfig, info: DatasetInfo, dist: distributed.DistInfo |
 
 def train(cfg: TrainConfig) -> dict:
     guard_logging()  # no credential in a log line, on the console or in Hydra's job log
+    started = time.perf_counter()
     dist = distributed.init(cfg.device)
     try:
-        return _train(cfg, dist)
+        return _train(cfg, dist, started)
     finally:
         distributed.shutdown()
 
 
-def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
+def _train(cfg: TrainConfig, dist: distributed.DistInfo, started: float) -> dict:
     t = cfg.train
     if t.batch_size % dist.world:
         raise UserError(f"train.batch_size={t.batch_size} does not split over {dist.world} ranks")
@@ -207,12 +208,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict:
     if distributed.any_flag(refused is not None, dist):
         raise refused or UserError(f"rank 0 could not take the lease on {cfg.run_root}")
     try:
-        return _train_leased(cfg, dist, info, unet_cfg, lease)
+        return _train_leased(cfg, dist, info, unet_cfg, lease, started)
     finally:
         lease.release()
 
 
-def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInfo, unet_cfg, lease: Lease) -> dict:
+def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInfo, unet_cfg, lease: Lease,
+                  started: float) -> dict:
     device, t = dist.device, cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = RCDMUNet(unet_cfg).to(device)
@@ -256,6 +258,7 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
             write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": scrub(cfg.tracking.uri)})
             log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
             evaluator = Evaluator(cfg, info, tracker, device, model_card(cfg, info, dist))
+            evaluator.seconds["setup"] = time.perf_counter() - started  # dataset, model, statistics, tracking
         metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator,
                         state.get("train_seconds", 0.0) if state else 0.0, lease)
     except Preempted as e:
@@ -302,7 +305,7 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
     flag.previous = signal.signal(PREEMPT_SIGNAL, flag)
     window: dict[str, list] = {"loss": [], "mse": [], "t": [], "grad_norm": []}
     wait_s, busy_t0 = 0.0, time.perf_counter()
-    last, final = {}, {}
+    last, final, start_train_s = {}, {}, train_s
     bar = tqdm(total=t.steps, initial=step, desc=cfg.job_name, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and t.progress and sys.stderr.isatty()))
     try:
@@ -350,11 +353,14 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
                 final.update(evaluator.evaluate(ema, step, final=step == t.steps))
             if stop and step < t.steps:  # a signal during the last step: the job is done, not preempted
                 raise Preempted(f"checkpointed at step {step} on signal {int(PREEMPT_SIGNAL)}", flag.previous)
+        start_train_s = train_s - start_train_s
         if evaluator and evaluator.owed(step):  # trained before this start, but its end-of-run evaluation failed
             log.info("step %d is the last: the end-of-run evaluation the run still owes", step)
             if not evaluator.diagnostics:
                 last.update(evaluator.diagnose(ema, step))
             final.update(evaluator.evaluate(ema, step, final=True))
+        if evaluator and step >= t.steps:
+            final.update(evaluator.record_time(step, start_train_s))
     finally:
         bar.close()
         if step >= t.steps:  # finished: a time-limit signal from now on has nothing to save, and must not end

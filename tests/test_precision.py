@@ -1,6 +1,8 @@
 """Training precision on CPUs: bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere (emulated bf16 is
 many times slower), recorded on the run and in the model card."""
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +45,7 @@ def test_a_run_records_the_precision_it_trained_in(typed, dataset, tmp_path, mon
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.tags["precision"] == want and run.data.params["train.precision"] == "bf16"
     assert load_trained(cfg.run_root).card.device.endswith(f", {want}")
+    # where the run's time went: setup, training (and, with them on, grids, the diagnostic and each analysis)
+    timing = json.loads((Path(cfg.run_root) / "timing.json").read_text())
+    assert set(timing["seconds"]) == {"setup", "training"} and timing["seconds"]["training"] > 0
+    assert run.data.metrics["time_training_s"] == timing["seconds"]["training"]

@@ -40,8 +40,9 @@ def test_the_report_of_a_finished_sweep_loads_in_a_browser(tmp_path, dataset):
     page = open_page(html, tmp_path / "report.png")
     assert page["errors"] == [] and page["failed"] == []
     # the encoder x level table, the factor reads (synthetic data), the invariance table, the config differences,
-    # one provenance row per run
-    assert page["tables"] == {"results": 2, "factors": 2, "invariance": 2, "config": 2, "provenance": 2}, page["tables"]
+    # one provenance row per run, and where each run's time went
+    assert page["tables"] == {"results": 2, "factors": 2, "invariance": 2, "config": 2, "provenance": 2,
+                              "timing": 2}, page["tables"]
     images = page["images"]
     assert {i["alt"] for i in images} >= {"faithfulness.png", "conditioning.png", "loss.png",
                                           "dino-backbone-tiny samples", "dino-projector-tiny samples"}
@@ -49,6 +50,7 @@ def test_the_report_of_a_finished_sweep_loads_in_a_browser(tmp_path, dataset):
     text = page["text"]
     assert "2/2 jobs finished" in text and "FID" in text and "colour_jitter" in text
     assert "level.name" in text  # the config table: level.name and job_name differ, nothing else
+    assert "Where the time went" in text and "factor_reads" in text and "training" in text
     assert (tmp_path / "report.png").stat().st_size > 20_000  # a rendered page, not a blank one
 
 

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from rcdm.errors import UserError
 from rcdm.tracking import PARENT_TAG
 
-END_JSON = ("faithfulness", "factor_reads", "conditioning", "invariance", "fidelity")
+END_JSON = ("faithfulness", "factor_reads", "conditioning", "invariance", "fidelity", "timing")
 READERS = 8  # runs read at once
 GRID_NAME = re.compile(r"^step-\d{9}\.png$")
 PICTURED = 8  # encoders whose sample grids, bars and loss curves the page draws; its tables hold every run
@@ -241,6 +241,10 @@ def checked_end_json(key: str, d) -> dict:
         elif key == "fidelity":
             for k in ("fid", "precision", "recall"):
                 _number(d.get(k), k, optional=True)
+        elif key == "timing":
+            for k, v in _mapping(d["seconds"], "seconds").items():
+                _number(v, f"seconds.{k}")
+            _number(d["total"], "total")
     except KeyError as e:
         raise ValueError(f"no {e.args[0]!r}") from None
     return d

@@ -140,6 +140,22 @@ def invariance_table(sweep: Sweep) -> str:
             '0 = like another image. The paper: projector embeddings are more invariant than backbone ones.</p>')
 
 
+def timing_table(sweep: Sweep) -> str:
+    """Where each run's time went, in the start that finished it (timing.json): setup, training, grids, the
+    conditioning diagnostic and each end-of-run analysis."""
+    runs = [r for r in sweep.runs if "timing" in r.end]
+    if not runs:
+        return '<p class="meta">No run logged timing.json (runs from before rcdm recorded it).</p>'
+    parts = list(dict.fromkeys(k for r in runs for k in r.end["timing"]["seconds"]))
+    rows = [[escape(r.encoder), escape(r.level)] +
+            [f'<td class="num">{_num(r.end["timing"]["seconds"].get(k), "{:.1f}")}</td>' for k in parts] +
+            [f'<td class="num">{r.end["timing"]["total"]:.1f}</td>'] for r in runs]
+    return (_table(["encoder", "level", *(escape(k) for k in parts), "total"], rows, "timing") +
+            '<p class="meta">Wall seconds of the start that finished each run: setup (dataset, model, embedding '
+            'statistics, tracking), training (data, update, EMA), the sample grids and conditioning diagnostic drawn '
+            'between steps, and each end-of-run analysis. A resumed run counts only its last start.</p>')
+
+
 def grids_section(sweep: Sweep) -> str:
     parts = []
     for enc, rs in by_encoder(sweep.pictured).items():
@@ -214,6 +230,7 @@ def render(sweep: Sweep, figures: dict[str, bytes], link: str) -> str:
         "<h2>Embedding invariance per augmentation</h2>", invariance_table(sweep),
         "<h2>Samples</h2>", grids_section(sweep),
         "<h2>Loss curves</h2>", fig.get("loss.png", "<p>no loss logged</p>"),
+        "<h2>Where the time went</h2>", timing_table(sweep),
         "<h2>Config differences between runs</h2>", config_differences(sweep),
         "<h2>Code and data</h2>", provenance_table(sweep),
     ]
