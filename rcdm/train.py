@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -148,6 +148,21 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     return source
 
 
+@dataclass
+class Spent:
+    """What a run's training steps have cost (data, update, EMA; no evaluation): wall seconds, and the training
+    process's CPU seconds (all its threads; data-loader worker processes not counted), which other work on the
+    machine disturbs far less than wall time."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+    @classmethod
+    def of(cls, state: dict | None) -> Spent:
+        """From a checkpoint (checkpoints before CPU seconds were recorded: None for them)."""
+        return cls(state.get("train_seconds", 0.0), state.get("train_cpu_seconds")) if state else cls()
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of all random draws of update ``step`` on ``rank``: a resumed job draws what an
     uninterrupted one drew, with no RNG state to carry over."""
@@ -259,8 +274,7 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
             log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
             evaluator = Evaluator(cfg, info, tracker, device, model_card(cfg, info, dist))
             evaluator.seconds["setup"] = time.perf_counter() - started  # dataset, model, statistics, tracking
-        metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator,
-                        state.get("train_seconds", 0.0) if state else 0.0, lease)
+        metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator, Spent.of(state), lease)
     except Preempted as e:
         if tracker and tracker.run_id:
             tracker.end("KILLED")
@@ -286,10 +300,9 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     return metrics
 
 
-def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluator, train_s: float,
+def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluator, spent: Spent,
           lease: Lease | None = None) -> dict:
-    """Train from ``step`` to ``train.steps``; ``train_s``: seconds of training (no evaluation) before this
-    start."""
+    """Train from ``step`` to ``train.steps``; ``spent``: what training cost before this start (updated)."""
     device, t = dist.device, cfg.train
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.world > 1 else model
     net = torch.compile(ddp) if t.compile else ddp
@@ -305,14 +318,14 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
     flag.previous = signal.signal(PREEMPT_SIGNAL, flag)
     window: dict[str, list] = {"loss": [], "mse": [], "t": [], "grad_norm": []}
     wait_s, busy_t0 = 0.0, time.perf_counter()
-    last, final, start_train_s = {}, {}, train_s
+    last, final, start_train_s = {}, {}, spent.wall_s
     bar = tqdm(total=t.steps, initial=step, desc=cfg.job_name, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and t.progress and sys.stderr.isatty()))
     try:
         while step < t.steps:
             if lease:
                 lease.check()  # another launch took this run root: stop before writing anything more
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             x, h = next(batches)
             wait_s += time.perf_counter() - t0
             x, h = x.to(device, non_blocking=True), h.to(device, non_blocking=True)
@@ -332,7 +345,9 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             grad_norm = apply_update(model, opt, losses["loss"].mean(), t.grad_clip)
             step += 1
             _ema_update(ema, model, min(t.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
-            train_s += time.perf_counter() - t0  # data, update and EMA: what the run's length costs
+            spent.wall_s += time.perf_counter() - t0  # data, update and EMA: what the run's length costs
+            if spent.cpu_s is not None:
+                spent.cpu_s += time.process_time() - c0
             for k in losses:
                 window.setdefault(k, []).append(losses[k].detach().float().cpu())
             window["t"].append(ts.cpu())
@@ -341,19 +356,21 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             if tracker and (step % t.log_every == 0 or step == t.steps):
                 elapsed = time.perf_counter() - busy_t0
                 last = _summarise(window, diffusion.num_timesteps, opt, elapsed, wait_s, per_rank * dist.world)
-                last["train_seconds"] = train_s
+                last["train_seconds"] = spent.wall_s
+                if spent.cpu_s is not None:
+                    last["train_cpu_seconds"] = spent.cpu_s
                 last.update(evaluator.diagnose(ema, step))
                 tracker.log_metrics(last, step, int(time.time() * 1000))
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}", refresh=False)
                 window = {k: [] for k in window}
                 wait_s, busy_t0 = 0.0, time.perf_counter()
             if stop or step % t.checkpoint_every == 0 or step == t.steps:
-                _save(cfg, dist, model, ema, opt, step, tracker, info, train_s)
+                _save(cfg, dist, model, ema, opt, step, tracker, info, spent)
             if evaluator:
                 final.update(evaluator.evaluate(ema, step, final=step == t.steps))
             if stop and step < t.steps:  # a signal during the last step: the job is done, not preempted
                 raise Preempted(f"checkpointed at step {step} on signal {int(PREEMPT_SIGNAL)}", flag.previous)
-        start_train_s = train_s - start_train_s
+        start_train_s = spent.wall_s - start_train_s
         if evaluator and evaluator.owed(step):  # trained before this start, but its end-of-run evaluation failed
             log.info("step %d is the last: the end-of-run evaluation the run still owes", step)
             if not evaluator.diagnostics:
@@ -367,7 +384,7 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             signal.signal(PREEMPT_SIGNAL, signal.SIG_IGN)  # the finished job as killed (or requeue it)
         else:
             signal.signal(PREEMPT_SIGNAL, flag.previous if flag.previous is not None else signal.SIG_DFL)
-    return {**last, **final, "step": step, "train_seconds": train_s}
+    return {**last, **final, "step": step, "train_seconds": spent.wall_s, "train_cpu_seconds": spent.cpu_s}
 
 
 def _summarise(window: dict, num_timesteps: int, opt, elapsed: float, wait_s: float, global_batch: int) -> dict:
@@ -384,10 +401,11 @@ def _summarise(window: dict, num_timesteps: int, opt, elapsed: float, wait_s: fl
     return out
 
 
-def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, train_s: float) -> None:
+def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, spent: Spent) -> None:
     if dist.is_main:
         train_checkpoints.save(cfg.run_root, {
-            "step": step, "train_seconds": train_s, "model": model.state_dict(), "ema": ema.state_dict(),
+            "step": step, "train_seconds": spent.wall_s, "train_cpu_seconds": spent.cpu_s,
+            "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(),
             "scaler": None, "config": scrub_tree(cfg.to_dict()),
             "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_card(cfg, info, dist).to_dict(),
