@@ -1,0 +1,204 @@
+"""Time to the picture: the CPU seconds a demo RCDM needs before its samples draw the object as far as its
+embedding holds it, per training recipe (an arm), side by side on one machine.
+
+    python benchmarks/time_to_shape.py --work /tmp/tts                       # every arm, VICReg backbone
+    python benchmarks/time_to_shape.py --arms baseline,lr2x --work /tmp/tts  # some arms; resumes them
+    python benchmarks/time_to_shape.py --encoder simclr --work /tmp/tts_s --out benchmarks/results/tts_simclr.json
+
+The bar (the release bar): on 256 held-out images of the demo generator's ``analysis`` split (no model trains on
+them), the samples' shape read within 0.05 of the embedding's own 10-NN bound, colour and background read right
+on at least 0.9 of them, and faithfulness MRR at least 0.9 (one sample per image, ddim25, guidance 1).
+
+Every arm trains the tiny UNet on the release data (8192 demo images, the demo encoders) for one encoder and level,
+and is evaluated every ``every`` steps (each stop a resumed run: the checkpoint is the stop), until it meets the bar
+or spends its cap of CPU seconds (3x the 900 s goal), so a failed arm costs little. The x axis is the training
+process's CPU seconds (``train_cpu_seconds``: data, update, EMA; its threads, not the evaluation), which other work
+on the machine disturbs far less than wall time (recorded too). ``--work`` keeps the runs: the same command
+resumes every arm where it stopped; an arm whose recipe differs from the one its run was trained with is refused.
+Writes the JSON and a figure of shape against CPU seconds beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline import schemas
+from pipeline.sweep import ensure_demo_data, train_config
+from rcdm.errors import UserError, cli_errors
+from rcdm.provenance import machine
+from rcdm.train import PREEMPT_SIGNAL, train
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL_CPU_S = 900.0
+CAP_CPU_S = 3 * GOAL_CPU_S
+BAR = {"shape_within_bound": 0.05, "colour": 0.9, "background": 0.9, "mrr": 0.9, "images": 256}
+RELEASE = ["data.synthetic.counts={train:8192,val:64}", "recipe.whiten_embeddings=true",
+           "train.lr_schedule=constant"]  # configs/demo_release.yaml: today's release recipe
+ARMS: dict[str, dict] = {  # name: overrides on top of RELEASE, and the evaluation interval in steps
+    "baseline": {"overrides": [], "every": 600},
+    "bf16": {"overrides": ["train.precision=bf16"], "every": 600},
+    "lr2x": {"overrides": ["train.lr=8e-3"], "every": 600},
+    "batch64": {"overrides": ["train.batch_size=64"], "every": 300},
+    "batch16": {"overrides": ["train.batch_size=16"], "every": 1200},
+    "ema999": {"overrides": ["train.ema_decay=0.999"], "every": 600},
+    "no_whitening": {"overrides": ["recipe.whiten_embeddings=false"], "every": 600},
+}
+
+
+def evaluate(run_root: str, images: int, device: str = "cpu") -> dict:
+    """The bar's reads of the run's newest EMA model on ``images`` held-out images: one sample per image shared by
+    the factor reads (shape, colour, background, with their 10-NN bounds) and the faithfulness MRR."""
+    from rcdm.analysis import ANALYSES
+    from rcdm.analysis.commands import AnalyzeConfig, inputs_for
+    from rcdm.device import pick_device
+
+    cfg = AnalyzeConfig(analysis="factor_reads", checkpoint=run_root, images=f"synthetic:{images}", steps="ddim25",
+                        guidance=1.0, download=False)
+    inputs = inputs_for(cfg, pick_device(device))
+    reads = ANALYSES["factor_reads"].run(inputs, cfg.factor_reads).numbers["factors"]
+    faith = ANALYSES["faithfulness"].run(inputs, cfg.faithfulness).numbers  # the same samples (inputs caches them)
+    return {"shape": reads["shape"]["samples"], "shape_ci95": reads["shape"]["samples_ci95"],
+            "shape_bound": reads["shape"]["bound"], "colour": reads["colour"]["samples"],
+            "background": reads["background"]["samples"], "mrr": faith["mrr"], "mrr_ci95": faith["mrr_ci95"]}
+
+
+def meets_bar(p: dict) -> bool:
+    return (p["shape"] >= p["shape_bound"] - BAR["shape_within_bound"] and p["colour"] >= BAR["colour"]
+            and p["background"] >= BAR["background"] and p["mrr"] >= BAR["mrr"])
+
+
+def arm_config(name: str, common: list[str], steps: int):
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return train_config(compose("sweep", overrides=[*common, *RELEASE, *ARMS[name]["overrides"],
+                                                            f"train.steps={steps}", f"sweep_id={name}"],
+                                        return_hydra_config=True))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(f"arm {name}: its overrides do not compose ({' '.join(str(e).split())[:300]})") from None
+
+
+def run_arm(name: str, common: list[str], before: list[dict], images: int, save) -> list[dict]:
+    """The arm trained stop by stop (each a resumed run) until it meets the bar or spends its cap."""
+    points, every = list(before), ARMS[name]["every"]
+    while True:
+        if points and (meets_bar(points[-1]) or points[-1]["cpu_s"] >= CAP_CPU_S):
+            return points
+        steps = (points[-1]["step"] if points else 0) + every
+        cfg = arm_config(name, common, steps)
+        ensure_demo_data(cfg)
+        m = train(cfg)  # resumes from the previous stop
+        signal.signal(PREEMPT_SIGNAL, signal.SIG_DFL)  # between stops the signal ends the benchmark
+        t0 = time.perf_counter()
+        reads = evaluate(cfg.run_root, images)
+        points.append({"step": steps, "cpu_s": round(m["train_cpu_seconds"], 1), "wall_s": round(m["train_seconds"], 1),
+                       **reads, "eval_wall_s": round(time.perf_counter() - t0, 1)})
+        point = points[-1]
+        print(name, json.dumps(point), flush=True)
+        save(name, points)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (name, arm) in enumerate(result["arms"].items()):
+        pts = arm["points"]
+        if not pts:
+            continue
+        x = [p["cpu_s"] for p in pts]
+        ax.errorbar(x, [p["shape"] for p in pts], yerr=[[p["shape"] - p["shape_ci95"][0] for p in pts],
+                                                          [p["shape_ci95"][1] - p["shape"] for p in pts]],
+                    marker="o", capsize=3, color=f"C{i}", label=name)
+    bounds = [p["shape_bound"] for a in result["arms"].values() for p in a["points"]]
+    if bounds:
+        ax.axhline(bounds[-1], color="black", linestyle=":", label="the embedding's 10-NN bound")
+        ax.axhline(bounds[-1] - BAR["shape_within_bound"], color="grey", linestyle=":", label="the bar")
+    ax.axvline(GOAL_CPU_S, color="grey", linestyle="--", label="goal: 900 CPU-s")
+    ax.set(xlabel="CPU seconds of training", ylabel="samples read as the original's shape",
+           title=f"{result['encoder']} {result['level']}: shape on {BAR['images']} held-out images", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS)}")
+    ap.add_argument("--encoder", default="vicreg")
+    ap.add_argument("--level", default="backbone")
+    ap.add_argument("--data", default="data/demo_release", help="the release data (built there if missing)")
+    ap.add_argument("--images", type=int, default=BAR["images"], help="held-out images of the bar (256)")
+    ap.add_argument("--overrides", default="", help="more sweep overrides for every arm, space-separated")
+    ap.add_argument("--work", help="keep the runs here; the same command resumes every arm (default: a temporary "
+                    "folder, removed at the end)")
+    ap.add_argument("--out", default="benchmarks/results/time_to_shape.json")
+    args = ap.parse_args(argv)
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    with cli_errors():
+        if unknown:
+            raise UserError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        with (contextlib.nullcontext(args.work) if args.work else
+              tempfile.TemporaryDirectory(prefix="rcdm-tts-")) as work:
+            return _run(args, Path(work))
+
+
+def _run(args, work: Path) -> dict:
+    log = logging.getLogger("rcdm")
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+    schemas.register("sweep_schema")
+    out = Path(args.out)
+    common = [f"encoder={args.encoder}", f"level={args.level}", f"data.url={args.data}",
+              f"storage.run_root={work / 'runs'}",
+              f"tracking.uri=sqlite:///{work / 'm.db'}", "tracking.experiment=time_to_shape", "train.progress=false",
+              "train.sample_every=100000", "train.checkpoint_every=100000", "train.log_every=100000",
+              "faithfulness.images=0", "invariance.images=0", "diagnostic.images=0", "grid.images=0",
+              *args.overrides.split()]
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if old and (old.get("encoder"), old.get("level")) != (args.encoder, args.level):
+        raise UserError(f"{out} holds {old.get('encoder')} {old.get('level')}, not {args.encoder} {args.level}: give "
+                        f"another --out")
+    result = {"machine": machine(), "encoder": args.encoder,
+              "level": args.level, "bar": BAR, "goal_cpu_s": GOAL_CPU_S, "cap_cpu_s": CAP_CPU_S,
+              "release_overrides": RELEASE, "arms": old.get("arms", {})}
+    for name in args.arms.split(","):
+        overrides = [*RELEASE, *ARMS[name]["overrides"], *args.overrides.split()]
+        arm = result["arms"].get(name)
+        if arm and arm["overrides"] != overrides:
+            raise UserError(f"arm {name} in {out} was trained with {arm['overrides']}, not {overrides}: its runs would "
+                            f"mix two recipes; give another --work and --out, or the overrides it had")
+        result["arms"][name] = arm or {"overrides": overrides, "points": []}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, points: list[dict]) -> None:
+        arm = result["arms"][name]
+        arm["points"] = points
+        hit = next((p for p in points if meets_bar(p)), None)
+        arm["cpu_s_to_bar"] = hit["cpu_s"] if hit else None
+        arm["steps_to_bar"] = hit["step"] if hit else None
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    for name in args.arms.split(","):
+        save(name, run_arm(name, common, result["arms"][name]["points"], args.images, save))
+    plot(result, out.with_suffix(".png"))
+    reached = {n: a.get("cpu_s_to_bar") for n, a in result["arms"].items()}
+    print(json.dumps({"cpu_s_to_bar": reached}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
