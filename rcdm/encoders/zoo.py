@@ -246,7 +246,7 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str | WeightsRecor
         enc.weights = WeightsRecord("random", state_digest(enc), seed=seed)
     else:
         if rec.kind == "released" and arch == "tiny":
-            path = shipped_tiny(name)
+            path = shipped_tiny(name, rec.sha256)  # the recorded one when a file names it, else the current one
         elif rec.kind == "released" or rec.path == spec.url:
             path = fetch(spec.url, download=download, sha256=rec.sha256)
         elif "://" in rec.path:
@@ -284,19 +284,49 @@ def build_recorded_encoder(card: EncoderCard, download: bool = True, allow_url: 
 
 
 TINY_WEIGHTS = Path(__file__).parent / "tiny_weights"
+# Tiny encoders shipped before the current ones, each in its own folder of TINY_WEIGHTS, kept while a shipped demo
+# model or a user's dataset still records them (by sha256): what changed is said here and in their README.
+EARLIER_TINY = {
+    "v1": "half-strength colour jitter (0.4, 0.4, 0.4, 0.1) on 4096 images: their projectors kept colour, not shape",
+}
 
 
-def shipped_tiny(name: str) -> Path:
-    """The tiny encoder trained with ``name``'s own objective that ships with rcdm, checksum verified
-    against the record written when it was trained (``launch/pretrain_encoder.py``)."""
-    path, record = TINY_WEIGHTS / f"{name}.pt", TINY_WEIGHTS / f"{name}.json"
+def _shipped_record(folder: Path, name: str) -> tuple[Path, dict] | None:
+    path, record = folder / f"{name}.pt", folder / f"{name}.json"
     if not path.exists() or not record.exists():
-        raise UserError(f"no trained tiny {name} encoder ships with rcdm (looked for {path}); train one with "
-                        f"`python launch/pretrain_encoder.py method={name}` and pass weights=<its file>, or choose "
-                        f"weights=random explicitly")
-    want = json.loads(record.read_text())["sha256"]
-    if sha256sum(path) != want:
-        raise UserError(f"{path} does not match the sha256 in {record.name}; reinstall rcdm")
+        return None
+    try:
+        return path, json.loads(record.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{record} is unreadable; reinstall rcdm") from None
+
+
+def shipped_tiny(name: str, sha256: str | None = None) -> Path:
+    """The tiny encoder trained with ``name``'s own objective that ships with rcdm, checksum verified against the
+    record written when it was trained (``launch/pretrain_encoder.py``): the current one, or, when ``sha256`` names
+    an earlier one (a manifest or model made with it), that one from ``EARLIER_TINY`` -- a model is embedded and
+    sampled with the exact file it was trained with."""
+    folders = [TINY_WEIGHTS] + [TINY_WEIGHTS / v for v in EARLIER_TINY]
+    found = [r for r in (_shipped_record(f, name) for f in folders) if r is not None]
+    if not found:
+        raise UserError(f"no trained tiny {name} encoder ships with rcdm (looked for {TINY_WEIGHTS / (name + '.pt')}); "
+                        f"train one with `python launch/pretrain_encoder.py method={name}` and pass weights=<its file>, "
+                        f"or choose weights=random explicitly")
+    if sha256 is None:
+        if found[0][0].parent != TINY_WEIGHTS:
+            raise UserError(f"no current tiny {name} encoder ships with rcdm (looked for {TINY_WEIGHTS / (name + '.pt')}); "
+                            f"reinstall rcdm")
+        path, record = found[0]
+    else:
+        match = [(p, r) for p, r in found if r.get("sha256") == sha256]
+        if not match:
+            have = ", ".join(f"{p.parent.name}/{p.name} ({r.get('sha256', '?')[:12]}...)" for p, r in found)
+            raise UserError(f"this was made with a tiny {name} encoder of sha256 {sha256[:12]}..., which this rcdm does "
+                            f"not ship (it ships {have}); use the rcdm version that made it, or pass "
+                            f"weights=<that encoder file>")
+        path, record = match[0]
+    if sha256sum(path) != record.get("sha256"):
+        raise UserError(f"{path} does not match the sha256 in {path.with_suffix('.json').name}; reinstall rcdm")
     return path
 
 
