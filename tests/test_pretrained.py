@@ -44,6 +44,44 @@ def test_short_pretraining_writes_a_release_layout_file(tmp_path, method, typed)
     assert not torch.equal(enc.backbone.conv1.weight, build_encoder(method, "tiny", "random").backbone.conv1.weight)
 
 
+@pytest.mark.parametrize("override,fix", [
+    ("method.name=mocov3", "choose method="), ("steps=0", "positive number of steps"),
+    ("batch_size=64", "lower batch_size or raise images"), ("lr=-1", "positive number"),
+    ("output=enc.bin", "must end in .pt"), ("method.augment.jitter=[0.8,0.8,0.8,0.9]", "hue <= 0.5"),
+])
+def test_a_pretraining_config_that_cannot_train_is_one_error(tmp_path, typed, override, fix):
+    out = tmp_path / "e.pt"
+    with pytest.raises(UserError, match=fix):
+        pretrain(typed("pretrain_encoder", [f"output={out}", "images=32", "batch_size=16", "tracking.uri=null", override]))
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+@pytest.mark.parametrize("method", ["simclr", "dino"])
+def test_an_interrupted_pretraining_resumes_where_it_stopped(tmp_path, method, typed):
+    """Killed between resume points, a rerun of the same command continues from the last one and writes the same
+    file an uninterrupted run writes; a resume point of another config is refused, not mixed in."""
+    args = [f"method={method}", "steps=6", "batch_size=8", "images=32", "warmup_steps=2", "checkpoint_every=2",
+            "tracking.uri=null"]
+    whole = pretrain(typed("pretrain_encoder", [*args, f"output={tmp_path / 'whole.pt'}"]))
+    out = tmp_path / "cut.pt"
+
+    def cut(step, encoder):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(typed("pretrain_encoder", [*args, f"output={out}"]), every=1, on_step=cut)
+    assert not out.exists() and (tmp_path / "cut.resume.pt").exists()
+    with pytest.raises(UserError, match="another config"):
+        pretrain(typed("pretrain_encoder", [*args, f"output={out}", "lr=0.01"]))
+    steps = []
+    resumed = pretrain(typed("pretrain_encoder", [*args, f"output={out}"]), every=1,
+                       on_step=lambda step, encoder: steps.append(step))
+    assert steps == [5, 6]  # from the resume point at step 4
+    assert resumed["sha256"] == whole["sha256"] and resumed["steps"] == 6
+    assert not (tmp_path / "cut.resume.pt").exists()
+
+
 def test_pretrain_command_logs_to_mlflow(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_encoder.py"), "method=barlow", "steps=2",
                         "batch_size=16", "images=32", "warmup_steps=1", f"output={tmp_path / 'b.pt'}",

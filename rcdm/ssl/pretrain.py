@@ -7,17 +7,19 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from rcdm import synthetic
+from rcdm import safe_load, synthetic
 from rcdm.config import TrackingConfig
 from rcdm.device import autocast, pick_device
 from rcdm.encoders import build_encoder
 from rcdm.encoders.layouts import to_release_layout
 from rcdm.encoders.weights import sha256sum
+from rcdm.errors import UserError
 from rcdm.preprocess import to_uint8_tensor
 from rcdm.ssl.augment import AugmentConfig, views
 from rcdm.storage import write_local
@@ -54,7 +56,39 @@ class PretrainConfig:
     data_seed: int = 1  # the synthetic "pretrain" split: not the images the RCDMs train or probe on
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int = 100  # steps between resume points (<output>.resume.pt, deleted once the file is written)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(uri=None, experiment="rcdm-encoders"))  # uri None: no MLflow run
+
+
+METHODS = ("vicreg", "dino", "barlow", "simclr")
+
+
+def check_pretrain(cfg: PretrainConfig) -> None:
+    """A config that cannot train is one error naming the fix, before anything is built or written."""
+    def bad(msg: str) -> None:
+        raise UserError(f"pretraining config: {msg}")
+
+    if cfg.method.name not in METHODS:
+        bad(f"unknown method {cfg.method.name!r}; choose method=<{'|'.join(METHODS)}>")
+    if not isinstance(cfg.steps, int) or cfg.steps <= 0:
+        bad(f"steps={cfg.steps}: give a positive number of steps")
+    if cfg.images < 2:
+        bad(f"images={cfg.images}: give at least 2 images")
+    if not 2 <= cfg.batch_size <= cfg.images:
+        bad(f"batch_size={cfg.batch_size} with images={cfg.images}: the batch must hold 2 to {cfg.images} images "
+            f"(lower batch_size or raise images)")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        bad(f"lr={cfg.lr}, weight_decay={cfg.weight_decay}: the lr must be a positive number, the decay >= 0")
+    if cfg.warmup_steps < 0 or cfg.checkpoint_every <= 0:
+        bad(f"warmup_steps={cfg.warmup_steps}, checkpoint_every={cfg.checkpoint_every}: warmup_steps >= 0 and "
+            f"checkpoint_every > 0")
+    if not 8 <= cfg.image_size <= 512:
+        bad(f"image_size={cfg.image_size}: give 8 to 512 pixels")
+    j = cfg.method.augment.jitter
+    if len(j) != 4 or not all(math.isfinite(v) and v >= 0 for v in j) or j[3] > 0.5:
+        bad(f"method.augment.jitter={list(j)}: four amounts >= 0 (brightness, contrast, saturation, hue <= 0.5)")
+    if not str(cfg.output).endswith(".pt"):
+        bad(f"output={cfg.output}: the encoder file's name must end in .pt (its record is written beside it as .json)")
 
 
 def synthetic_images(count: int, size: int, seed: int) -> torch.Tensor:
@@ -69,10 +103,59 @@ def _lr_at(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _fingerprint(cfg: PretrainConfig) -> str:
+    """What must be equal for a resume point to continue this run (where it is written and logged may differ)."""
+    return json.dumps(asdict(cfg) | {"output": None, "tracking": None, "device": None}, sort_keys=True)
+
+
+def _resume_path(cfg: PretrainConfig) -> str:
+    return cfg.output.rsplit(".", 1)[0] + ".resume.pt"
+
+
+def _save_resume(cfg: PretrainConfig, step: int, seconds: float, last: dict, modules: dict, opt, gen) -> None:
+    state = {"format": 1, "config": _fingerprint(cfg), "step": step, "seconds": seconds,
+             "last": {k: float(v) for k, v in last.items()}, "optimizer": opt.state_dict(),
+             "generator": gen.get_state(), "rng": torch.get_rng_state(),
+             "modules": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in modules.items()}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_local(_resume_path(cfg), buf.getvalue())
+
+
+def _load_resume(cfg: PretrainConfig, modules: dict, opt, gen) -> tuple[int, float, dict]:
+    """(step, seconds, last) from ``<output>.resume.pt`` when an interrupted run of this config left one, loaded
+    into ``modules``, the optimizer and the generator; (0, 0.0, {}) otherwise. A resume point of another config is
+    refused: it would mix two runs."""
+    path = _resume_path(cfg)
+    if not os.path.exists(path):
+        return 0, 0.0, {}
+    state = safe_load.load(path)
+    if not isinstance(state, dict) or state.get("format") != 1 or not isinstance(state.get("modules"), dict):
+        raise UserError(f"{path} is not a pretraining resume point; delete it to start afresh")
+    if state.get("config") != _fingerprint(cfg):
+        raise UserError(f"{path} was left by a pretraining run of another config; rerun with that config to finish "
+                        f"it, or delete the file to start afresh")
+    step = state.get("step")
+    if not isinstance(step, int) or not 0 < step < cfg.steps or set(state["modules"]) != set(modules):
+        raise UserError(f"{path} holds step {step!r} of {cfg.steps}; delete it to start afresh")
+    try:
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{path} does not fit this run ({e.__class__.__name__}: {str(e)[:200]}); delete it to start "
+                        f"afresh") from None
+    log.info("resuming %s pretraining at step %d from %s", cfg.method.name, step, path)
+    return step, float(state.get("seconds", 0.0)), dict(state.get("last") or {})
+
+
 def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
     """Train, save the release-layout file and its record; -> the record. ``on_step(step, encoder)``, when given, is
     called every ``every`` steps and at the last with the encoder as it would be saved (DINO's teacher), in eval
     mode (a curve of what it keeps against steps); it goes back to its mode afterwards."""
+    check_pretrain(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     name, p = cfg.method.name, cfg.method.params
@@ -92,10 +175,13 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
         teacher, teacher_head = copy.deepcopy(encoder).requires_grad_(False), copy.deepcopy(student_head).requires_grad_(False)
         dino_loss = DINOLoss(int(p["prototypes"]), p["student_temp"], p["center_momentum"]).to(device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    modules = {"encoder": encoder, **({"student_head": student_head, "teacher": teacher, "teacher_head": teacher_head,
+                                       "dino_loss": dino_loss} if name == "dino" else {})}
+    step, before, last = _load_resume(cfg, modules, opt, gen)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.uri else None
     if tracker:
         tracker.start(None, f"pretrain-{name}-tiny", {"method": name, "arch": "tiny"}, asdict(cfg))
-    step, t0, last = 0, time.perf_counter(), {}
+    t0 = time.perf_counter()
     try:
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -129,11 +215,13 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
                 log.info("%s step %d: %s", name, step, {k: round(v, 4) for k, v in last.items()})
                 if tracker:
                     tracker.log_metrics(last, step, int(time.time() * 1000))
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                _save_resume(cfg, step, before + time.perf_counter() - t0, last, modules, opt, gen)
     except BaseException:
         if tracker:
             tracker.end("FAILED")
         raise
-    seconds = time.perf_counter() - t0
+    seconds = before + time.perf_counter() - t0
     final = (teacher if teacher is not None else encoder).eval()
     extra = {"head.last_layer": teacher_head.last_layer} if teacher_head is not None else {}
     buf = io.BytesIO()
@@ -144,6 +232,8 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "final": last, "config": asdict(cfg) | {"output": None, "tracking": None}}
     write_local(cfg.output.rsplit(".", 1)[0] + ".json", json.dumps(record, indent=2, sort_keys=True))
+    if os.path.exists(_resume_path(cfg)):
+        os.unlink(_resume_path(cfg))  # the file and its record are whole: nothing left to resume
     if tracker:
         tracker.end("FINISHED")
     return record
