@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -21,6 +22,7 @@ from rcdm.encoders.layouts import to_release_layout
 from rcdm.encoders.weights import sha256sum
 from rcdm.errors import UserError
 from rcdm.preprocess import to_uint8_tensor
+from rcdm.provenance import cpu_model
 from rcdm.ssl.augment import AugmentConfig, views
 from rcdm.storage import write_local
 from rcdm.ssl.objectives import DINOHead, DINOLoss, barlow_loss, nt_xent, vicreg_loss
@@ -112,8 +114,14 @@ def _resume_path(cfg: PretrainConfig) -> str:
     return cfg.output.rsplit(".", 1)[0] + ".resume.pt"
 
 
-def _save_resume(cfg: PretrainConfig, step: int, seconds: float, last: dict, modules: dict, opt, gen) -> None:
-    state = {"format": 1, "config": _fingerprint(cfg), "step": step, "seconds": seconds,
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _save_resume(cfg: PretrainConfig, step: int, spent: tuple[float, float], last: dict, modules: dict, opt,
+                 gen) -> None:
+    state = {"format": 1, "config": _fingerprint(cfg), "step": step, "seconds": spent[0], "cpu_seconds": spent[1],
              "last": {k: float(v) for k, v in last.items()}, "optimizer": opt.state_dict(),
              "generator": gen.get_state(), "rng": torch.get_rng_state(),
              "modules": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in modules.items()}}
@@ -122,13 +130,13 @@ def _save_resume(cfg: PretrainConfig, step: int, seconds: float, last: dict, mod
     write_local(_resume_path(cfg), buf.getvalue())
 
 
-def _load_resume(cfg: PretrainConfig, modules: dict, opt, gen) -> tuple[int, float, dict]:
-    """(step, seconds, last) from ``<output>.resume.pt`` when an interrupted run of this config left one, loaded
-    into ``modules``, the optimizer and the generator; (0, 0.0, {}) otherwise. A resume point of another config is
+def _load_resume(cfg: PretrainConfig, modules: dict, opt, gen) -> tuple[int, float, dict, float]:
+    """(step, seconds, last, CPU seconds) from ``<output>.resume.pt`` when an interrupted run of this config left one, loaded
+    into ``modules``, the optimizer and the generator; (0, 0.0, {}, 0.0) otherwise. A resume point of another config is
     refused: it would mix two runs."""
     path = _resume_path(cfg)
     if not os.path.exists(path):
-        return 0, 0.0, {}
+        return 0, 0.0, {}, 0.0
     state = safe_load.load(path)
     if not isinstance(state, dict) or state.get("format") != 1 or not isinstance(state.get("modules"), dict):
         raise UserError(f"{path} is not a pretraining resume point; delete it to start afresh")
@@ -148,7 +156,8 @@ def _load_resume(cfg: PretrainConfig, modules: dict, opt, gen) -> tuple[int, flo
         raise UserError(f"{path} does not fit this run ({e.__class__.__name__}: {str(e)[:200]}); delete it to start "
                         f"afresh") from None
     log.info("resuming %s pretraining at step %d from %s", cfg.method.name, step, path)
-    return step, float(state.get("seconds", 0.0)), dict(state.get("last") or {})
+    return (step, float(state.get("seconds", 0.0)), dict(state.get("last") or {}),
+            float(state.get("cpu_seconds", 0.0)))
 
 
 def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
@@ -177,11 +186,11 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     modules = {"encoder": encoder, **({"student_head": student_head, "teacher": teacher, "teacher_head": teacher_head,
                                        "dino_loss": dino_loss} if name == "dino" else {})}
-    step, before, last = _load_resume(cfg, modules, opt, gen)
+    step, before, last, cpu_before = _load_resume(cfg, modules, opt, gen)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.uri else None
     if tracker:
         tracker.start(None, f"pretrain-{name}-tiny", {"method": name, "arch": "tiny"}, asdict(cfg))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     try:
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -216,7 +225,8 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
                 if tracker:
                     tracker.log_metrics(last, step, int(time.time() * 1000))
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_resume(cfg, step, before + time.perf_counter() - t0, last, modules, opt, gen)
+                _save_resume(cfg, step, (before + time.perf_counter() - t0, cpu_before + _cpu_seconds() - c0), last,
+                             modules, opt, gen)
     except BaseException:
         if tracker:
             tracker.end("FAILED")
@@ -229,7 +239,9 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
     write_local(cfg.output, buf.getvalue())
     record = {"method": name, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
               "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+              "cpu_seconds": round(cpu_before + _cpu_seconds() - c0, 1),  # this process's, all its threads
+              "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                         else f"CPU {cpu_model()}, {torch.get_num_threads()} threads"),
               "final": last, "config": asdict(cfg) | {"output": None, "tracking": None}}
     write_local(cfg.output.rsplit(".", 1)[0] + ".json", json.dumps(record, indent=2, sort_keys=True))
     if os.path.exists(_resume_path(cfg)):
