@@ -5,6 +5,8 @@ neighbour vote with 95 % intervals, the invariance index per SSL augmentation, e
     python launch/retention.py markdown=docs/encoders_retention.md
     python launch/retention.py encoders=[vicreg,barlow] arch=resnet50 images=/data/val-subset train_images=700 \
         test_images=300                                          # labels: the folder's class sub-folders
+    python launch/retention.py ship_from=<folder of pretrained tiny encoders> ship_earlier=v1
+                                    # swap them into rcdm with their retention numbers; the replaced ones to v1/
 """
 import json
 
@@ -13,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schemas
 from rcdm.errors import cli_errors
-from rcdm.retention import fmt, markdown, retention
+from rcdm.retention import fmt, markdown, retention, ship_tiny
 from rcdm.storage import write_local
 
 schemas.register("retention_schema")
@@ -22,7 +24,8 @@ schemas.register("retention_schema")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="retention")
 def main(cfg: DictConfig) -> dict:
     with cli_errors():
-        table = retention(OmegaConf.to_object(cfg))
+        typed = OmegaConf.to_object(cfg)
+        table = ship_tiny(typed) if typed.ship_from else retention(typed)
         write_local(cfg.output, json.dumps(table, indent=2) + "\n")
         if cfg.markdown:
             write_local(cfg.markdown, markdown(table))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT
 from rcdm.analysis.invariance import FAMILIES, augment, embed, embedding_invariance, wilson
 from rcdm.device import pick_device
 from rcdm.encoders import build_encoder
-from rcdm.encoders.zoo import TINY_WEIGHTS
+from rcdm.encoders import zoo
 from rcdm.errors import UserError
 from rcdm.preprocess import IMAGE_SUFFIXES, load_rgb, to_uint8_tensor
 from rcdm.probes import factor_labels, fit_linear_probe
@@ -49,6 +50,8 @@ class RetentionConfig:
     device: str = "auto"
     output: str = "benchmarks/results/retention.json"
     markdown: str | None = None  # also the table as Markdown (docs/encoders.md quotes it)
+    ship_from: str | None = None  # a folder of newly pretrained tiny encoders to swap into rcdm (ship_tiny)
+    ship_earlier: str = "v1"  # the tiny_weights/ folder the replaced encoders move to
 
     def __post_init__(self):
         for key in ("train_images", "test_images", "k"):
@@ -151,10 +154,11 @@ def invariance_indices(encoder, images: torch.Tensor, cfg: RetentionConfig) -> d
 def training_cost(name: str, arch: str, weights: str) -> dict:
     """What training the encoder cost, where rcdm trained it (the tiny encoders' records); else where it came from."""
     if arch == "tiny" and weights == "released":
-        rec = json.loads((TINY_WEIGHTS / f"{name}.json").read_text())
+        rec = json.loads((zoo.TINY_WEIGHTS / f"{name}.json").read_text())
         c = rec.get("config", {})
         method = c.get("method") if isinstance(c.get("method"), dict) else c  # records before MethodConfig: flat
-        return {"steps": rec.get("steps"), "seconds": rec.get("seconds"), "device": rec.get("device", "not recorded"),
+        return {"steps": rec.get("steps"), "seconds": rec.get("seconds"), "cpu_seconds": rec.get("cpu_seconds"),
+                "device": rec.get("device", "not recorded"),
                 "batch_size": c.get("batch_size"), "images": c.get("images"),
                 "jitter": (method.get("augment") or {}).get("jitter"), "sha256": rec.get("sha256")}
     if weights == "released":
@@ -227,17 +231,74 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def goals_met(table: dict, backbone: dict[str, float], projector: dict[str, tuple[str, float]]) -> dict[str, dict]:
-    """Per encoder, whether each level's k-NN estimates meet the demo's goals (``backbone``: factor -> minimum;
-    ``projector``: factor -> (">=" or "<=", bound)), read on the estimate itself."""
-    out = {}
-    for name, e in table["encoders"].items():
-        res = {}
-        for f, lo in backbone.items():
-            v = e["levels"].get("backbone", {}).get(f, {}).get("knn", {}).get("value", math.nan)
-            res[f"backbone {f} >= {lo}"] = v >= lo
-        for f, (op, b) in projector.items():
-            v = e["levels"].get("projector", {}).get(f, {}).get("knn", {}).get("value", math.nan)
-            res[f"projector {f} {op} {b}"] = v >= b if op == ">=" else v <= b
-        out[name] = res
+# The demo encoders' goals (the paper's findings 1 and 2 at the demo's scale): level -> factor -> (op, bound)
+DEMO_GOALS = {"backbone": {"shape": (">=", 0.9), "colour": (">=", 0.8)},
+              "projector": {"shape": (">=", 0.85), "colour": ("<=", 0.5)}}
+
+
+def goals(entry: dict, wanted: dict = DEMO_GOALS) -> list[dict]:
+    """Each goal of ``wanted`` read on one encoder's table entry: the k-NN vote's and the probe's estimate with
+    its interval, and whether each meets the bound (on the estimate itself)."""
+    out = []
+    for level, factors in wanted.items():
+        for factor, (op, bound) in factors.items():
+            row = entry["levels"].get(level, {}).get(factor)
+            got = {}
+            for how in ("knn", "probe"):
+                e = (row or {}).get(how)
+                got[how] = None if e is None else {**e, "met": e["value"] >= bound if op == ">=" else e["value"] <= bound}
+            out.append({"level": level, "factor": factor, "goal": f"{op} {bound}", **got})
     return out
+
+
+def ship_tiny(cfg: RetentionConfig) -> dict:
+    """Swap the tiny encoders pretrained into ``cfg.ship_from`` (``<method>.pt`` beside its pretraining record
+    ``<method>.json``) into rcdm/encoders/tiny_weights/: each record gains its retention numbers and goals, and the
+    files it replaces move to ``tiny_weights/<cfg.ship_earlier>/`` (a folder ``zoo.EARLIER_TINY`` names), where the
+    datasets and models made with them still find them by sha256. Everything is checked before anything moves.
+    -> the retention table of the shipped encoders."""
+    from rcdm.encoders import zoo
+    from rcdm.encoders.weights import sha256sum
+    from rcdm.storage import write_local
+
+    staged, earlier = Path(cfg.ship_from), cfg.ship_earlier
+    if earlier not in zoo.EARLIER_TINY:
+        raise UserError(f"ship_earlier={earlier}: rcdm/encoders/zoo.py's EARLIER_TINY does not name that folder, so "
+                        f"what was made with the encoders it replaces would stop loading; add it there first")
+    plan = []
+    for name in cfg.encoders:
+        pt, rec_path = staged / f"{name}.pt", staged / f"{name}.json"
+        if not pt.is_file() or not rec_path.is_file():
+            raise UserError(f"ship_from={staged}: no {name}.pt with its record {name}.json (launch/pretrain_encoder.py "
+                            f"writes both)")
+        try:
+            record = json.loads(rec_path.read_text())
+        except ValueError:
+            raise UserError(f"{rec_path} is not a pretraining record (JSON)") from None
+        if not isinstance(record, dict) or record.get("method") != name or record.get("arch") != "tiny":
+            raise UserError(f"{rec_path} is not the record of a tiny {name} encoder")
+        if sha256sum(pt) != record.get("sha256"):
+            raise UserError(f"{pt} does not match the sha256 in {rec_path.name}: not the file that run wrote")
+        old = zoo.TINY_WEIGHTS / f"{name}.pt"
+        aside = zoo.TINY_WEIGHTS / earlier / f"{name}.pt"
+        if old.exists() and aside.exists() and sha256sum(aside) != sha256sum(old):
+            raise UserError(f"{aside} holds another earlier {name} encoder; choose a new ship_earlier folder")
+        plan.append((name, pt, record))
+    shipped = {"config": asdict(cfg), "encoders": {}}
+    for name, pt, record in plan:
+        entry = retention(replace(cfg, encoders=[name], weights=str(pt), ship_from=None))["encoders"][name]
+        record["retention"] = {"images": entry["images"], "train_images": entry["train_images"],
+                               "test_images": entry["test_images"], "k": cfg.k, "levels": entry["levels"],
+                               "invariance": entry["invariance"], "goals": goals(entry)}
+        entry["training"] = {k: record.get(k) for k in ("steps", "seconds", "cpu_seconds", "device", "sha256")}
+        shipped["encoders"][name] = entry
+    for name, pt, record in plan:
+        old, old_rec = zoo.TINY_WEIGHTS / f"{name}.pt", zoo.TINY_WEIGHTS / f"{name}.json"
+        if old.exists():
+            (zoo.TINY_WEIGHTS / earlier).mkdir(exist_ok=True)
+            for f in (old, old_rec):
+                if f.exists():
+                    os.replace(f, zoo.TINY_WEIGHTS / earlier / f.name)
+        write_local(zoo.TINY_WEIGHTS / f"{name}.pt", pt.read_bytes())
+        write_local(old_rec, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return shipped

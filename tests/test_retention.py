@@ -60,3 +60,48 @@ def test_the_command_writes_json_and_markdown(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "launch" / "retention.py"), "train_images=0",
                           f"hydra.run.dir={tmp_path / 'h2'}"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: train_images=0")
+
+
+def test_shipping_pretrained_encoders_keeps_the_replaced_ones_for_what_was_made_with_them(tmp_path, monkeypatch,
+                                                                                            typed):
+    """ship_from swaps a pretrained tiny encoder into rcdm with its retention numbers and goals in its record; the
+    file it replaces moves to the earlier folder, where a record of its sha256 still finds it; a staged file that
+    is not the one its record names is refused before anything moves."""
+    import shutil
+
+    from rcdm.encoders import build_encoder, zoo
+    from rcdm.encoders.weights import WeightsRecord, sha256sum
+    from rcdm.retention import ship_tiny
+    from rcdm.ssl.pretrain import pretrain
+
+    shipped = tmp_path / "tiny_weights"
+    shipped.mkdir()
+    for ext in ("pt", "json"):
+        shutil.copy(zoo.TINY_WEIGHTS / f"simclr.{ext}", shipped / f"simclr.{ext}")
+    monkeypatch.setattr(zoo, "TINY_WEIGHTS", shipped)
+    monkeypatch.setitem(zoo.EARLIER_TINY, "v0", "the test's earlier encoders")
+    old = sha256sum(shipped / "simclr.pt")
+    staged = tmp_path / "staged"
+    new = pretrain(typed("pretrain_encoder", ["method=simclr", f"output={staged / 'simclr.pt'}", "steps=2",
+                                              "batch_size=8", "images=16", "warmup_steps=1", "tracking.uri=null"]))
+    cfg = RetentionConfig(encoders=["simclr"], train_images=64, test_images=32, invariance_images=8, bootstrap=20,
+                          ship_from=str(staged), ship_earlier="v0")
+    with pytest.raises(UserError, match="EARLIER_TINY does not name"):
+        ship_tiny(RetentionConfig(encoders=["simclr"], ship_from=str(staged), ship_earlier="v9"))
+    good = (staged / "simclr.pt").read_bytes()
+    (staged / "simclr.pt").write_bytes(good[:-4] + b"XXXX")
+    with pytest.raises(UserError, match="does not match the sha256"):
+        ship_tiny(cfg)
+    assert sha256sum(shipped / "simclr.pt") == old and not (shipped / "v0").exists()  # nothing moved
+    (staged / "simclr.pt").write_bytes(good)
+    table = ship_tiny(cfg)
+    record = json.loads((shipped / "simclr.json").read_text())
+    assert record["sha256"] == new["sha256"] == sha256sum(shipped / "simclr.pt")
+    assert {g["level"] + " " + g["factor"] for g in record["retention"]["goals"]} == {
+        "backbone shape", "backbone colour", "projector shape", "projector colour"}
+    assert all(isinstance(g["knn"]["met"], bool) and g["probe"]["ci95"][0] <= g["probe"]["value"]
+               for g in record["retention"]["goals"])
+    assert table["encoders"]["simclr"]["training"]["sha256"] == new["sha256"]
+    assert build_encoder("simclr", "tiny").weights.sha256 == new["sha256"]  # the current one
+    assert build_encoder("simclr", "tiny", WeightsRecord("released", old)).weights.sha256 == old  # from v0/
+    assert sha256sum(shipped / "v0" / "simclr.pt") == old
