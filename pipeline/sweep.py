@@ -23,6 +23,7 @@ from pipeline.guard import GuardCallback, masked_error
 from rcdm.config import TrackingConfig, TrainConfig
 from rcdm.data import open_dataset
 from rcdm.encoders import build_encoder
+from rcdm.encoders.zoo import EARLIER_TINY, shipped_version
 from rcdm.errors import UserError
 from rcdm.lease import Lease, LeaseHeld, describe
 from rcdm.manifest import read_manifest
@@ -78,10 +79,13 @@ def ensure_demo_data(cfg: TrainConfig) -> None:
             want = build_encoder(name, d.synthetic.arch, d.synthetic.encoder_weights).weights
             have = manifest.encoders.get(name)
             if have and have.weights.sha256 != want.sha256:
-                raise UserError(f"the demo dataset at {d.url} was embedded with other {name} weights "
-                                f"({have.weights}) than data.synthetic.encoder_weights="
-                                f"{d.synthetic.encoder_weights}; delete {d.url} to rebuild it, or set "
-                                f"data.synthetic.encoder_weights to match")
+                earlier = shipped_version(name, have.weights.sha256) if d.synthetic.arch == "tiny" else None
+                why = (f"the tiny {name} encoder an earlier rcdm shipped ({earlier}: {EARLIER_TINY[earlier]})"
+                       if earlier in EARLIER_TINY else f"other {name} weights ({have.weights})")
+                raise UserError(f"the demo dataset at {d.url} is stale: it was embedded with {why}, not those "
+                                f"data.synthetic.encoder_weights={d.synthetic.encoder_weights} gives now; delete "
+                                f"{d.url} to rebuild it (a few minutes), or set data.synthetic.encoder_weights to "
+                                f"match")
     for split, count in d.synthetic.counts.items():
         if manifest and split in manifest.splits:
             continue

@@ -224,3 +224,31 @@ def test_dino_prototypes_follow_colour_and_background(probe_set):
     info, baseline = assignment_information(assignment, factors), assignment_information(shuffled, factors)
     for factor in ("colour", "background"):
         assert info[factor] >= baseline[factor] + 0.5 and info[factor] >= info["shape"] + 0.4, (info, baseline)
+
+
+def test_a_demo_dataset_of_earlier_encoders_is_stale_and_refused_with_the_fix(tmp_path, monkeypatch, typed):
+    """After new tiny encoders ship, a demo dataset embedded with the earlier ones is never mixed with them: the sweep
+    refuses it, naming the earlier encoders and the fix, and builds nothing over it."""
+    import shutil
+
+    from pipeline.sweep import ensure_demo_data
+
+    shipped = tmp_path / "tiny_weights"
+    shipped.mkdir()
+    for ext in ("pt", "json"):
+        shutil.copy(zoo.TINY_WEIGHTS / f"simclr.{ext}", shipped / f"simclr.{ext}")
+    monkeypatch.setattr(zoo, "TINY_WEIGHTS", shipped)
+    demo = tmp_path / "demo"
+    cfg = typed("sweep", ["data=demo", f"data.url={demo}", "data.synthetic.counts={train: 4, val: 2}",
+                          "data.synthetic.encoders=[simclr]", "encoder=simclr", f"storage.run_root={tmp_path / 'r'}"])
+    ensure_demo_data(cfg)
+    built = (demo / "manifest.json").read_text()
+    (shipped / "v1").mkdir()
+    for ext in ("pt", "json"):  # as `launch/retention.py ship_from=... ship_earlier=v1` leaves them
+        (shipped / f"simclr.{ext}").rename(shipped / "v1" / f"simclr.{ext}")
+    pretrain(typed("pretrain_encoder", ["method=simclr", f"output={shipped / 'simclr.pt'}", "steps=1", "batch_size=8",
+                                        "images=16", "warmup_steps=1", "tracking.uri=null"]))
+    with pytest.raises(UserError, match=r"is stale: it was embedded with the tiny simclr encoder an earlier rcdm "
+                                        r"shipped \(v1.*delete .*demo to rebuild it"):
+        ensure_demo_data(cfg)
+    assert (demo / "manifest.json").read_text() == built

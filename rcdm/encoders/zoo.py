@@ -301,6 +301,15 @@ def _shipped_record(folder: Path, name: str) -> tuple[Path, dict] | None:
         raise UserError(f"{record} is unreadable; reinstall rcdm") from None
 
 
+def shipped_version(name: str, sha256: str | None) -> str | None:
+    """Which shipped tiny ``name`` encoder has ``sha256``: "current", a folder of ``EARLIER_TINY``, or None."""
+    for version, folder in [("current", TINY_WEIGHTS), *((v, TINY_WEIGHTS / v) for v in EARLIER_TINY)]:
+        found = _shipped_record(folder, name)
+        if sha256 and found and found[1].get("sha256") == sha256:
+            return version
+    return None
+
+
 def shipped_tiny(name: str, sha256: str | None = None) -> Path:
     """The tiny encoder trained with ``name``'s own objective that ships with rcdm, checksum verified against the
     record written when it was trained (``launch/pretrain_encoder.py``): the current one, or, when ``sha256`` names
