@@ -2,7 +2,7 @@
 neighbour vote with 95 % intervals, the invariance index per SSL augmentation, each encoder's training cost.
 
     python launch/retention.py                                   # the demo's four tiny encoders, demo generator
-    python launch/retention.py markdown=docs/encoders_retention.md
+    python launch/retention.py markdown=retention.md           # also the table as Markdown
     python launch/retention.py encoders=[vicreg,barlow] arch=resnet50 images=/data/val-subset train_images=700 \
         test_images=300                                          # labels: the folder's class sub-folders
     python launch/retention.py ship_from=<folder of pretrained tiny encoders> ship_earlier=v1

@@ -1,4 +1,4 @@
-"""The sharding stage writes the dataset contract of DESIGN.md, on local paths and on a real S3 server."""
+"""The sharding stage writes the dataset contract of docs/design.md, on local paths and on a real S3 server."""
 import io
 import json
 import os

@@ -112,3 +112,19 @@ def test_no_name_is_used_undefined_or_imported_unused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache", str(bad)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "F821" in r.stdout, r.stdout + r.stderr  # the check sees what it is for
+
+
+def test_every_page_the_code_cites_is_in_the_repository():
+    """A clone holds the contracts and pages its code points at (they once cited a design page that lived outside
+    it)."""
+    import re
+
+    cited = set()
+    for folder in ("rcdm", "pipeline", "sharding", "launch", "benchmarks", "hydra_plugins", "tests", "configs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".yaml") and path.is_file():
+                cited |= {(m, path.relative_to(ROOT)) for m in re.findall(r"\b(?:docs/[\w/.-]+\.md|[A-Z]+\.md)\b",
+                                                                           path.read_text())}
+    missing = sorted(f"{page} (cited in {where})" for page, where in cited if not (ROOT / page).is_file())
+    assert not missing, missing
+    assert any(page == "docs/design.md" for page, _ in cited)  # the walk sees citations
