@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,9 +40,26 @@ def is_demo_ref(ref) -> bool:
     return isinstance(ref, str) and ref.startswith(PREFIX)
 
 
+_READ_FROM: list[Path] = []  # models_from's folders, innermost last
+
+
 def demo_dir() -> Path:
-    """``$RCDM_DEMO_MODELS`` if set (another set of demo models, e.g. a retrained one), else the shipped ones."""
+    """Where ``demo:<name>`` resolves: the folder of an enclosing ``models_from``, else ``$RCDM_DEMO_MODELS`` if set
+    (another set of demo models, e.g. a retrained one), else the shipped ones."""
+    if _READ_FROM:
+        return _READ_FROM[-1]
     return Path(os.environ.get("RCDM_DEMO_MODELS") or DEMO_DIR)
+
+
+@contextmanager
+def models_from(directory: str | Path):
+    """``demo:<name>`` resolves to ``directory``'s files inside the block (this process only; the environment
+    is left alone)."""
+    _READ_FROM.append(Path(directory))
+    try:
+        yield
+    finally:
+        _READ_FROM.pop()
 
 
 def available(directory: Path | None = None) -> list[str]:

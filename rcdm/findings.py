@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -334,7 +332,7 @@ def read_held_out(name: str, directory: Path, images: int = 256) -> dict:
     to (the run's own read uses the 64 validation images every encoder shares). Returns the record."""
     rec = demo_release.record(name, directory)
     # demo:<name> resolves to this directory's file
-    with mock.patch.dict(os.environ, {"RCDM_DEMO_MODELS": str(directory)}), tempfile.TemporaryDirectory() as tmp:
+    with demo_release.models_from(directory), tempfile.TemporaryDirectory() as tmp:
         run_analysis(AnalyzeConfig(analysis="factor_reads", checkpoint=demo_release.PREFIX + name,
                                    images=f"synthetic:{images}", output=tmp, steps="ddim25", guidance=1.0,
                                    download=False))

@@ -39,11 +39,11 @@ def typed():
 
 
 def build_dataset(path: Path, size: int = 32, train: int = 48, val: int = 8, encoders=("dino",),
-                  storage: StorageOptions | None = None) -> str:
+                  storage: StorageOptions | None = None, encoder_weights: str = "released") -> str:
     """A small synthetic dataset (train and val splits, 16-image shards) at ``path``."""
     for split, n in (("train", train), ("val", val)):
         shard(ShardJob(input="synthetic", output=str(path), split=split, synthetic=SyntheticInput(n), shard_size=16,
-                       image_size=size, encoders=list(encoders), loader_workers=0,
+                       image_size=size, encoders=list(encoders), loader_workers=0, encoder_weights=encoder_weights,
                        storage=storage or StorageOptions()))
     return str(path)
 

@@ -128,3 +128,16 @@ def test_every_page_the_code_cites_is_in_the_repository():
     missing = sorted(f"{page} (cited in {where})" for page, where in cited if not (ROOT / page).is_file())
     assert not missing, missing
     assert any(page == "docs/design.md" for page, _ in cited)  # the walk sees citations
+
+
+def test_library_code_borrows_no_test_tools():
+    """rcdm, sharding, pipeline, launch and the launcher plugin never import unittest (mock.patch on os.environ
+    once redirected the demo models for the whole process); demo_release.models_from does it in the open."""
+    mods = modules()
+    for name, path in mods.items():
+        tree = ast.parse(Path(path).read_text())
+        used = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        used |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "unittest" not in used, name
+    for path in [*(ROOT / "launch").glob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py")]:
+        assert "unittest" not in path.read_text(), path
