@@ -150,16 +150,20 @@ def invariance_indices(encoder, images: torch.Tensor, cfg: RetentionConfig) -> d
     return out
 
 
+def cost_of(record: dict) -> dict:
+    """What a pretraining record says training the encoder cost: steps, wall and CPU seconds, device, data."""
+    c = record.get("config", {})
+    method = c.get("method") if isinstance(c.get("method"), dict) else c  # records before MethodConfig: flat
+    return {"steps": record.get("steps"), "seconds": record.get("seconds"), "cpu_seconds": record.get("cpu_seconds"),
+            "device": record.get("device", "not recorded"), "batch_size": c.get("batch_size"),
+            "images": c.get("images"), "jitter": (method.get("augment") or {}).get("jitter"),
+            "sha256": record.get("sha256")}
+
+
 def training_cost(name: str, arch: str, weights: str) -> dict:
     """What training the encoder cost, where rcdm trained it (the tiny encoders' records); else where it came from."""
     if arch == "tiny" and weights == "released":
-        rec = json.loads((zoo.TINY_WEIGHTS / f"{name}.json").read_text())
-        c = rec.get("config", {})
-        method = c.get("method") if isinstance(c.get("method"), dict) else c  # records before MethodConfig: flat
-        return {"steps": rec.get("steps"), "seconds": rec.get("seconds"), "cpu_seconds": rec.get("cpu_seconds"),
-                "device": rec.get("device", "not recorded"),
-                "batch_size": c.get("batch_size"), "images": c.get("images"),
-                "jitter": (method.get("augment") or {}).get("jitter"), "sha256": rec.get("sha256")}
+        return cost_of(json.loads((zoo.TINY_WEIGHTS / f"{name}.json").read_text()))
     if weights == "released":
         return {"source": f"the method's published {arch} weights (not trained by rcdm)"}
     return {"source": weights}
@@ -219,14 +223,24 @@ def markdown(table: dict) -> str:
         for name, e in inv:
             for level in e["levels"]:
                 lines.append(f"| {name} | {level} | " + " | ".join(fmt(e["invariance"][f][level]) for f in fams) + " |")
+    demo = [(n, e) for n, e in table["encoders"].items() if e.get("arch") == "tiny" and "shape" in
+            e["levels"].get("backbone", {})]
+    if demo:  # the demo encoders' goals, read on the k-NN vote and the probe
+        lines += ["", "| encoder | goal | k-NN | probe |", "|---|---|---|---|"]
+        for name, e in demo:
+            for g in goals(e):
+                cells = [f"{fmt(g[h])} {'met' if g[h]['met'] else 'missed'}" if g[h] else "–" for h in ("knn", "probe")]
+                lines.append(f"| {name} | {g['level']} {g['factor']} {g['goal']} | " + " | ".join(cells) + " |")
     cost = [(n, e["training"]) for n, e in table["encoders"].items()]
-    lines += ["", "| encoder | trained | steps | CPU/GPU seconds | device |", "|---|---|---|---|---|"]
+    lines += ["", "| encoder | trained | steps | wall seconds | CPU seconds | device |", "|---|---|---|---|---|---|"]
     for name, t in cost:
         if "steps" in t:
-            lines.append(f"| {name} | {t.get('images')} images, batch {t.get('batch_size')}, jitter {t.get('jitter')} "
-                         f"| {t['steps']} | {t.get('seconds')} | {t.get('device')} |")
+            what = (f"{t['images']} images, batch {t.get('batch_size')}, jitter {t.get('jitter')}" if t.get("images")
+                    else f"sha256 {str(t.get('sha256'))[:12]}...")
+            lines.append(f"| {name} | {what} | {t['steps']} | {t.get('seconds')} | {t.get('cpu_seconds') or '–'} | "
+                         f"{t.get('device')} |")
         else:
-            lines.append(f"| {name} | {t['source']} | – | – | – |")
+            lines.append(f"| {name} | {t['source']} | – | – | – | – |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +303,7 @@ def ship_tiny(cfg: RetentionConfig) -> dict:
         record["retention"] = {"images": entry["images"], "train_images": entry["train_images"],
                                "test_images": entry["test_images"], "k": cfg.k, "levels": entry["levels"],
                                "invariance": entry["invariance"], "goals": goals(entry)}
-        entry["training"] = {k: record.get(k) for k in ("steps", "seconds", "cpu_seconds", "device", "sha256")}
+        entry["training"] = cost_of(record)
         shipped["encoders"][name] = entry
     for name, pt, record in plan:
         old, old_rec = zoo.TINY_WEIGHTS / f"{name}.pt", zoo.TINY_WEIGHTS / f"{name}.json"
