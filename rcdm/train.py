@@ -407,7 +407,7 @@ def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, spent: S
             "step": step, "train_seconds": spent.wall_s, "train_cpu_seconds": spent.cpu_s,
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(),
-            "scaler": None, "config": scrub_tree(cfg.to_dict()),
+            "config": scrub_tree(cfg.to_dict()),
             "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_card(cfg, info, dist).to_dict(),
         }, cfg.storage, keep=cfg.train.keep_checkpoints)
         tracker.set_tag("checkpoint", join(cfg.run_root, "checkpoints"))

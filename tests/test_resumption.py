@@ -75,6 +75,8 @@ def test_a_run_interrupted_three_times_ends_bitwise_equal_to_an_uninterrupted_on
     a, b = _final_state(whole), _final_state(cut)
     for key in ("model", "ema", "optimizer"):
         _assert_bitwise_equal(a[key], b[key], key)
+    assert set(a) == {"step", "train_seconds", "train_cpu_seconds", "model", "ema", "optimizer", "config",
+                      "mlflow_run_id", "meta", "format", "version"}  # every key read on resume or by a loader
 
 
 def test_the_batch_of_a_step_does_not_depend_on_where_the_loader_started(dataset):
