@@ -25,6 +25,7 @@ from rcdm.grids import png_grid
 from rcdm.report.figures import interval_bars
 from rcdm.sampling import load_with_encoder
 from rcdm.storage import open_fs, write_local
+from rcdm.stats import mean_ci
 
 log = logging.getLogger(__name__)
 LEVELS = ("backbone", "projector")
@@ -210,14 +211,6 @@ def manipulation_summary(rows: list[dict]) -> dict:
             out[f"{factor}_{name}"], out[f"{factor}_{name}_ci95"] = mean_ci(vals)
         out[f"{factor}_transfer_pairs"] = len([r for r in reads if factor in r])
     return out
-
-
-def mean_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, list[float]]:
-    """The mean and its 95 % percentile-bootstrap interval (a fixed seed: the same numbers give the same interval)."""
-    x = torch.tensor(values, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)
-    return float(x.mean()), [float(means.quantile(0.025)), float(means.quantile(0.975))]
 
 
 def _pick(d: dict, *keys: str) -> dict:

@@ -21,13 +21,14 @@ import torch
 from rcdm import synthetic
 from rcdm.analysis.factor_reads import knn_predict
 from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT
-from rcdm.analysis.invariance import FAMILIES, augment, embed, embedding_invariance, wilson
+from rcdm.analysis.invariance import FAMILIES, augment, embed, embedding_invariance
 from rcdm.device import pick_device
 from rcdm.encoders import build_encoder
 from rcdm.encoders import zoo
 from rcdm.errors import UserError
 from rcdm.preprocess import IMAGE_SUFFIXES, load_rgb, to_uint8_tensor
 from rcdm.probes import factor_labels, fit_linear_probe
+from rcdm.stats import mean_ci, wilson
 
 LABEL = "label"  # the one factor of a folder of class sub-folders
 
@@ -107,12 +108,6 @@ def _estimate(hits: int, n: int) -> dict:
     return {"value": hits / n, "ci95": [lo, hi], "n": n}
 
 
-def _bootstrap_mean(x: torch.Tensor, resamples: int, seed: int) -> list[float]:
-    g = torch.Generator().manual_seed(seed)
-    means = x[torch.randint(0, len(x), (resamples, len(x)), generator=g)].mean(1)
-    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
-
-
 def level_retention(feats: torch.Tensor, labels: dict, n_train: int, k: int) -> dict[str, dict]:
     """{factor: {"probe": estimate, "knn": estimate, "chance"}} for one level's embeddings [N, D]: the first
     ``n_train`` rows train, the rest test."""
@@ -146,7 +141,7 @@ def invariance_indices(encoder, images: torch.Tensor, cfg: RetentionConfig) -> d
             other = summary["cosine_other"][level]
             per = (torch.nn.functional.cosine_similarity(h, view[level], dim=1) - other) / max(1 - other, 1e-8)
             out[family][level] = {"value": summary[family][level]["invariance_index"],
-                                  "ci95": _bootstrap_mean(per, cfg.bootstrap, cfg.seed)}
+                                  "ci95": mean_ci(per, cfg.bootstrap, cfg.seed)[1]}
     return out
 
 

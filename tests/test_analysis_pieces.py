@@ -43,7 +43,7 @@ def test_attribute_direction_is_the_difference_of_the_value_groups_means():
 
 
 def test_mean_ci_brackets_the_mean_and_shrinks_with_agreement():
-    from rcdm.findings import mean_ci
+    from rcdm.stats import mean_ci
 
     m, (lo, hi) = mean_ci([0.0, 1.0] * 8)
     assert m == pytest.approx(0.5) and lo < 0.5 < hi
@@ -135,7 +135,7 @@ def test_inception_weights_missing_offline_name_the_file_and_cache(tmp_path, mon
 
 def test_factor_path_reads_a_then_b_along_the_path_and_wilson_intervals_bound_the_share():
     from rcdm.analysis.interpolate import factor_path
-    from rcdm.analysis.invariance import wilson
+    from rcdm.stats import wilson
     from rcdm.synthetic import SHAPES
 
     class Brightness(torch.nn.Module):  # a "factor reader": dark images are shape 0, bright ones shape 1

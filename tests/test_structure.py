@@ -141,3 +141,14 @@ def test_library_code_borrows_no_test_tools():
         assert "unittest" not in used, name
     for path in [*(ROOT / "launch").glob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py")]:
         assert "unittest" not in path.read_text(), path
+
+
+def test_interval_estimates_live_in_one_module():
+    """Wilson intervals and bootstrap percentiles are computed in rcdm/stats.py alone (they were in three files)."""
+    import re
+
+    pattern = re.compile(r"def wilson|quantile\(0\.025|percentile\([^)]*2\.5|\b1\.96\b")
+    for folder in ("rcdm", "pipeline", "sharding", "launch", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path != ROOT / "rcdm" / "stats.py":
+                assert not pattern.search(path.read_text()), path

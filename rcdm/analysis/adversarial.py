@@ -148,7 +148,7 @@ def curves_png(results: dict, title: str) -> bytes:
 def run(inputs: Inputs, opts: Options) -> Result:
     """FGSM against a supervised classifier and a linear probe on the SSL level; samples conditioned on the
     perturbed SSL embeddings, read by the factor reader: do they still show the image's true factor?"""
-    from rcdm.analysis.invariance import wilson
+    from rcdm.stats import wilson
     from rcdm.probes import factor_labels, synthetic_set
 
     labels = factor_labels(inputs.need_factors(NAME))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from rcdm.analysis.base import Inputs, Reference, Result
 from rcdm.analysis.factors import FACTORS, predict, synthetic_reader, true_factors
-from rcdm.analysis.invariance import wilson
+from rcdm.stats import wilson
 from rcdm.config import FactorReadOptions
 from rcdm.grids import grid_png
 from rcdm.probes import N_BINS

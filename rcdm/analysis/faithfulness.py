@@ -19,6 +19,7 @@ from PIL import Image
 from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders import embed_in_chunks
 from rcdm.grids import grid_png
+from rcdm.stats import bootstrap
 
 NAME = "faithfulness"
 
@@ -53,8 +54,7 @@ def summarise(r: torch.Tensor, boot: int = 1000, seed: int = 0) -> dict:
     def stats(x: np.ndarray) -> np.ndarray:  # [..., n] -> [..., 4]
         return np.stack([x.mean(-1), np.median(x, -1), (1 / x).mean(-1), (x == 1).mean(-1)], -1)
 
-    idx = np.random.default_rng(seed).integers(0, n, size=(boot, n))
-    lo, hi = np.percentile(stats(r[idx]), [2.5, 97.5], axis=0)
+    lo, hi = bootstrap(r, stats, boot, seed)
     point = stats(r)
     names = ["mean_rank", "median_rank", "mrr", "top1"]
     out = {"n": n}

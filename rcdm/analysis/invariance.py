@@ -13,7 +13,6 @@ The paper's findings 1 and 2: the backbone follows colour jitter and grayscale, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +25,7 @@ from rcdm.errors import UserError
 from rcdm.grids import png_grid
 from rcdm.encoders import embed_in_chunks
 from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
+from rcdm.stats import wilson
 
 # the factors each augmentation can change
 CHANGES = {"colour_jitter": ("colour", "background"), "grayscale": ("grayscale",),
@@ -135,14 +135,6 @@ def factor_table(net, factors: list[dict], originals: torch.Tensor, views: dict[
             entry["shape_and_follows_view"][k], entry["shape_and_follows_view_ci95"][k] = frac(both), ci(both)
         out[family] = entry
     return out
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
-    """The Wilson score 95 % interval of a proportion (sound at 0, 1 and small n)."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def run(inputs: Inputs, opts: Options) -> Result:

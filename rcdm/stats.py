@@ -1,0 +1,39 @@
+"""The interval estimates every analysis, table and report uses: one place for each.
+
+- ``wilson``: a proportion's 95 % Wilson score interval (sound at 0, 1 and small n);
+- ``mean_ci``: a mean and its 95 % percentile-bootstrap interval (resampling the values, torch's seeded generator);
+- ``bootstrap``: the 95 % percentile-bootstrap interval of any statistics of a sample (numpy's seeded generator).
+A fixed seed: the same numbers always give the same interval.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score 95 % interval of ``successes`` out of ``n``."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mean_ci(values, resamples: int = 2000, seed: int = 0) -> tuple[float, list[float]]:
+    """The mean of ``values`` (a list or a 1-d tensor) and its 95 % percentile-bootstrap interval."""
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)
+    return float(x.mean()), [float(means.quantile(0.025)), float(means.quantile(0.975))]
+
+
+def bootstrap(x: np.ndarray, stats: Callable[[np.ndarray], np.ndarray], resamples: int = 1000,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high): the 95 % percentile-bootstrap interval of ``stats`` ([..., n] -> [..., k]) over the n values of
+    ``x``, each of the k statistics on its own."""
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    lo, hi = np.percentile(stats(x[idx]), [2.5, 97.5], axis=0)
+    return lo, hi
