@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+# The synthetic-factor reader's training steps, everywhere one is trained (the shipped readers were trained with it)
+READER_STEPS = 600
+
 from rcdm.diffusion.gaussian import Process
 from rcdm.diffusion.schedules import space_timesteps
 from rcdm.errors import UserError
@@ -204,7 +207,7 @@ class FactorReadOptions:
 
     k: int = 10  # neighbours of the embedding bound's vote
     reference_images: int = 2048  # labelled reference embeddings for the bound
-    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
+    reader_steps: int = READER_STEPS  # training steps of the synthetic-factor reader (cached once trained)
 
 
 @dataclass

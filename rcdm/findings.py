@@ -26,6 +26,7 @@ from rcdm.report.figures import interval_bars
 from rcdm.sampling import load_with_encoder
 from rcdm.storage import open_fs, write_local
 from rcdm.stats import mean_ci
+from rcdm.config import READER_STEPS
 
 log = logging.getLogger(__name__)
 LEVELS = ("backbone", "projector")
@@ -47,7 +48,7 @@ class FindingsConfig:
     encoders: list[str] = field(default_factory=lambda: ["vicreg", "dino", "barlow", "simclr"])
     device: str = "auto"
     manipulate_pairs: int = 16  # (source, target) pairs the manipulation's transfer is averaged over
-    reader_steps: int = 600  # training steps of the factor reader and of finding 3's supervised classifier (cached)
+    reader_steps: int = READER_STEPS  # training steps of the factor reader and of finding 3's supervised classifier (cached)
 
 
 class Runner:
@@ -74,8 +75,8 @@ class Runner:
 
     def run(self, part: str, analysis: str, models: list[str], images, guidance: float, **options) -> dict:
         module = ANALYSES[analysis]
-        default = getattr(module.Options, "reader_steps", None)  # the analyses that read factors take it
-        if default is not None and self.cfg.reader_steps != default:
+        takes = hasattr(module.Options, "reader_steps")  # the analyses that read factors take it
+        if takes and self.cfg.reader_steps != READER_STEPS:
             options["reader_steps"] = self.cfg.reader_steps
         checkpoint = f"demo:{models[0]}" if len(models) == 1 else "[" + ",".join(f"demo:{m}" for m in models) + "]"
         out = self.out / "runs" / part

@@ -152,3 +152,21 @@ def test_interval_estimates_live_in_one_module():
         for path in (ROOT / folder).rglob("*.py"):
             if path != ROOT / "rcdm" / "stats.py":
                 assert not pattern.search(path.read_text()), path
+
+
+def test_the_factor_reader_budget_is_set_once():
+    """Every reader_steps default is rcdm.config.READER_STEPS (it was the literal 600 in eight places)."""
+    import dataclasses
+    import re
+
+    from rcdm.analysis import ANALYSES
+    from rcdm.config import READER_STEPS, FactorReadOptions
+    from rcdm.findings import FindingsConfig
+
+    for folder in ("rcdm", "pipeline", "launch"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert not re.search(r"reader_steps: int = \d", path.read_text()), path
+    options = [m.Options for m in ANALYSES.values() if hasattr(m.Options, "reader_steps")]
+    assert len(options) >= 4
+    for cls in (*options, FactorReadOptions, FindingsConfig):
+        assert {f.name: f.default for f in dataclasses.fields(cls)}["reader_steps"] == READER_STEPS, cls

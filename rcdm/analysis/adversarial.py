@@ -22,6 +22,7 @@ from rcdm.grids import png_grid
 from rcdm.encoders import embed_in_chunks
 from rcdm.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rcdm.probes import fit_linear_probe
+from rcdm.config import READER_STEPS
 
 EPSILONS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # in 0-255 pixel units
 NAME = "adversarial"
@@ -32,7 +33,7 @@ class Options:
     task: str = "shape"  # the factor attacked
     epsilons: list[float] = field(default_factory=lambda: list(EPSILONS))
     probe_images: int = 2000  # labelled images the SSL probe is fitted on
-    reader_steps: int = 600  # training steps of the supervised baseline and of the factor reader
+    reader_steps: int = READER_STEPS  # training steps of the supervised baseline and of the factor reader
 
 
 def encoder_input(encoder, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from rcdm.probes import factor_labels, synthetic_set
 from rcdm.ssl.augment import blur
 from rcdm.errors import UserError
 from rcdm.storage import write_local
+from rcdm.config import READER_STEPS
 
 log = logging.getLogger(__name__)
 FACTORS = ("shape", "colour", "background", "scale", "x", "y", "grayscale")
@@ -40,7 +41,7 @@ VERSION = 1  # bump when training changes, so stale cache entries are not reused
 class FactorNetConfig:
     image_size: int = 32
     images: int = 4096
-    steps: int = 600
+    steps: int = READER_STEPS
     batch_size: int = 128
     lr: float = 2e-3
     data_seed: int = 11  # split "factors": images the encoders, RCDMs and probes never saw
@@ -150,7 +151,7 @@ def factor_net(cfg: FactorNetConfig = FactorNetConfig()) -> tuple[FactorNet, dic
     return net, report
 
 
-def synthetic_reader(image_size: int, steps: int = 600) -> tuple[FactorNet, dict]:
+def synthetic_reader(image_size: int, steps: int = READER_STEPS) -> tuple[FactorNet, dict]:
     """The reader of the demo generator's factors at ``image_size`` (cached once trained) and its report."""
     return factor_net(FactorNetConfig(image_size=image_size, steps=steps))
 

@@ -17,6 +17,7 @@ from rcdm.diffusion.gaussian import Process
 from rcdm.errors import UserError
 from rcdm.grids import png_grid
 from rcdm.sampling import guided
+from rcdm.config import READER_STEPS
 
 NAME = "interpolate"
 
@@ -26,7 +27,7 @@ class Options:
     points: int = 8  # path points, ends included
     rows: int = 3  # noises, one row each
     mode: str = "linear"  # linear | spherical (slerp of the directions, norms interpolated)
-    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
+    reader_steps: int = READER_STEPS  # training steps of the synthetic-factor reader (cached once trained)
 
 
 def embedding_path(h0: torch.Tensor, h1: torch.Tensor, alphas: torch.Tensor, mode: str = "linear") -> torch.Tensor:

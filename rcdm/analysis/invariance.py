@@ -26,6 +26,7 @@ from rcdm.grids import png_grid
 from rcdm.encoders import embed_in_chunks
 from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
 from rcdm.stats import wilson
+from rcdm.config import READER_STEPS
 
 # the factors each augmentation can change
 CHANGES = {"colour_jitter": ("colour", "background"), "grayscale": ("grayscale",),
@@ -38,7 +39,7 @@ NAME = "invariance"
 class Options:
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
     sample: bool = True  # also draw from the views' embeddings, per level (false: the embedding index alone)
-    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
+    reader_steps: int = READER_STEPS  # training steps of the synthetic-factor reader (cached once trained)
 
 
 def _crop(x: torch.Tensor, side: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:

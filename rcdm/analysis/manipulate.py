@@ -32,6 +32,7 @@ from rcdm.analysis.factors import FACTORS, predict, synthetic_reader, true_facto
 from rcdm.analysis.faithfulness import reencode
 from rcdm.errors import UserError
 from rcdm.grids import png_grid
+from rcdm.config import READER_STEPS
 
 NAME = "manipulate"
 
@@ -45,7 +46,7 @@ class Options:
     samples: int = 8  # draws per embedding
     attribute: str | None = None  # a factor (shape, colour, ...): edit it along its mean difference (factors known)
     strength: float = 1.0  # multiples of that mean difference added to the target
-    reader_steps: int = 600  # training steps of the synthetic-factor reader (cached once trained)
+    reader_steps: int = READER_STEPS  # training steps of the synthetic-factor reader (cached once trained)
 
 
 def shared_dimensions(pool: torch.Tensor, source: torch.Tensor, k: int, fraction: float
