@@ -38,6 +38,22 @@ def test_the_demo_keeps_its_per_level_budget():
     assert composed(["level=projector", "train.steps=7"]).train.steps == 7  # the command line wins
 
 
+def test_the_dinov2_experiment_extends_the_papers_setting_changing_only_its_encoder():
+    """imagenet_dinov2 includes imagenet128_resnet50 instead of copying it: what differs is the encoder and where it
+    logs, nothing else (a budget changed in one holds in both)."""
+    def flat(c, prefix=""):
+        out = {}
+        for k, v in c.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = (flat(OmegaConf.to_container(composed([f"experiment={e}", "level=backbone"]), resolve=False))
+            for e in ("imagenet128_resnet50", "imagenet_dinov2"))
+    differ = {k.split(".")[0] for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert differ == {"encoder", "tracking"}, differ
+    assert "train:" not in (ROOT / "configs" / "experiment" / "imagenet_dinov2.yaml").read_text()
+
+
 @pytest.mark.parametrize("experiment", IMAGENET)
 @pytest.mark.parametrize("level", ["backbone", "projector"])
 def test_imagenet_experiments_set_a_real_budget_at_every_level(experiment, level):
