@@ -53,7 +53,8 @@ def rows(schema, prefix: str = "") -> list[tuple[str, str, str]]:
 
 def groups() -> list[tuple[str, list[str]]]:
     """(group, its options) for every config group folder."""
-    return [(d.name, sorted(p.stem for p in d.glob("*.yaml"))) for d in sorted(CONFIGS.iterdir()) if d.is_dir()]
+    return [(d.name, sorted(p.stem for p in d.glob("*.yaml"))) for d in sorted(CONFIGS.iterdir())
+            if d.is_dir() and d.name != "hydra"]  # hydra/: the launchers' shared settings, not a choice
 
 
 def render() -> str:

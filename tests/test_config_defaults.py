@@ -57,3 +57,17 @@ def test_the_check_finds_a_repeat():
     defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
     assert repeats({"train": {"grad_clip": defaults["train"]["grad_clip"], "lr": -1}}, defaults) == [
         f"train.grad_clip: {defaults['train']['grad_clip']!r}"]
+
+
+def test_the_launchers_share_one_hydra_block():
+    """Every launcher's primary config takes configs/hydra/default.yaml (the guard callback, no chdir, its run folder
+    named after the config) instead of restating it; only a different run folder stays in the launcher's file."""
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        if path.stem in ("sweep", "demo_release"):  # the sweep's own callback and folders; a config, not a launcher
+            continue
+        assert "hydra: default" in path.read_text(), path.name
+        assert set(cfg.get("hydra", {})) <= {"run"} and "GuardCallback" not in path.read_text(), path.name
