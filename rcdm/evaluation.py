@@ -21,7 +21,7 @@ from rcdm.device import autocast
 from rcdm.diffusion.schedules import sampler_for
 from rcdm.encoders import EncoderCard, build_recorded_encoder
 from rcdm.errors import UserError
-from rcdm.grids import grid_png
+from rcdm.grids import samples_png
 from rcdm.model_card import LoadedRCDM, ModelCard
 from rcdm.preprocess import Preprocess
 from rcdm.sampling import draw
@@ -235,7 +235,7 @@ class Evaluator:
         x, h, _ = self._first(self.cfg.grid.images)
         samples = self._draw(ema, h.repeat_interleave(self.cfg.grid.samples, 0), self.cfg.grid.steps,
                              self.cfg.train.seed, self.cfg.grid.guidance)
-        png = grid_png(x, samples)
+        png = samples_png(x, samples)
         name = f"step-{step:09d}.png"
         fs, root = open_fs(self.cfg.run_root, self.cfg.storage)
         with atomic_open(fs, join(root, "samples", name)) as f:

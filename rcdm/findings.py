@@ -21,7 +21,7 @@ from rcdm.analysis.base import Inputs, Result, Sampling
 from rcdm.analysis.commands import AnalyzeConfig, run_analysis, write_result
 from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT, load_inputs
 from rcdm.device import pick_device
-from rcdm.grids import png_grid
+from rcdm.grids import cells_png
 from rcdm.report.figures import interval_bars
 from rcdm.sampling import load_with_encoder
 from rcdm.storage import open_fs, write_local
@@ -122,7 +122,7 @@ def samples_figure(run: Runner, encs: list[str], images: int, guidance: float) -
             inputs = run.inputs([f"{enc}-{level}"], f"synthetic:{images}", guidance)
             rows.append(inputs.own_samples())
             shown = inputs.images
-    return png_grid(torch.cat([shown] + rows), images)
+    return cells_png(torch.cat([shown] + rows), images)
 
 
 def run_findings(cfg: FindingsConfig) -> dict:

@@ -7,7 +7,7 @@ import torch
 from torchvision.utils import save_image
 
 
-def png_grid(cells: torch.Tensor, nrow: int) -> bytes:
+def cells_png(cells: torch.Tensor, nrow: int) -> bytes:
     """PNG bytes of ``cells`` [N, 3, S, S] in [-1, 1], ``nrow`` images a row, 2 px apart."""
     buf = io.BytesIO()
     save_image(cells.detach().float().cpu(), buf, format="png", nrow=nrow, value_range=(-1, 1), normalize=True,
@@ -15,8 +15,8 @@ def png_grid(cells: torch.Tensor, nrow: int) -> bytes:
     return buf.getvalue()
 
 
-def grid_png(originals: torch.Tensor, samples: torch.Tensor) -> bytes:
+def samples_png(originals: torch.Tensor, samples: torch.Tensor) -> bytes:
     """One row per original [N, 3, S, S]: the original, then its k samples ([N * k, 3, S, S])."""
     n, k = len(originals), len(samples) // len(originals)
     rows = torch.cat([originals.cpu()[:, None], samples.cpu().view(n, k, *samples.shape[1:])], 1)
-    return png_grid(rows.flatten(0, 1), k + 1)
+    return cells_png(rows.flatten(0, 1), k + 1)

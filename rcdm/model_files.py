@@ -41,7 +41,7 @@ def resolve(ref: str, download: bool = True) -> Path:
     return fetch(RELEASE_URL + ref, download=download)
 
 
-def load_released(ref: str, download: bool = True) -> LoadedRCDM:
+def load_released_rcdm(ref: str, download: bool = True) -> LoadedRCDM:
     """A released RCDM file: adm128, linear schedule over 1000 steps, ResNet-50 encoder, released weights."""
     encoder, level = parse_released_name(Path(ref).name)  # a bad name fails before any lookup
     path = resolve(ref, download)
@@ -93,7 +93,7 @@ def load_checkpoint(ref: str, download: bool = True, storage: StorageOptions | N
     if demo_release.is_demo_ref(ref):
         return demo_release.load_demo(ref)
     if RELEASED_NAME.match(Path(ref).name) or (Path(ref).name.startswith("rcdm_ema_") and "/" not in ref):
-        return load_released(ref, download)
+        return load_released_rcdm(ref, download)
     return load_trained(ref, storage)
 
 

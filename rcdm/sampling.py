@@ -14,7 +14,7 @@ from rcdm.diffusion.gaussian import Process
 from rcdm.diffusion.schedules import sampler_for
 from rcdm.encoders import build_recorded_encoder, embed_in_chunks
 from rcdm.errors import UserError
-from rcdm.grids import grid_png
+from rcdm.grids import samples_png
 from rcdm.model_files import conditioning_dim_check, load_checkpoint
 from rcdm.preprocess import Preprocess, center_crop, find_images, load_rgb, to_model_range
 from rcdm.storage import StorageOptions, write_local
@@ -137,7 +137,7 @@ def sample_grid(cfg: SampleConfig) -> dict:
     seconds = time.perf_counter() - t0
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_local(out, grid_png(originals, samples))
+    write_local(out, samples_png(originals, samples))
     log.info("wrote %s: %d images x %d samples, %s steps (%s) in %.1f s on %s",
              out, len(paths), cfg.num_samples, cfg.steps or "all", sampler, seconds, device)
     return {"output": str(out), "images": [str(p) for p in paths], "encoder": loaded.card.encoder.name,

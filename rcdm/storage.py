@@ -21,7 +21,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from rcdm.errors import UserError
 from rcdm.redaction import split_userinfo
-from rcdm.tars import DEFAULT_MAX_MEMBER_BYTES, read_samples
 
 
 @dataclass
@@ -165,17 +164,6 @@ def recorded_run_id(url: str, storage: StorageOptions | None = None) -> str | No
         raise UserError(f"{url} does not hold an MLflow run id; it was altered or damaged: delete it (a new run is "
                         f"then opened) or restore it")
     return run_id
-
-
-def tar_samples(fileobj, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of a WebDataset tar read as a stream, in order; the members of a sample
-    are consecutive. Keys keep their folder (``a/b/k.jpg`` -> ``a/b/k``); extensions are lower case. For tars
-    that must hold nothing but samples (rcdm's own shards): a member that is not a plain file of at most
-    ``max_member_bytes``, a repeated member or a cut tar raises ``ValueError`` (rcdm.tars judges them)."""
-    for sample in read_samples(fileobj, max_member_bytes):
-        if sample.problems:
-            raise ValueError(f"sample {sample.key}: {sample.problems[0]}")
-        yield sample.key, sample.members
 
 
 class HashingReader(io.RawIOBase):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from rcdm.analysis.base import Inputs, Result
 from rcdm.analysis.factors import FactorNet, FactorNetConfig, factor_net, predict
 from rcdm.errors import UserError
-from rcdm.grids import png_grid
+from rcdm.grids import cells_png
 from rcdm.encoders import embed_in_chunks
 from rcdm.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rcdm.probes import fit_linear_probe
@@ -194,4 +194,4 @@ def run(inputs: Inputs, opts: Options) -> Result:
     if small is not None:
         metrics[f"adversarial_samples_show_true_eps{numbers['smallest_epsilon']:g}"] = reads["samples_show_true"][small]
     title = f"FGSM on {opts.task}: supervised tiny ResNet vs linear probe on {name} {level} ({len(x)} images)"
-    return Result(numbers, metrics, {"": curves_png(results, title), "_samples": png_grid(torch.cat(rows), 2 * k)})
+    return Result(numbers, metrics, {"": curves_png(results, title), "_samples": cells_png(torch.cat(rows), 2 * k)})

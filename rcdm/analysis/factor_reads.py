@@ -21,7 +21,7 @@ from rcdm.analysis.base import Inputs, Reference, Result
 from rcdm.analysis.factors import FACTORS, predict, synthetic_reader, true_factors
 from rcdm.stats import wilson
 from rcdm.config import FactorReadOptions
-from rcdm.grids import grid_png
+from rcdm.grids import samples_png
 from rcdm.probes import N_BINS
 from rcdm.synthetic import BACKGROUNDS, COLOURS, SHAPES
 
@@ -119,4 +119,4 @@ def run(inputs: Inputs, opts: Options) -> Result:
                           "synthetic-factor reader (rcdm.analysis.factors)")},
                "bound": {"method": f"{opts.k}-nearest-neighbour vote, cosine on standardised embeddings",
                          "reference": ref.source, "reference_images": len(ref.factors)}}
-    return Result(numbers, flat_metrics(table), {"": grid_png(inputs.images[:16], samples[:16])})
+    return Result(numbers, flat_metrics(table), {"": samples_png(inputs.images[:16], samples[:16])})

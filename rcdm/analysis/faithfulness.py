@@ -18,7 +18,7 @@ from PIL import Image
 
 from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders import embed_in_chunks
-from rcdm.grids import grid_png
+from rcdm.grids import samples_png
 from rcdm.stats import bootstrap
 
 NAME = "faithfulness"
@@ -108,4 +108,4 @@ def run(inputs: Inputs, opts: Options) -> Result:
     samples = inputs.own_samples()
     numbers = faithfulness(inputs.embeddings.cpu(), samples, inputs.encoder, inputs.level, boot=opts.boot,
                            seed=inputs.sampling.seed)
-    return Result(numbers, flat_metrics(numbers), {"": grid_png(inputs.images[:64], samples[:64])})
+    return Result(numbers, flat_metrics(numbers), {"": samples_png(inputs.images[:64], samples[:64])})

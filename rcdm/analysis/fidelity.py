@@ -23,7 +23,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders.weights import fetch, load_file
 from rcdm.errors import UserError
-from rcdm.grids import grid_png
+from rcdm.grids import samples_png
 
 NAME = "fidelity"
 
@@ -124,4 +124,4 @@ def run(inputs: Inputs, opts: Options) -> Result:
     numbers["features"] = opts.features
     metrics = {f"fidelity_{k}": numbers[k] for k in ("fid", "precision", "recall", "inception_score")
                if numbers.get(k) is not None}
-    return Result(numbers, metrics, {"": grid_png(originals[:16], samples[:16])})
+    return Result(numbers, metrics, {"": samples_png(originals[:16], samples[:16])})

@@ -15,7 +15,7 @@ from rcdm.analysis.faithfulness import reencode
 from rcdm.device import autocast
 from rcdm.diffusion.gaussian import Process
 from rcdm.errors import UserError
-from rcdm.grids import png_grid
+from rcdm.grids import cells_png
 from rcdm.sampling import guided
 from rcdm.config import READER_STEPS
 
@@ -120,7 +120,7 @@ def interpolation_png(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor) -> b
     rows, points = grid.shape[:2]
     cells = torch.cat([a.cpu()[None, None].expand(rows, 1, -1, -1, -1), grid.cpu(),
                        b.cpu()[None, None].expand(rows, 1, -1, -1, -1)], 1)
-    return png_grid(cells.flatten(0, 1), points + 2)
+    return cells_png(cells.flatten(0, 1), points + 2)
 
 
 def run(inputs: Inputs, opts: Options) -> Result:

@@ -22,7 +22,7 @@ from torchvision.ops import roi_align
 from rcdm.analysis.base import Inputs, Result
 from rcdm.analysis.factors import predict, synthetic_reader, true_factors
 from rcdm.errors import UserError
-from rcdm.grids import png_grid
+from rcdm.grids import cells_png
 from rcdm.encoders import embed_in_chunks
 from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
 from rcdm.stats import wilson
@@ -186,4 +186,4 @@ def run(inputs: Inputs, opts: Options) -> Result:
     # figure: for the first 3 images, one row per family: image, view, a sample per level from the view
     rows = [torch.stack([shown[i], views[f][i] * 2 - 1] + [samples[lo.level][f][i] for lo, _ in runs])
             for i in range(min(3, len(shown))) for f in opts.families]
-    return Result(numbers, metrics, {"": png_grid(torch.cat(rows), 2 + len(runs))})
+    return Result(numbers, metrics, {"": cells_png(torch.cat(rows), 2 + len(runs))})

@@ -31,7 +31,7 @@ from rcdm.analysis.base import Inputs, Result
 from rcdm.analysis.factors import FACTORS, predict, synthetic_reader, true_factors
 from rcdm.analysis.faithfulness import reencode
 from rcdm.errors import UserError
-from rcdm.grids import png_grid
+from rcdm.grids import cells_png
 from rcdm.config import READER_STEPS
 
 NAME = "manipulate"
@@ -133,7 +133,7 @@ def _grid(shown: torch.Tensor, beside_source: torch.Tensor, samples: torch.Tenso
     and the edited samples."""
     blank = torch.full_like(shown[0], -1)
     row1 = torch.cat([shown[:1], beside_source, blank[None].expand(m - len(beside_source), -1, -1, -1)])
-    return png_grid(torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]]), m + 1)
+    return cells_png(torch.cat([row1, shown[1:2], samples[:m], shown[1:2], samples[m:]]), m + 1)
 
 
 def _attribute_edit(inputs: Inputs, opts: Options, pool, pool_shown, pair, h_tgt, shown) -> Result:

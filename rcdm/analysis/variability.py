@@ -9,7 +9,7 @@ import torch
 
 from rcdm.analysis.base import Inputs, Result
 from rcdm.errors import UserError
-from rcdm.grids import png_grid
+from rcdm.grids import cells_png
 
 NAME = "variability"
 
@@ -44,7 +44,7 @@ def variability_png(originals: torch.Tensor, samples: torch.Tensor, within: torc
     heat_rgb = torch.from_numpy(cmap(heat.cpu().numpy())[..., :3]).permute(0, 3, 1, 2).float() * 2 - 1
     n, m = samples.shape[:2]
     cells = torch.cat([originals.cpu()[:, None], samples.cpu(), heat_rgb[:, None]], 1)
-    return png_grid(cells.flatten(0, 1), m + 2)
+    return cells_png(cells.flatten(0, 1), m + 2)
 
 
 def run(inputs: Inputs, opts: Options) -> Result:

@@ -253,7 +253,7 @@ def build_encoder(name: str, arch: str = "resnet50", weights: str | WeightsRecor
             path = fetch(rec.path, download=download, sha256=rec.sha256, name=url_cache_name(rec.path))
         else:
             path = rec.path
-        load_released(enc, spec.layout, path)
+        load_encoder_file(enc, spec.layout, path)
         if rec.kind == "released":  # where this machine keeps the file is no part of the record
             enc.weights = WeightsRecord("released", enc.weights.sha256)
     return enc.eval().requires_grad_(False)
@@ -364,7 +364,7 @@ def _misfit(model: dict, loaded: dict, show: int = 3) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def load_released(enc: SSLEncoder, layout: str, path) -> None:
+def load_encoder_file(enc: SSLEncoder, layout: str, path) -> None:
     """Load a file in ``layout`` strictly into ``enc``; the error names the file and what differs."""
     try:
         sd, dropped = LAYOUTS[layout](load_file(path))
