@@ -13,8 +13,8 @@ from rcdm.ssl.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["vicreg", "dino", "barlow", "simclr"]
-# Measured on the shipped weights (docs/encoders.md tables): shape beats a random trunk by 0.21-0.63, the projector
-# loses 0.17-0.30 of colour and 0.07-0.16 of grayscale accuracy (not DINO's grayscale: 0.01) and 0.10-0.34 of each
+# Measured on the shipped weights (docs/encoders.md): shape beats a random trunk by 0.21-0.65, the projector loses
+# 0.13-0.30 of colour and 0.10-0.16 of grayscale accuracy (not DINO's grayscale: 0.01) and 0.10-0.34 of each
 # colour-jitter variable. The margins leave room for platform noise.
 PROBE_MARGIN = {"shape_over_random": 0.12, "invariance": 0.02, "jitter_invariance": 0.05}
 
