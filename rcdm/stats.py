@@ -19,7 +19,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # at 0 and n the bound is exact (rounding left 1 - 1e-16, below the estimate itself)
+    return [0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half)]
 
 
 def mean_ci(values, resamples: int = 2000, seed: int = 0) -> tuple[float, list[float]]:

@@ -158,6 +158,7 @@ def test_factor_path_reads_a_then_b_along_the_path_and_wilson_intervals_bound_th
         lo, hi = wilson(k, n)
         assert 0 <= lo <= k / n <= hi <= 1 and hi - lo > 0
     assert wilson(0, 10)[0] == 0 and wilson(10, 10)[1] == 1
+    assert all(wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0 for n in range(1, 2000))  # exact, not 1 - 1e-16
 
 
 def test_single_synthetic_images_by_name_carry_their_factors():
