@@ -265,7 +265,6 @@ def ship_tiny(cfg: RetentionConfig) -> dict:
     files it replaces move to ``tiny_weights/<cfg.ship_earlier>/`` (a folder ``zoo.EARLIER_TINY`` names), where the
     datasets and models made with them still find them by sha256. Everything is checked before anything moves.
     -> the retention table of the shipped encoders."""
-    from rcdm.encoders import zoo
     from rcdm.encoders.weights import sha256sum
     from rcdm.storage import write_local
 

@@ -291,23 +291,23 @@ EARLIER_TINY = {
 }
 
 
-def _shipped_record(folder: Path, name: str) -> tuple[Path, dict] | None:
-    path, record = folder / f"{name}.pt", folder / f"{name}.json"
-    if not path.exists() or not record.exists():
-        return None
-    try:
-        return path, json.loads(record.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{record} is unreadable; reinstall rcdm") from None
+def _shipped(name: str) -> list[tuple[str, Path, dict]]:
+    """(version, file, record) of every shipped tiny ``name`` encoder: "current" first, then each ``EARLIER_TINY``
+    folder that holds one."""
+    out = []
+    for version, folder in [("current", TINY_WEIGHTS), *((v, TINY_WEIGHTS / v) for v in EARLIER_TINY)]:
+        path, record = folder / f"{name}.pt", folder / f"{name}.json"
+        if path.exists() and record.exists():
+            try:
+                out.append((version, path, json.loads(record.read_text())))
+            except (OSError, ValueError):
+                raise UserError(f"{record} is unreadable; reinstall rcdm") from None
+    return out
 
 
 def shipped_version(name: str, sha256: str | None) -> str | None:
     """Which shipped tiny ``name`` encoder has ``sha256``: "current", a folder of ``EARLIER_TINY``, or None."""
-    for version, folder in [("current", TINY_WEIGHTS), *((v, TINY_WEIGHTS / v) for v in EARLIER_TINY)]:
-        found = _shipped_record(folder, name)
-        if sha256 and found and found[1].get("sha256") == sha256:
-            return version
-    return None
+    return next((v for v, _, r in _shipped(name) if sha256 and r.get("sha256") == sha256), None)
 
 
 def shipped_tiny(name: str, sha256: str | None = None) -> Path:
@@ -315,25 +315,21 @@ def shipped_tiny(name: str, sha256: str | None = None) -> Path:
     record written when it was trained (``launch/pretrain_encoder.py``): the current one, or, when ``sha256`` names
     an earlier one (a manifest or model made with it), that one from ``EARLIER_TINY`` -- a model is embedded and
     sampled with the exact file it was trained with."""
-    folders = [TINY_WEIGHTS] + [TINY_WEIGHTS / v for v in EARLIER_TINY]
-    found = [r for r in (_shipped_record(f, name) for f in folders) if r is not None]
+    found = _shipped(name)
     if not found:
         raise UserError(f"no trained tiny {name} encoder ships with rcdm (looked for {TINY_WEIGHTS / (name + '.pt')}); "
                         f"train one with `python launch/pretrain_encoder.py method={name}` and pass weights=<its file>, "
                         f"or choose weights=random explicitly")
-    if sha256 is None:
-        if found[0][0].parent != TINY_WEIGHTS:
-            raise UserError(f"no current tiny {name} encoder ships with rcdm (looked for {TINY_WEIGHTS / (name + '.pt')}); "
-                            f"reinstall rcdm")
-        path, record = found[0]
-    else:
-        match = [(p, r) for p, r in found if r.get("sha256") == sha256]
-        if not match:
-            have = ", ".join(f"{p.parent.name}/{p.name} ({r.get('sha256', '?')[:12]}...)" for p, r in found)
-            raise UserError(f"this was made with a tiny {name} encoder of sha256 {sha256[:12]}..., which this rcdm does "
-                            f"not ship (it ships {have}); use the rcdm version that made it, or pass "
-                            f"weights=<that encoder file>")
-        path, record = match[0]
+    match = [(p, r) for v, p, r in found if (r.get("sha256") == sha256 if sha256 else v == "current")]
+    if not match and sha256 is None:
+        raise UserError(f"no current tiny {name} encoder ships with rcdm (looked for {TINY_WEIGHTS / (name + '.pt')}); "
+                        f"reinstall rcdm")
+    if not match:
+        have = ", ".join(f"{p.parent.name}/{p.name} ({r.get('sha256', '?')[:12]}...)" for _, p, r in found)
+        raise UserError(f"this was made with a tiny {name} encoder of sha256 {sha256[:12]}..., which this rcdm does "
+                        f"not ship (it ships {have}); use the rcdm version that made it, or pass "
+                        f"weights=<that encoder file>")
+    path, record = match[0]
     if sha256sum(path) != record.get("sha256"):
         raise UserError(f"{path} does not match the sha256 in {path.with_suffix('.json').name}; reinstall rcdm")
     return path

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -114,11 +113,6 @@ def _resume_path(cfg: PretrainConfig) -> str:
     return cfg.output.rsplit(".", 1)[0] + ".resume.pt"
 
 
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _save_resume(cfg: PretrainConfig, step: int, spent: tuple[float, float], last: dict, modules: dict, opt,
                  gen) -> None:
     state = {"format": 1, "config": _fingerprint(cfg), "step": step, "seconds": spent[0], "cpu_seconds": spent[1],
@@ -190,7 +184,7 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.uri else None
     if tracker:
         tracker.start(None, f"pretrain-{name}-tiny", {"method": name, "arch": "tiny"}, asdict(cfg))
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -225,7 +219,7 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
                 if tracker:
                     tracker.log_metrics(last, step, int(time.time() * 1000))
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_resume(cfg, step, (before + time.perf_counter() - t0, cpu_before + _cpu_seconds() - c0), last,
+                _save_resume(cfg, step, (before + time.perf_counter() - t0, cpu_before + time.process_time() - c0), last,
                              modules, opt, gen)
     except BaseException:
         if tracker:
@@ -239,7 +233,7 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
     write_local(cfg.output, buf.getvalue())
     record = {"method": name, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
               "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),
-              "cpu_seconds": round(cpu_before + _cpu_seconds() - c0, 1),  # this process's, all its threads
+              "cpu_seconds": round(cpu_before + time.process_time() - c0, 1),  # this process's, all its threads
               "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                          else f"CPU {cpu_model()}, {torch.get_num_threads()} threads"),
               "final": last, "config": asdict(cfg) | {"output": None, "tracking": None}}
