@@ -38,6 +38,7 @@ from rcdm.redaction import guard_logging, scrub, scrub_tree
 from rcdm.storage import StorageOptions, join, open_fs, recorded_run_id, refuse_linked_entries, write_json
 from rcdm.tracking import PARENT_TAG, Tracker, check_reachable
 from rcdm.unet import RCDMUNet
+from rcdm.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 PREEMPT_SIGNAL = signal.SIGUSR2  # what submitit (and SLURM's --signal) sends before a time limit or preemption
@@ -116,36 +117,6 @@ def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[in
                         f"asks for, so it cannot resume from it ({' '.join(str(e).split())[:200]}); give this job a "
                         f"new sweep_id, or the overrides that run had") from None
     return state["step"], state, url
-
-
-def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, ema) -> dict:
-    """Copy a trained RCDM's EMA weights (its embedding statistics included: its weights were trained on them)
-    into ``model`` and ``ema``; refused unless it is the same UNet, for the same encoder weights and level.
-    Returns what the run records about its start (``init_from.json``): the source, its digest, its training."""
-    from rcdm.model_files import load_checkpoint
-
-    try:
-        loaded = load_checkpoint(ref, download=False, storage=cfg.storage)
-    except UserError as e:
-        raise UserError(f"train.init_from={ref}: {e}") from None
-    card, have, want = loaded.card, loaded.card.encoder.weights.sha256, info.encoder_record.weights.sha256
-    pairs = {"preset": (card.preset, cfg.model.name), "image size": (card.image_size, info.image_size),
-             "encoder": (card.encoder.name, cfg.encoder.name), "level": (card.encoder.level, cfg.level.name),
-             "encoder weights": (have, want) if have and want else (None, None),  # compared where both are known
-             "diffusion": (card.process, cfg.process())}  # what its output means: schedule, prediction
-    pairs.update({f"UNet {k}": (v, getattr(unet_cfg, k)) for k, v in asdict(loaded.model.cfg).items()})
-    differ = [f"{k} {a} (this job: {b})" for k, (a, b) in pairs.items() if a != b]
-    if differ:
-        raise UserError(f"train.init_from={ref} is another kind of model than this job trains: its " +
-                        "; ".join(differ)[:600] + ". Start from a model of the same UNet, recipe options, encoder "
-                        "and level, or drop train.init_from")
-    weights = loaded.model.state_dict()
-    model.load_state_dict(weights)
-    ema.load_state_dict(weights)
-    source = {"source": ref, "loaded": loaded.source, "steps": None, "train_seconds": None, "device": card.device,
-              **(loaded.training or {})}
-    log.info("starting from the weights of %s (%s steps)", loaded.source, source["steps"])
-    return source
 
 
 @dataclass
