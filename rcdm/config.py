@@ -16,7 +16,7 @@ from typing import Optional
 READER_STEPS = 600
 
 from rcdm.diffusion.gaussian import Process
-from rcdm.diffusion.schedules import space_timesteps
+from rcdm.diffusion.schedules import TIMESTEP_DISTRIBUTIONS, space_timesteps
 from rcdm.errors import UserError
 from rcdm.storage import StorageOptions, join
 
@@ -151,6 +151,9 @@ class RecipeConfig:
     whiten_embeddings: bool = False  # with normalize_embeddings: ZCA-whiten instead (the split's covariance)
     cond_drop: float = 0.0  # representation dropout: the share of a batch conditioned on a learned null embedding
     warmup_steps: int = 0  # linear learning-rate warm-up
+    timesteps: str = "uniform"  # uniform | logit_normal: the training timesteps (rcdm/diffusion/schedules.py)
+    timestep_mean: float = 0.0  # logit_normal: the normal's mean in logit space (> 0: more steps near the noise)
+    timestep_std: float = 1.0  # logit_normal: its standard deviation
 
     def unet_options(self) -> dict:
         """What the recipe changes in the UNet (``rcdm.presets.build_unet`` options)."""
@@ -286,6 +289,9 @@ class TrainConfig:
                   "recipe.prediction": self.recipe.prediction in ("epsilon", "v", "x0"),
                   "recipe.weighting": self.recipe.weighting in ("uniform", "min_snr"),
                   "recipe.cond_drop": 0 <= self.recipe.cond_drop < 1, "recipe.warmup_steps": self.recipe.warmup_steps >= 0,
+                  "recipe.timesteps": self.recipe.timesteps in TIMESTEP_DISTRIBUTIONS,
+                  "recipe.timestep_std": 0 < self.recipe.timestep_std < math.inf,
+                  "recipe.timestep_mean": math.isfinite(self.recipe.timestep_mean),
                   "diffusion.steps": self.diffusion.steps >= 2, "grid.images": self.grid.images >= 0,
                   "grid.samples": self.grid.samples >= 1, "faithfulness.images": self.faithfulness.images >= 0,
                   "invariance.images": self.invariance.images >= 0, "diagnostic.images": self.diagnostic.images >= 0}

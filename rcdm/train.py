@@ -26,6 +26,7 @@ from rcdm.config import LoopConfig, RecipeConfig, TrainConfig
 from rcdm.data import DatasetInfo, embedding_stats, open_dataset, train_loader
 from rcdm.device import autocast, describe, training_precision
 from rcdm.diffusion.likelihood import quartile_means
+from rcdm.diffusion.schedules import training_timesteps
 from rcdm.errors import UserError
 from rcdm.evaluation import Evaluator
 from rcdm.encoders import EncoderCard
@@ -303,7 +304,8 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             torch.manual_seed(step_seed(t.seed, dist.rank, step))  # t, noise, dropout: a function of the step
-            ts = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
+            ts = training_timesteps(len(x), diffusion.num_timesteps, device, recipe.timesteps, recipe.timestep_mean,
+                                    recipe.timestep_std)
             drop = representation_dropout(len(x), recipe.cond_drop, device)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(t, recipe.warmup_steps, step)
@@ -355,7 +357,8 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
             signal.signal(PREEMPT_SIGNAL, signal.SIG_IGN)  # the finished job as killed (or requeue it)
         else:
             signal.signal(PREEMPT_SIGNAL, flag.previous if flag.previous is not None else signal.SIG_DFL)
-    return {**last, **final, "step": step, "train_seconds": spent.wall_s, "train_cpu_seconds": spent.cpu_s}
+    return {**last, **final, "step": step, "train_seconds": spent.wall_s, "train_cpu_seconds": spent.cpu_s,
+            "precision": precision}
 
 
 def _summarise(window: dict, num_timesteps: int, opt, elapsed: float, wait_s: float, global_batch: int) -> dict:

@@ -166,3 +166,30 @@ def test_whitened_embeddings_have_identity_covariance_and_travel_with_the_weight
     assert torch.allclose(loaded.model.emb_white, embedding_stats(info, whiten=True)[2])
     out = loaded.model.condition(h[:3])
     assert torch.allclose(out, (h[:3] - loaded.model.emb_mean) @ loaded.model.emb_white, atol=1e-5)
+
+
+def test_training_timesteps_uniform_is_the_released_draw_and_logit_normal_its_published_law():
+    from rcdm.diffusion.schedules import training_timesteps
+
+    torch.manual_seed(3)
+    want = torch.randint(0, 1000, (64,))
+    torch.manual_seed(3)
+    assert torch.equal(training_timesteps(64, 1000, "cpu"), want)  # the ADM recipe's draw, unchanged
+    torch.manual_seed(0)
+    t = training_timesteps(200_000, 1000, "cpu", "logit_normal", 0.0, 1.0)
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.int64
+    u = (t.double() + 0.5) / 1000
+    logit = torch.log(u / (1 - u))
+    assert abs(logit.mean().item()) < 0.02 and abs(logit.std().item() - 1.0) < 0.03
+    # a positive mean moves the steps towards the noise: the median at sigmoid(1) of the schedule
+    hi = training_timesteps(200_000, 1000, "cpu", "logit_normal", 1.0, 1.0).double().median().item()
+    assert abs(hi - 1000 * torch.sigmoid(torch.tensor(1.0)).item()) < 3
+    with pytest.raises(ValueError, match="unknown timestep distribution 'beta'"):
+        training_timesteps(2, 1000, "cpu", "beta")
+
+
+@pytest.mark.parametrize("override, key", [("recipe.timesteps=beta", "recipe.timesteps"),
+                                           ("recipe.timestep_std=0", "recipe.timestep_std")])
+def test_a_timestep_distribution_out_of_range_is_one_error(override, key, typed):
+    with pytest.raises(UserError, match=f"{key}=.* is out of range"):
+        typed("sweep", [override])

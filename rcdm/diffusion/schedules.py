@@ -1,4 +1,4 @@
-"""Noise schedules (a registry, append-only) and timestep respacing."""
+"""Noise schedules (a registry, append-only), the training timesteps' distribution and timestep respacing."""
 from __future__ import annotations
 
 import math
@@ -24,6 +24,25 @@ def _cosine(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
 
 
 SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {"linear": _linear, "cosine": _cosine}
+
+
+TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal")
+
+
+def training_timesteps(n: int, num_steps: int, device, distribution: str = "uniform", mean: float = 0.0,
+                       std: float = 1.0) -> torch.Tensor:
+    """[n] int64 timesteps in [0, num_steps) for a training batch, from the global torch generator.
+
+    ``uniform``: every step alike (DDPM, ADM; the released recipe). ``logit_normal``: t / num_steps =
+    sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, "Scaling Rectified Flow Transformers", sec. 3.1: fewer steps
+    at the two ends, where the loss is nearly given; a positive ``mean`` moves them towards the noise, where the
+    object's shape and colour are decided)."""
+    if distribution == "uniform":
+        return torch.randint(0, num_steps, (n,), device=device)
+    if distribution == "logit_normal":
+        u = torch.sigmoid(mean + std * torch.randn(n, device=device))
+        return (u * num_steps).long().clamp_(0, num_steps - 1)
+    raise ValueError(f"unknown timestep distribution {distribution!r}; choose one of {TIMESTEP_DISTRIBUTIONS}")
 
 
 def get_betas(name: str, num_steps: int) -> torch.Tensor:
