@@ -7,7 +7,9 @@ embedding holds it, per training recipe (an arm), side by side on one machine.
 
 The bar (the release bar): on 256 held-out images of the demo generator's ``analysis`` split (no model trains on
 them), the samples' shape read within 0.05 of the embedding's own 10-NN bound, colour and background read right
-on at least 0.9 of them, and faithfulness MRR at least 0.9 (one sample per image, ddim25, guidance 1).
+on at least 0.9 of them, or within 0.05 of their bound where the embedding holds less (a sample cannot draw what
+its embedding lost: the current VICReg backbone holds colour at 0.42, docs/encoders.md), and faithfulness MRR at
+least 0.9 (one sample per image, ddim25, guidance 1).
 
 Every arm trains the tiny UNet on the release data (8192 demo images, the demo encoders) for one encoder and level,
 and is evaluated every ``every`` steps (each stop a resumed run: the checkpoint is the stop), until it meets the bar
@@ -41,21 +43,30 @@ from rcdm.train import PREEMPT_SIGNAL, train
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_CPU_S = 900.0
 CAP_CPU_S = 3 * GOAL_CPU_S
-BAR = {"shape_within_bound": 0.05, "colour": 0.9, "background": 0.9, "mrr": 0.9, "images": 256}
+BAR = {"shape_within_bound": 0.05, "colour": 0.9, "background": 0.9, "mrr": 0.9, "images": 256,
+       "colour_background": "at least the value given, or its 10-NN bound minus shape_within_bound where lower"}
 RELEASE = ["data.synthetic.counts={train:8192,val:64}", "recipe.whiten_embeddings=true",
            "train.lr_schedule=constant"]  # configs/demo_release.yaml: today's release recipe
-ARMS: dict[str, dict] = {  # name: overrides on top of RELEASE, and the evaluation interval in steps
-    "baseline": {"overrides": [], "every": 600},
-    "bf16": {"overrides": ["train.precision=bf16"], "every": 600},
-    "lr2x": {"overrides": ["train.lr=8e-3"], "every": 600},
-    "batch64": {"overrides": ["train.batch_size=64"], "every": 300},
-    "batch16": {"overrides": ["train.batch_size=16"], "every": 1200},
-    "ema999": {"overrides": ["train.ema_decay=0.999"], "every": 600},
-    "no_whitening": {"overrides": ["recipe.whiten_embeddings=false"], "every": 600},
+# name: overrides on top of RELEASE, and the evaluation interval in steps. baseline is today's release recipe in
+# fp32; every other arm runs at train.precision=auto (bf16 autocast where the CPU has native bf16, else fp32: the
+# point's "precision" says which), so "bf16" is the compute lever alone and the rest are recipe levers beside it.
+ARMS: dict[str, dict] = {
+    "baseline": {"overrides": ["train.precision=fp32"], "every": 400},
+    "bf16": {"overrides": [], "every": 400},
+    "lr2x": {"overrides": ["train.lr=8e-3"], "every": 400},
+    "batch64": {"overrides": ["train.batch_size=64"], "every": 200},
+    "batch16": {"overrides": ["train.batch_size=16"], "every": 800},
+    # the EMA's warm-up, min(decay, (1 + step) / (10 + step)), keeps the decay under 0.999 until step 8990: an
+    # arm capping it there trains exactly as baseline does within the cap; 0.99 averages ~100 steps instead
+    "ema99": {"overrides": ["train.ema_decay=0.99"], "every": 400},
+    "no_whitening": {"overrides": ["recipe.whiten_embeddings=false"], "every": 400},
+    # logit-normal timesteps (Esser et al. 2024, SD3): the middle of the noise range, where the object is decided,
+    # drawn more often than its ends
+    "logit_normal": {"overrides": ["recipe.timesteps=logit_normal"], "every": 400},
 }
 
 
-def evaluate(run_root: str, images: int, device: str = "cpu") -> dict:
+def evaluate(run_root: str, images: int, device: str = "cpu", reference_images: int = 0, reader_steps: int = 0) -> dict:
     """The bar's reads of the run's newest EMA model on ``images`` held-out images: one sample per image shared by
     the factor reads (shape, colour, background, with their 10-NN bounds) and the faithfulness MRR."""
     from rcdm.analysis import ANALYSES
@@ -64,17 +75,25 @@ def evaluate(run_root: str, images: int, device: str = "cpu") -> dict:
 
     cfg = AnalyzeConfig(analysis="factor_reads", checkpoint=run_root, images=f"synthetic:{images}", steps="ddim25",
                         guidance=1.0, download=False)
+    cfg.factor_reads.reference_images = reference_images or cfg.factor_reads.reference_images
+    cfg.factor_reads.reader_steps = reader_steps or cfg.factor_reads.reader_steps
     inputs = inputs_for(cfg, pick_device(device))
     reads = ANALYSES["factor_reads"].run(inputs, cfg.factor_reads).numbers["factors"]
     faith = ANALYSES["faithfulness"].run(inputs, cfg.faithfulness).numbers  # the same samples (inputs caches them)
     return {"shape": reads["shape"]["samples"], "shape_ci95": reads["shape"]["samples_ci95"],
             "shape_bound": reads["shape"]["bound"], "colour": reads["colour"]["samples"],
-            "background": reads["background"]["samples"], "mrr": faith["mrr"], "mrr_ci95": faith["mrr_ci95"]}
+            "colour_bound": reads["colour"]["bound"], "background": reads["background"]["samples"],
+            "background_bound": reads["background"]["bound"], "mrr": faith["mrr"], "mrr_ci95": faith["mrr_ci95"]}
 
 
 def meets_bar(p: dict) -> bool:
-    return (p["shape"] >= p["shape_bound"] - BAR["shape_within_bound"] and p["colour"] >= BAR["colour"]
-            and p["background"] >= BAR["background"] and p["mrr"] >= BAR["mrr"])
+    slack = BAR["shape_within_bound"]
+
+    def held(factor: str) -> float:  # what the bar asks of a factor the embedding may hold less of
+        return min(BAR[factor], p.get(f"{factor}_bound", 1.0) - slack)
+
+    return (p["shape"] >= p["shape_bound"] - slack and p["colour"] >= held("colour")
+            and p["background"] >= held("background") and p["mrr"] >= BAR["mrr"])
 
 
 def arm_config(name: str, common: list[str], steps: int):
@@ -87,11 +106,12 @@ def arm_config(name: str, common: list[str], steps: int):
         raise UserError(f"arm {name}: its overrides do not compose ({' '.join(str(e).split())[:300]})") from None
 
 
-def run_arm(name: str, common: list[str], before: list[dict], images: int, save) -> list[dict]:
+def run_arm(name: str, common: list[str], before: list[dict], images: int, save, every: int = 0,
+            cap: float = CAP_CPU_S, reader: tuple[int, int] = (0, 0)) -> list[dict]:
     """The arm trained stop by stop (each a resumed run) until it meets the bar or spends its cap."""
-    points, every = list(before), ARMS[name]["every"]
+    points, every = list(before), every or ARMS[name]["every"]
     while True:
-        if points and (meets_bar(points[-1]) or points[-1]["cpu_s"] >= CAP_CPU_S):
+        if points and (meets_bar(points[-1]) or points[-1]["cpu_s"] >= cap):
             return points
         steps = (points[-1]["step"] if points else 0) + every
         cfg = arm_config(name, common, steps)
@@ -99,8 +119,9 @@ def run_arm(name: str, common: list[str], before: list[dict], images: int, save)
         m = train(cfg)  # resumes from the previous stop
         signal.signal(PREEMPT_SIGNAL, signal.SIG_DFL)  # between stops the signal ends the benchmark
         t0 = time.perf_counter()
-        reads = evaluate(cfg.run_root, images)
+        reads = evaluate(cfg.run_root, images, "cpu", *reader)
         points.append({"step": steps, "cpu_s": round(m["train_cpu_seconds"], 1), "wall_s": round(m["train_seconds"], 1),
+                       "precision": m.get("precision"),
                        **reads, "eval_wall_s": round(time.perf_counter() - t0, 1)})
         point = points[-1]
         print(name, json.dumps(point), flush=True)
@@ -145,7 +166,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", help="keep the runs here; the same command resumes every arm (default: a temporary "
                     "folder, removed at the end)")
     ap.add_argument("--out", default="benchmarks/results/time_to_shape.json")
+    ap.add_argument("--every", type=int, default=0, help="steps between evaluations (default: each arm's own)")
+    ap.add_argument("--cap", type=float, default=CAP_CPU_S, help="CPU seconds after which an arm stops (3x the goal)")
+    ap.add_argument("--reader", default="0,0", help="the factor reads' reference images and reader steps (0: their "
+                    "defaults, 2048 and the shipped reader's)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); two one-thread "
+                    "benchmarks side by side on two cores each count their own CPU seconds")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     with cli_errors():
         if unknown:
@@ -172,8 +203,8 @@ def _run(args, work: Path) -> dict:
     if old and (old.get("encoder"), old.get("level")) != (args.encoder, args.level):
         raise UserError(f"{out} holds {old.get('encoder')} {old.get('level')}, not {args.encoder} {args.level}: give "
                         f"another --out")
-    result = {"machine": machine(), "encoder": args.encoder,
-              "level": args.level, "bar": BAR, "goal_cpu_s": GOAL_CPU_S, "cap_cpu_s": CAP_CPU_S,
+    result = {"machine": machine(), "encoder": args.encoder, "cap_cpu_s": args.cap,
+              "level": args.level, "bar": BAR, "goal_cpu_s": GOAL_CPU_S,
               "release_overrides": RELEASE, "arms": old.get("arms", {})}
     for name in args.arms.split(","):
         overrides = [*RELEASE, *ARMS[name]["overrides"], *args.overrides.split()]
@@ -193,7 +224,8 @@ def _run(args, work: Path) -> dict:
         out.write_text(json.dumps(result, indent=1) + "\n")
 
     for name in args.arms.split(","):
-        save(name, run_arm(name, common, result["arms"][name]["points"], args.images, save))
+        save(name, run_arm(name, common, result["arms"][name]["points"], args.images, save, args.every, args.cap,
+                           tuple(int(v) for v in args.reader.split(","))))
     plot(result, out.with_suffix(".png"))
     reached = {n: a.get("cpu_s_to_bar") for n, a in result["arms"].items()}
     print(json.dumps({"cpu_s_to_bar": reached}, indent=1))

@@ -129,3 +129,53 @@ def test_scale_benchmark_runs_reduced(tmp_path):
     # the MLflow half alone, again: the S3 half's figures and the machine they were measured on stay
     again = scale.main(["--parts", "mlflow", "--runs", "2", "--loss-points", "3", "--out", str(tmp_path / "scale.json")])
     assert again["start"] == r["start"] and again["measured"]["s3"] == r["measured"]["s3"] and again["runs"] == 2
+
+
+def test_time_to_shape_bar_asks_no_more_than_the_embedding_holds():
+    import time_to_shape as tts
+
+    p = {"shape": 0.88, "shape_bound": 0.91, "colour": 0.40, "colour_bound": 0.42, "background": 0.95,
+         "background_bound": 1.0, "mrr": 0.93}
+    assert tts.meets_bar(p)  # colour within 0.05 of the little the embedding holds
+    assert not tts.meets_bar({**p, "colour_bound": 0.98})  # an embedding that holds colour: 0.9 is asked
+    assert not tts.meets_bar({**p, "shape": 0.85}) and not tts.meets_bar({**p, "mrr": 0.89})
+    assert not tts.meets_bar({**p, "background": 0.85})
+
+
+@pytest.mark.slow
+def test_time_to_shape_runs_at_its_smallest_resumes_and_refuses_a_changed_recipe(tmp_path, dataset):
+    import subprocess
+
+    out, work = tmp_path / "tts.json", tmp_path / "work"
+
+    def bench(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_shape.py"), "--encoder", "dino",
+                               "--data", dataset, "--images", "4", "--every", "2", "--reader", "16,20",
+                               "--threads", "1", "--out", str(out), "--work", str(work), *extra],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+
+    base = "train.batch_size=4"
+    p = bench("--arms", "baseline,lr2x", "--cap", "0.001", "--overrides", base)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["machine"]["cpu"] and r["machine"]["threads"] == 1 and r["cap_cpu_s"] == 0.001
+    for name in ("baseline", "lr2x"):
+        (point,) = r["arms"][name]["points"]  # one stop: the cap is spent
+        assert point["step"] == 2 and point["cpu_s"] > 0 and 0 < point["mrr"] <= 1 and point["shape_bound"] is not None
+        assert r["arms"][name]["cpu_s_to_bar"] is None and r["arms"][name]["steps_to_bar"] is None
+    assert r["arms"]["baseline"]["points"][0]["precision"] == "fp32"
+    assert "train.lr=8e-3" in r["arms"]["lr2x"]["overrides"] and out.with_suffix(".png").exists()
+    # a larger cap: the arm resumes from its step-2 run (one more stop), the earlier point kept
+    p = bench("--arms", "baseline", "--cap", str(r["arms"]["baseline"]["points"][0]["cpu_s"] + 1e-3),
+              "--overrides", base)
+    assert p.returncode == 0 and "at step 2" in p.stdout + p.stderr, p.stderr[-3000:]
+    assert [q["step"] for q in json.loads(out.read_text())["arms"]["baseline"]["points"]] == [2, 4]
+    # the same arm under another recipe would mix two recipes in one curve: one error line, nothing written
+    before = out.read_text()
+    p = bench("--arms", "baseline", "--overrides", "train.batch_size=8")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: arm baseline in"), p.stderr
+    assert out.read_text() == before
+    # overrides that do not compose: one error line naming the arm
+    p = bench("--arms", "bf16", "--out", str(tmp_path / "other.json"), "--overrides", "train.no_such_key=1")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        "error: arm bf16: its overrides do not compose"), p.stderr[-2000:]
