@@ -129,6 +129,9 @@ class LoopConfig:
     # start a new run from a trained RCDM's EMA weights (demo:<encoder>-<level>, a run root or checkpoint file) of
     # the same UNet, encoder and level; the optimizer starts fresh; ignored once the run has a checkpoint
     init_from: str | None = None
+    # all: every weight (same encoder and level); decoder: all but the conditioning input (rcdm/warm_start.py), so
+    # a model of any encoder and level can start the job
+    init_parts: str = "all"
 
 
 @dataclass
@@ -286,6 +289,7 @@ class TrainConfig:
                   "train.ema_decay": 0 <= t.ema_decay < 1, "train.lease_s": 0 <= t.lease_s < math.inf,
                   "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
                   "train.precision": t.precision in ("auto", "fp32", "bf16"),
+                  "train.init_parts": t.init_parts in ("all", "decoder"),
                   "recipe.prediction": self.recipe.prediction in ("epsilon", "v", "x0"),
                   "recipe.weighting": self.recipe.weighting in ("uniform", "min_snr"),
                   "recipe.cond_drop": 0 <= self.recipe.cond_drop < 1, "recipe.warmup_steps": self.recipe.warmup_steps >= 0,

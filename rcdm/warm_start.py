@@ -1,5 +1,12 @@
 """``train.init_from``: a run that starts from another trained RCDM's weights (a shipped demo model, a run, a file),
-refused unless that model is the same kind as the one the job trains."""
+refused unless that model is the same kind as the one the job trains.
+
+``train.init_parts=decoder`` starts from another RCDM's decoder instead: every weight but the conditioning input
+(``ssl_emb``, the null embedding and the embedding statistics, which belong to the source's encoder), so a model
+trained once on the demo images can start jobs of any encoder and level. The job's ``ssl_emb`` starts at zero
+weight and the source's bias: at step 0 every embedding conditions the decoder as the source's mean embedding did
+(whitened or normalised embeddings have mean 0), and what the job's own embedding says is learned from there, the
+zero-initialised input of adaLN-Zero (Peebles & Xie 2023)."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +17,10 @@ from rcdm.data import DatasetInfo
 from rcdm.errors import UserError
 
 log = logging.getLogger("rcdm.train")
+
+
+# the conditioning input: the source's encoder's, never copied by a decoder warm start
+CONDITIONING = ("ssl_emb.", "null_emb", "emb_mean", "emb_std", "emb_white")
 
 
 def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, ema) -> dict:
@@ -23,6 +34,8 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     except UserError as e:
         raise UserError(f"train.init_from={ref}: {e}") from None
     card, have, want = loaded.card, loaded.card.encoder.weights.sha256, info.encoder_record.weights.sha256
+    if cfg.train.init_parts == "decoder":
+        return _decoder_start(ref, loaded, cfg, unet_cfg, model, ema)
     pairs = {"preset": (card.preset, cfg.model.name), "image size": (card.image_size, info.image_size),
              "encoder": (card.encoder.name, cfg.encoder.name), "level": (card.encoder.level, cfg.level.name),
              "encoder weights": (have, want) if have and want else (None, None),  # compared where both are known
@@ -39,4 +52,32 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     source = {"source": ref, "loaded": loaded.source, "steps": None, "train_seconds": None, "device": card.device,
               **(loaded.training or {})}
     log.info("starting from the weights of %s (%s steps)", loaded.source, source["steps"])
+    return source
+
+
+def _decoder_start(ref: str, loaded, cfg: TrainConfig, unet_cfg, model, ema) -> dict:
+    """Every weight of the source but its conditioning input; refused unless the rest is the same UNet trained for
+    the same diffusion (what its output means)."""
+    import torch
+
+    card, theirs, mine = loaded.card, asdict(loaded.model.cfg), asdict(unet_cfg)
+    free = {"embed_dim", "normalize_embeddings", "whiten_embeddings", "null_embedding"}  # the conditioning input's
+    differ = [f"UNet {k} {v} (this job: {mine[k]})" for k, v in theirs.items() if k not in free and v != mine[k]]
+    if card.process != cfg.process():
+        differ.append(f"diffusion {card.process} (this job: {cfg.process()})")
+    if differ:
+        raise UserError(f"train.init_from={ref} (train.init_parts=decoder) is another decoder than this job trains: "
+                        + "; ".join(differ)[:600] + ". Start from a model of the same UNet preset and recipe")
+    source_sd, target = loaded.model.state_dict(), model.state_dict()
+    with torch.no_grad():
+        target.update({k: v for k, v in source_sd.items() if not k.startswith(CONDITIONING)})
+        target["ssl_emb.weight"] = torch.zeros_like(target["ssl_emb.weight"])
+        target["ssl_emb.bias"] = source_sd["ssl_emb.bias"].clone()
+    model.load_state_dict(target)
+    ema.load_state_dict(target)
+    source = {"source": ref, "loaded": loaded.source, "parts": "decoder", "steps": None, "train_seconds": None,
+              "device": card.device, "source_encoder": f"{card.encoder.name} {card.encoder.level}",
+              **(loaded.training or {})}
+    log.info("starting from the decoder of %s (%s steps; its %s conditioning input left behind)", loaded.source,
+             source["steps"], source["source_encoder"])
     return source

@@ -351,6 +351,41 @@ def test_train_on_s3_then_sample_from_its_checkpoint(tmp_path, s3_bucket, make_d
     assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 34, 2 + 34)
 
 
+def test_a_decoder_warm_start_copies_all_but_the_conditioning_input_across_encoders_and_levels(tmp_path, dataset,
+                                                                                              compose_sweep):
+    base = ["data=shards", f"data.url={dataset}", f"storage.run_root={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.loader_workers=0", "train.sample_every=1000",
+            "train.batch_size=4", "grid.images=0", "faithfulness.images=0", "invariance.images=0",
+            "diagnostic.images=0"]
+    first = train_config(compose_sweep(base + ["encoder=dino", "sweep_id=first", "train.steps=2"]))
+    train(first)
+    source = train_checkpoints.load(train_checkpoints.latest_path(first.run_root))["ema"]
+    decoder = [f"train.init_from={first.run_root}", "train.init_parts=decoder"]
+    # another embedding (the projector's; the fixture holds one encoder): the conditioning input differs; lr 1e-30
+    # keeps the copied weights where the warm start put them
+    job = train_config(compose_sweep(base + ["encoder=dino", "level=projector", "sweep_id=second",
+                                             "train.steps=1", "train.lr=1e-30", *decoder]))
+    train(job)
+    state = train_checkpoints.load(train_checkpoints.latest_path(job.run_root))
+    ema, conditioning = state["ema"], ("ssl_emb.", "null_emb", "emb_mean", "emb_std", "emb_white")
+    for k, v in source.items():
+        if not k.startswith(conditioning):
+            assert torch.allclose(ema[k], v, rtol=1e-6, atol=1e-20), k
+    assert torch.equal(ema["ssl_emb.bias"], source["ssl_emb.bias"])
+    assert ema["ssl_emb.weight"].abs().max() < 1e-20  # zero at the start: every embedding reads as the mean one
+    assert not torch.equal(ema["emb_mean"], torch.zeros_like(ema["emb_mean"]))  # the job's own statistics
+    assert not (ema["emb_mean"].shape == source["emb_mean"].shape and torch.equal(ema["emb_mean"], source["emb_mean"]))
+    start = json.loads((Path(job.run_root) / train_checkpoints.INIT_FILE).read_text())
+    assert start["parts"] == "decoder" and start["source_encoder"] == "dino backbone" and start["steps"] == 2
+    # another diffusion (what the output means) is refused before any step
+    x0 = train_config(compose_sweep(base + ["encoder=dino", "sweep_id=third", "recipe.prediction=x0", *decoder]))
+    with pytest.raises(UserError, match=r"init_parts=decoder\) is another decoder .*diffusion Process\("):
+        train(x0)
+    assert train_checkpoints.latest_path(x0.run_root) is None
+    with pytest.raises(UserError, match=r"^train.init_parts=whole is out of range"):
+        train_config(compose_sweep(base + ["encoder=dino", "train.init_parts=whole"]))
+
+
 def test_init_from_starts_a_new_run_from_a_trained_model_and_refuses_another_kind(tmp_path, dataset, compose_sweep):
     base = ["data=shards", f"data.url={dataset}", "encoder=dino", f"storage.run_root={tmp_path / 'runs'}",
             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.loader_workers=0", "train.sample_every=1000",
