@@ -160,6 +160,31 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(parts: list[Path], out: Path) -> dict:
+    """One result from arms run side by side (each process wrote its own file): their arms together, each once."""
+    result: dict = {}
+    for part in parts:
+        try:
+            got = json.loads(part.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{part}: not a time_to_shape result ({e})") from None
+        same = ("encoder", "level", "bar", "release_overrides")
+        if result and any(got.get(k) != result.get(k) for k in same):
+            raise UserError(f"{part} measured {got.get('encoder')} {got.get('level')} against another bar or release "
+                            f"than {parts[0]}: merge results of one encoder, level and bar")
+        arms = {**result.get("arms", {})}
+        for name, arm in got.get("arms", {}).items():
+            if name in arms:
+                raise UserError(f"arm {name} is in {part} and an earlier file: merge each arm once")
+            arms[name] = {**arm, "machine": got.get("machine"), "cap_cpu_s": got.get("cap_cpu_s")}
+        result = {**got, **result, "arms": arms}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({"cpu_s_to_bar": {n: a.get("cpu_s_to_bar") for n, a in result["arms"].items()}}, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS)}")
@@ -177,7 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
                     "defaults, 2048 and the shipped reader's)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); two one-thread "
                     "benchmarks side by side on two cores each count their own CPU seconds")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="write --out from these results (arms run side by "
+                    "side, each with its own --out), refusing two that differ in encoder, level or bar")
     args = ap.parse_args(argv)
+    if args.merge:
+        with cli_errors():
+            return merge([Path(m) for m in args.merge], Path(args.out))
     if args.threads:
         import torch
 

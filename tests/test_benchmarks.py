@@ -142,6 +142,32 @@ def test_time_to_shape_bar_asks_no_more_than_the_embedding_holds():
     assert not tts.meets_bar({**p, "background": 0.85})
 
 
+def test_time_to_shape_merges_arms_run_side_by_side_and_refuses_other_encoders(tmp_path, capsys):
+    import time_to_shape as tts
+
+    point = {"step": 400, "cpu_s": 200.0, "wall_s": 210.0, "shape": 0.3, "shape_ci95": [0.25, 0.36],
+             "shape_bound": 0.91, "colour": 0.4, "colour_bound": 0.42, "background": 0.9, "background_bound": 0.96,
+             "mrr": 0.5}
+
+    def part(name: str, arm: str, **kw) -> Path:
+        r = {"machine": {"cpu": name}, "encoder": "vicreg", "level": "backbone", "bar": tts.BAR, "cap_cpu_s": 1500,
+             "release_overrides": tts.RELEASE, "arms": {arm: {"overrides": [arm], "points": [point]}}, **kw}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        return tmp_path / f"{name}.json"
+
+    out = tmp_path / "all.json"
+    r = tts.main(["--merge", str(part("a", "baseline")), str(part("b", "bf16")), "--out", str(out)])
+    assert json.loads(out.read_text()) == r and out.with_suffix(".png").exists()
+    assert list(r["arms"]) == ["baseline", "bf16"] and r["arms"]["bf16"]["machine"] == {"cpu": "b"}
+    for bad, why in ((part("c", "lr2x", level="projector"), "merge results of one encoder"),
+                     (part("d", "bf16"), "arm bf16 is in")):
+        with pytest.raises(SystemExit) as e:
+            tts.main(["--merge", str(part("a", "baseline")), str(part("b", "bf16")), str(bad), "--out",
+                      str(tmp_path / "x.json")])
+        assert e.value.code == 2 and not (tmp_path / "x.json").exists()
+        assert why in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_time_to_shape_runs_at_its_smallest_resumes_and_refuses_a_changed_recipe(tmp_path, dataset):
     import subprocess
