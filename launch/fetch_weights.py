@@ -10,7 +10,7 @@ import sys
 import torch
 
 from pipeline.sweep import job_configs
-from rcdm.encoders.needed import fetch_all, needed
+from pipeline.weights_needed import fetch_all, needed
 from rcdm.errors import UserError, cli_errors
 from rcdm.redaction import printable
 

@@ -97,6 +97,19 @@ def test_rcdm_never_imports_sharding_or_pipeline():
             assert not bad, (name, bad)
 
 
+def test_the_encoders_room_imports_nothing_above_it():
+    """rcdm.encoders (encoder files, architectures, weights) sits below configs, datasets and sweeps: it imports
+    only the house's base modules. Sweep planning that read configs and manifests lived there once (needed.py,
+    now pipeline/weights_needed.py) and made the only two arrows that ran back up."""
+    base = {"rcdm.errors", "rcdm.preprocess", "rcdm.device", "rcdm.storage", "rcdm.safe_load", "rcdm.stats"}
+    mods = modules()
+    for name, path in mods.items():
+        if name.startswith("rcdm.encoders"):
+            up = {m for m in imports_of(name, path, set(mods)) if m.startswith("rcdm.")
+                  and not m.startswith("rcdm.encoders") and m not in base}
+            assert not up, (name, up)
+
+
 def test_the_import_walk_sees_every_package():
     assert importlib.util.find_spec("rcdm.model_card") and "rcdm.model_card" in modules()
 
