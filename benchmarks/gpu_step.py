@@ -2,11 +2,13 @@
 
     python benchmarks/gpu_step.py [--presets tiny,adm64,adm128] [--steps 10] [--compile] [--out benchmarks/results/gpu_step.json]
     python benchmarks/gpu_step.py --reduced      # CPU smoke size: narrow UNets, batch 2 (what the test runs)
+    PYTHONPATH=. python benchmarks/gpu_step.py   # from a checkout on a machine where rcdm is not installed
 
 1. training step per UNet preset, on one synthetic batch resident on the device (the loader is
    benchmarks/training.py's business): ``fp32_eager`` is the official code's way (fp32, NCHW, AdamW
    unfused), ``rcdm`` is rcdm's training path (bf16 autocast, channels_last and fused AdamW on CUDA; on a CPU
-   rcdm trains in fp32 too, so the two match there), ``rcdm_compile`` adds torch.compile (--compile).
+   this benchmark keeps fp32, so the two match there; training's CPU bf16 (train.precision=auto) is measured by
+   benchmarks/time_to_shape.py's bf16 arm), ``rcdm_compile`` adds torch.compile (--compile).
    Per path: median step seconds, images/s, peak device memory, and achieved TFLOP/s (three times the
    forward FLOPs counted by torch's FlopCounterMode, per image) against the device's dense bf16 peak.
 2. the sharding forward: a ResNet-50 and a ViT-B/16 at 224 px, fp32 against bf16 autocast +
@@ -18,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rcdm.device import autocast, describe  # noqa: E402
-from rcdm.diffusion.gaussian import create_diffusion  # noqa: E402
-from rcdm.plan import peak_tflops, unet_cost  # noqa: E402
-from rcdm.presets import PRESETS  # noqa: E402
-from rcdm.provenance import machine  # noqa: E402
-from rcdm.unet import RCDMUNet  # noqa: E402
+from rcdm.device import autocast, describe
+from rcdm.diffusion.gaussian import create_diffusion
+from rcdm.plan import peak_tflops, unet_cost
+from rcdm.presets import PRESETS
+from rcdm.provenance import machine
+from rcdm.unet import RCDMUNet
 
 BATCH = {"tiny": 32, "adm64": 64, "adm128": 32, "adm256": 8}  # per GPU; adm128: the official 256 over 8 GPUs
 

@@ -32,17 +32,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import rcdm.data as data
+from pipeline.local_servers import free_port, moto_s3, stop_group, wait_http  # on 127.0.0.1, always stopped
+from rcdm.manifest import read_manifest, write_manifest
+from rcdm.provenance import machine
+from rcdm.storage import StorageOptions
+from sharding.config import ShardJob, SyntheticInput
+from sharding.orchestrate import shard
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' servers on 127.0.0.1 (moto, mlflow), started and always stopped
 
-from servers import free_port, moto_s3, stop_group, wait_http  # noqa: E402
-
-import rcdm.data as data  # noqa: E402
-from rcdm.manifest import read_manifest, write_manifest  # noqa: E402
-from rcdm.provenance import machine  # noqa: E402
-from rcdm.storage import StorageOptions  # noqa: E402
-from sharding.config import ShardJob, SyntheticInput  # noqa: E402
-from sharding.orchestrate import shard  # noqa: E402
 
 ENCODER, LEVEL = "dino", "backbone"
 

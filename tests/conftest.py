@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from servers import moto_s3
+from pipeline.local_servers import moto_s3
 
 from pipeline import schemas
 from pipeline.sweep import train_config

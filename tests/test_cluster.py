@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from servers import free_port
+from pipeline.local_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]

@@ -188,7 +188,7 @@ def test_the_mlflow_server_as_compose_runs_it_asks_for_a_login(tmp_path, monkeyp
     import urllib.error
     import urllib.request
 
-    from servers import free_port, stop_group, wait_http
+    from pipeline.local_servers import free_port, stop_group, wait_http
 
     from rcdm.tracking import Tracker
 

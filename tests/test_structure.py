@@ -154,6 +154,8 @@ def test_library_code_borrows_no_test_tools():
         assert "unittest" not in used, name
     for path in [*(ROOT / "launch").glob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py")]:
         assert "unittest" not in path.read_text(), path
+    for path in (ROOT / "benchmarks").glob("*.py"):  # the benchmarks import the installed packages, as users do
+        assert "sys.path" not in path.read_text(), path
 
 
 def test_interval_estimates_live_in_one_module():

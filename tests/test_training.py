@@ -185,7 +185,7 @@ def test_ddp_on_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_pa
     for _ in range(2):
         losses = forward_losses(single, diffusion, batch["x"], batch["h"], batch["t"], batch["noise"])
         apply_update(single, opt, losses["loss"].mean(), grad_clip=1.0)
-    from servers import free_port
+    from pipeline.local_servers import free_port
     out = str(tmp_path / "ddp.pt")
     mp.start_processes(_ddp_worker, args=(2, free_port(), batch, out), nprocs=2, start_method="spawn")
     ddp = torch.load(out)

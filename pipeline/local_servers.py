@@ -1,4 +1,5 @@
-"""Real servers on 127.0.0.1 for the tests, started in their own process group and always stopped."""
+"""Real servers on 127.0.0.1 (an S3 API by moto; the helpers an MLflow server needs), started in their own process
+group and always stopped: what the tests and benchmarks/scale.py run against, nothing leaving the machine."""
 from __future__ import annotations
 
 import contextlib
