@@ -40,7 +40,7 @@ ARMS = {  # name: (overrides, the steps at which it is evaluated)
     "adm": (["recipe=adm", "train.lr=1e-3"], [250, 500, 1000, 1500]),
     "vpred": ([], [60, 120, 170, 240, 400]),
     "vpred_min_snr": (["recipe.weighting=min_snr", "recipe.min_snr_gamma=5"], [120, 240, 400]),
-    # what the samples keep, factor by factor, over a longer run (issue 25: shape is drawn late, if at all)
+    # what the samples keep, factor by factor, over a longer run (shape is drawn late, if at all)
     "vpred_long": (["train.lr_schedule=constant"], [600, 1200, 2400, 3600]),
     # the whitened conditioning that drew shapes on the VICReg backbone (docs/training.md): hours on 2 cores
     "whitened_long": (["train.lr_schedule=constant", "recipe.whiten_embeddings=true"],

@@ -7,10 +7,11 @@ default) it is the plugin's launcher unchanged.
 It lives in ``hydra_plugins``, the one package Hydra takes launchers from, which loads it without registering
 the module first: no ``from __future__ import annotations`` here (dataclasses would not find the module)."""
 
-import contextlib
 import logging
+import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any, List, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
@@ -40,25 +41,6 @@ class _Submitted:
         return [ret]
 
 
-@contextlib.contextmanager
-def _submit_only(submitted: list[_Submitted]) -> Iterator[None]:
-    """While open, submitit's map_array submits as always and hands back jobs whose results do not wait."""
-    import submitit
-
-    original = submitit.AutoExecutor.map_array
-
-    def map_array(executor, fn, *iterables):
-        jobs = [_Submitted(job, overrides) for job, overrides in zip(original(executor, fn, *iterables), iterables[0])]
-        submitted.extend(jobs)
-        return jobs
-
-    submitit.AutoExecutor.map_array = map_array
-    try:
-        yield
-    finally:
-        submitit.AutoExecutor.map_array = original
-
-
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def __init__(self, wait: bool = True, **params: Any) -> None:
         super().__init__(**params)
@@ -67,11 +49,35 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if self.wait:
             return super().launch(job_overrides, initial_job_idx)
-        submitted: list[_Submitted] = []
-        with _submit_only(submitted):
-            returns = super().launch(job_overrides, initial_job_idx)
+        submitted = self._submit(job_overrides, initial_job_idx)
         self._record(submitted)
-        return returns
+        return [s.results()[0] for s in submitted]
+
+    def _submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> List[_Submitted]:
+        """Submit every job as the plugin's launch does (the same executor, parameters and per-job arguments, so a
+        job runs exactly as under ``wait``), without waiting for any: the executor is this launcher's own, no
+        class of submitit's is touched."""
+        import submitit
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import filter_overrides
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        cluster, params = self._EXECUTOR, dict(self.params)
+        init = {f"{cluster}_max_num_timeout": params.pop("max_num_timeout")} if "max_num_timeout" in params else {}
+        executor = submitit.AutoExecutor(cluster=cluster, folder=params.pop("submitit_folder"), **init)
+        generic = set(OmegaConf.structured(BaseQueueConf).keys())  # the rest are the cluster's own, prefixed
+        executor.update_parameters(**{k if k in generic else f"{cluster}_{k}": v for k, v in params.items()})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, int(str(self.config.hydra.sweep.mode), 8))
+        args = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            args.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        jobs = executor.map_array(self, *zip(*args))
+        return [_Submitted(job, overrides) for job, overrides in zip(jobs, job_overrides)]
 
     def _record(self, submitted: list[_Submitted]) -> None:
         """Add the jobs just submitted to ``submitted.json`` in the sweep's run root (pipeline/submitted.py): earlier
