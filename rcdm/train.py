@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -135,6 +135,37 @@ class Spent:
         return cls(state.get("train_seconds", 0.0), state.get("train_cpu_seconds")) if state else cls()
 
 
+@dataclass
+class TrainState:
+    """What the loop advances and a checkpoint holds: the weights, their EMA, the optimizer, the step, and what
+    training has cost so far."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: int = 0
+    spent: Spent = field(default_factory=Spent)
+
+    def checkpoint(self, cfg: TrainConfig, card: ModelCard, run_id: str | None) -> dict:
+        return {"step": self.step, "train_seconds": self.spent.wall_s, "train_cpu_seconds": self.spent.cpu_s,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "config": scrub_tree(cfg.to_dict()), "mlflow_run_id": run_id, "meta": card.to_dict()}
+
+
+@dataclass
+class _Job:
+    """What one start of a job works with besides its state: the config, the ranks, the dataset, the model card
+    (built once per run), and on rank 0 the MLflow run, the evaluator and the run root's lease."""
+
+    cfg: TrainConfig
+    dist: distributed.DistInfo
+    info: DatasetInfo
+    card: ModelCard
+    tracker: Tracker | None = None
+    evaluator: Evaluator | None = None
+    lease: Lease | None = None
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of all random draws of update ``step`` on ``rank``: a resumed job draws what an
     uninterrupted one drew, with no RNG state to carry over."""
@@ -217,6 +248,8 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
 
     step, state, ckpt_url = restore(cfg.run_root, cfg.storage, model, ema, opt)
+    run = TrainState(model, ema, opt, step, Spent.of(state))
+    job = _Job(cfg, dist, info, model_card(cfg, info, dist), lease=lease)
     if state is None and t.init_from:  # a resumed run keeps its own weights
         source = warm_start(t.init_from, cfg, info, unet_cfg, model, ema)
         if dist.is_main:
@@ -227,10 +260,10 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     if state:
         log.info("resuming from %s at step %d", ckpt_url, step)
 
-    tracker = evaluator = None
+    tracker = None
     try:
         if dist.is_main:
-            tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+            job.tracker = tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
             tags = {"encoder": cfg.encoder.name, "level": cfg.level.name, "slurm_job_id": slurm_job_id(),
                     "run_root": cfg.run_root, "dataset": cfg.data.url, "preset": cfg.model.name,
                     "world_size": str(dist.world),
@@ -244,9 +277,9 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
             fs, root = open_fs(cfg.run_root, cfg.storage)
             write_json(fs, join(root, "mlflow_run.json"), {"run_id": run_id, "tracking_uri": scrub(cfg.tracking.uri)})
             log.info("MLflow run %s (%s): %s", run_id, "resumed" if tracker.resumed else "new", tracker.link())
-            evaluator = Evaluator(cfg, info, tracker, device, model_card(cfg, info, dist))
-            evaluator.seconds["setup"] = time.perf_counter() - started  # dataset, model, statistics, tracking
-        metrics = _loop(cfg, dist, info, model, ema, opt, step, tracker, evaluator, Spent.of(state), lease)
+            job.evaluator = Evaluator(cfg, info, tracker, device, job.card)
+            job.evaluator.seconds["setup"] = time.perf_counter() - started  # dataset, model, statistics, tracking
+        metrics = _loop(job, run)
     except Preempted as e:
         if tracker and tracker.run_id:
             tracker.end("KILLED")
@@ -272,9 +305,10 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     return metrics
 
 
-def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluator, spent: Spent,
-          lease: Lease | None = None) -> dict:
-    """Train from ``step`` to ``train.steps``; ``spent``: what training cost before this start (updated)."""
+def _loop(job: _Job, run: TrainState) -> dict:
+    """Train ``run`` from its step to ``train.steps`` (its step and what it has spent are updated)."""
+    cfg, dist, info, tracker, evaluator, lease = job.cfg, job.dist, job.info, job.tracker, job.evaluator, job.lease
+    model, ema, opt, step, spent = run.model, run.ema, run.opt, run.step, run.spent
     device, t = dist.device, cfg.train
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.world > 1 else model
     net = torch.compile(ddp) if t.compile else ddp
@@ -316,7 +350,7 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
                                          f"without saving (the last good checkpoint stays the newest); lower lr or "
                                          f"check the data")
             grad_norm = apply_update(model, opt, losses["loss"].mean(), t.grad_clip)
-            step += 1
+            step = run.step = step + 1
             _ema_update(ema, model, min(t.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
             spent.wall_s += time.perf_counter() - t0  # data, update and EMA: what the run's length costs
             if spent.cpu_s is not None:
@@ -338,7 +372,7 @@ def _loop(cfg: TrainConfig, dist, info, model, ema, opt, step, tracker, evaluato
                 window = {k: [] for k in window}
                 wait_s, busy_t0 = 0.0, time.perf_counter()
             if stop or step % t.checkpoint_every == 0 or step == t.steps:
-                _save(cfg, dist, model, ema, opt, step, tracker, info, spent)
+                _save(job, run)
             if evaluator:
                 final.update(evaluator.evaluate(ema, step, final=step == t.steps))
             if stop and step < t.steps:  # a signal during the last step: the job is done, not preempted
@@ -375,14 +409,10 @@ def _summarise(window: dict, num_timesteps: int, opt, elapsed: float, wait_s: fl
     return out
 
 
-def _save(cfg: TrainConfig, dist, model, ema, opt, step, tracker, info, spent: Spent) -> None:
-    if dist.is_main:
-        train_checkpoints.save(cfg.run_root, {
-            "step": step, "train_seconds": spent.wall_s, "train_cpu_seconds": spent.cpu_s,
-            "model": model.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "config": scrub_tree(cfg.to_dict()),
-            "mlflow_run_id": tracker.run_id if tracker else None, "meta": model_card(cfg, info, dist).to_dict(),
-        }, cfg.storage, keep=cfg.train.keep_checkpoints)
-        tracker.set_tag("checkpoint", join(cfg.run_root, "checkpoints"))
-    distributed.barrier(dist)
+def _save(job: _Job, run: TrainState) -> None:
+    cfg = job.cfg
+    if job.dist.is_main:
+        train_checkpoints.save(cfg.run_root, run.checkpoint(cfg, job.card, job.tracker.run_id if job.tracker else None),
+                               cfg.storage, keep=cfg.train.keep_checkpoints)
+        job.tracker.set_tag("checkpoint", join(cfg.run_root, "checkpoints"))
+    distributed.barrier(job.dist)
