@@ -193,15 +193,14 @@ def _export(run_root: str, directory: Path, device: str | None, storage, state: 
     f = results["faithfulness.json"]
     t = cfg["train"]
     steps, seconds, start = state["step"], round(state["train_seconds"], 1), None
-    if fs.exists(join(root, train_checkpoints.INIT_FILE)):  # continued from another model's weights (train.init_from)
-        start = read_json(fs, join(root, train_checkpoints.INIT_FILE))
-        if start.get("steps") is None or start.get("train_seconds") is None:
-            raise UserError(f"{run_root} started from {start.get('source')}, whose steps and seconds are not on "
+    begun = train_checkpoints.read_start(fs, root)  # continued from another model's weights (train.init_from)
+    if begun:
+        if begun.steps is None or begun.train_seconds is None:
+            raise UserError(f"{run_root} started from {begun.source}, whose steps and seconds are not on "
                             f"record: a demo record needs both; start it from a demo model or an rcdm run instead")
-        steps, seconds = steps + start["steps"], round(seconds + start["train_seconds"], 1)
-        start = {**start, "run_steps": state["step"], "run_train_seconds": round(state["train_seconds"], 1),
-                 "how": "this run's online and EMA weights started from the source's EMA weights; its optimizer "
-                        "and EMA warm-up started afresh"}
+        steps, seconds = steps + begun.steps, round(seconds + begun.train_seconds, 1)
+        start = {**begun.to_dict(), "run_steps": state["step"], "run_train_seconds": round(state["train_seconds"], 1),
+                 "how": begun.how}
     rec = {
         "format": RECORD_FORMAT, "name": name, "weights_file": weights.name, "sha256": digest,
         "dtype": "float16", "weights": "EMA", "parameters": sum(v.numel() for v in state["ema"].values()),

@@ -253,8 +253,7 @@ def _train_leased(cfg: TrainConfig, dist: distributed.DistInfo, info: DatasetInf
     if state is None and t.init_from:  # a resumed run keeps its own weights
         source = warm_start(t.init_from, cfg, info, unet_cfg, model, ema)
         if dist.is_main:
-            fs, root = open_fs(cfg.run_root, cfg.storage)
-            write_json(fs, join(root, train_checkpoints.INIT_FILE), source)
+            train_checkpoints.write_start(*open_fs(cfg.run_root, cfg.storage), source)
     for group in opt.param_groups:  # the config's hyper-parameters win over the checkpoint's
         group.update(lr=t.lr, weight_decay=t.weight_decay)
     if state:

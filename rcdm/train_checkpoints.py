@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -89,3 +90,75 @@ def load(url: str, storage: StorageOptions | None = None) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{url} is not an rcdm training checkpoint")
     return state
+
+
+# init_from.json: how a run started (rcdm.warm_start writes it through here, rcdm.demo_release reads it)
+HOW = {"all": "this run's online and EMA weights started from the source's EMA weights; its optimizer and EMA "
+              "warm-up started afresh",
+       "decoder": "this run's decoder started from the source's EMA weights, all but the conditioning input, which "
+                  "it learned from zero for its own encoder; its optimizer and EMA warm-up started afresh"}
+
+
+@dataclass(frozen=True)
+class StartRecord:
+    """``init_from.json`` in a run root: the model a run started from (train.init_from). Written by the run's first
+    start, read by export (rcdm.demo_release); both go through here. ``training`` is the source's own training
+    record where it has one (a demo model's record, a run's checkpoint), kept as it was."""
+
+    source: str  # what train.init_from said
+    loaded: str  # the file it resolved to
+    parts: str = "all"  # all | decoder (train.init_parts)
+    steps: int | None = None  # the source's training steps and seconds, where on record
+    train_seconds: float | None = None
+    device: str | None = None
+    source_encoder: str | None = None  # "<encoder> <level>" of the source (a decoder start's differs)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def how(self) -> str:
+        return HOW[self.parts]
+
+    def to_dict(self) -> dict:
+        out = {**self.training, **{k: v for k, v in asdict(self).items() if k != "training"}}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d, where: str) -> StartRecord:
+        """A record read from a run folder: its fields type-checked, one error naming the file otherwise."""
+        def bad(why: str) -> UserError:
+            return UserError(f"{where} is not a start record rcdm wrote ({why}); delete it if the run did not start "
+                             f"from another model")
+
+        if not isinstance(d, dict) or not isinstance(d.get("source"), str):
+            raise bad("no source")
+        steps, seconds = d.get("steps"), d.get("train_seconds")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+            raise bad(f"steps {steps!r}")
+        if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+                                    or not 0 <= seconds < float("inf")):
+            raise bad(f"train_seconds {seconds!r}")
+        parts = d.get("parts", "all")
+        if parts not in HOW:
+            raise bad(f"parts {parts!r}")
+        text = {k: d.get(k) for k in ("loaded", "device", "source_encoder")}
+        if any(v is not None and not isinstance(v, str) for v in text.values()):
+            raise bad("a text field that is not text")
+        known = {f.name for f in fields(cls)}
+        return cls(d["source"], text["loaded"] or d["source"], parts, steps, seconds, text["device"],
+                   text["source_encoder"], {k: v for k, v in d.items() if k not in known})
+
+
+def write_start(fs, root: str, record: StartRecord) -> None:
+    write_json(fs, join(root, INIT_FILE), record.to_dict())
+
+
+def read_start(fs, root: str) -> StartRecord | None:
+    """The run's start record, None where it started from scratch."""
+    path = join(root, INIT_FILE)
+    if not fs.exists(path):
+        return None
+    try:
+        d = read_json(fs, path)
+    except ValueError as e:
+        raise UserError(f"{path} is not JSON ({e})") from None
+    return StartRecord.from_dict(d, path)

@@ -15,15 +15,14 @@ from dataclasses import asdict
 from rcdm.config import TrainConfig
 from rcdm.data import DatasetInfo
 from rcdm.errors import UserError
+from rcdm.train_checkpoints import StartRecord
 
 log = logging.getLogger("rcdm.train")
 
 
 # the conditioning input: the source's encoder's, never copied by a decoder warm start
 CONDITIONING = ("ssl_emb.", "null_emb", "emb_mean", "emb_std", "emb_white")
-
-
-def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, ema) -> dict:
+def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, ema) -> StartRecord:
     """Copy a trained RCDM's EMA weights (its embedding statistics included: its weights were trained on them)
     into ``model`` and ``ema``; refused unless it is the same UNet, for the same encoder weights and level.
     Returns what the run records about its start (``init_from.json``): the source, its digest, its training."""
@@ -49,10 +48,16 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
     weights = loaded.model.state_dict()
     model.load_state_dict(weights)
     ema.load_state_dict(weights)
-    source = {"source": ref, "loaded": loaded.source, "steps": None, "train_seconds": None, "device": card.device,
-              **(loaded.training or {})}
-    log.info("starting from the weights of %s (%s steps)", loaded.source, source["steps"])
+    source = _record(ref, loaded, "all")
+    log.info("starting from the weights of %s (%s steps)", loaded.source, source.steps)
     return source
+
+
+def _record(ref: str, loaded, parts: str) -> StartRecord:
+    card = loaded.card
+    d = {"source": ref, "loaded": loaded.source, "device": card.device, **(loaded.training or {}), "parts": parts,
+         "source_encoder": f"{card.encoder.name} {card.encoder.level}"}
+    return StartRecord.from_dict(d, f"the training record of {loaded.source}")
 
 
 def _decoder_start(ref: str, loaded, cfg: TrainConfig, unet_cfg, model, ema) -> dict:
@@ -75,9 +80,7 @@ def _decoder_start(ref: str, loaded, cfg: TrainConfig, unet_cfg, model, ema) -> 
         target["ssl_emb.bias"] = source_sd["ssl_emb.bias"].clone()
     model.load_state_dict(target)
     ema.load_state_dict(target)
-    source = {"source": ref, "loaded": loaded.source, "parts": "decoder", "steps": None, "train_seconds": None,
-              "device": card.device, "source_encoder": f"{card.encoder.name} {card.encoder.level}",
-              **(loaded.training or {})}
+    source = _record(ref, loaded, "decoder")
     log.info("starting from the decoder of %s (%s steps; its %s conditioning input left behind)", loaded.source,
-             source["steps"], source["source_encoder"])
+             source.steps, source.source_encoder)
     return source

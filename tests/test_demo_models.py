@@ -163,6 +163,7 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     assert t["steps"] == src["training"]["steps"] + 1 and t["continued_from"]["run_steps"] == 1
     assert t["continued_from"]["sha256"] == src["sha256"] and t["continued_from"]["source"] == "demo:simclr-projector"
     assert t["train_seconds"] > src["training"]["train_seconds"]
+    assert t["continued_from"]["parts"] == "all" and t["continued_from"]["how"].startswith("this run's online and EMA")
     # the shipped file's factors on held-out images of the analysis split go into its record
     rec = findings.read_held_out("simclr-projector", tmp_path / "continued", images=4)
     held = rec["factor_reads_held_out"]

@@ -5,6 +5,7 @@ to a shared folder or tracking server and as a careless user would. Each case en
 documented behaviour: nothing outside the run or --out is written, no run is ended by a record it does not own,
 no password reaches the console."""
 import json
+import re
 import os
 from pathlib import Path
 
@@ -266,3 +267,24 @@ def test_a_demo_record_naming_another_models_file_is_refused(tmp_path):
                                                               "sha256": vic["sha256"]}))
     with pytest.raises(UserError, match="names weights file 'vicreg-backbone.pt'"):
         load_demo("demo:dino-projector", tmp_path)
+
+
+@pytest.mark.parametrize("record,why", [([1, 2], "no source"), ({"steps": 3}, "no source"),
+                                        ({"source": "x", "steps": "3"}, "steps '3'"),
+                                        ({"source": "x", "steps": True}, "steps True"),
+                                        ({"source": "x", "train_seconds": float("nan")}, "train_seconds nan"),
+                                        ({"source": "x", "parts": "../all"}, "parts '../all'"),
+                                        ({"source": "x", "device": {"rm": "-rf"}}, "a text field that is not text")])
+def test_a_start_record_from_a_run_folder_is_type_checked(tmp_path, record, why):
+    import fsspec
+
+    from rcdm import train_checkpoints as tc
+
+    (tmp_path / tc.INIT_FILE).write_text(json.dumps(record))
+    with pytest.raises(UserError, match=rf"init_from.json is not a start record rcdm wrote \({re.escape(why)}"):
+        tc.read_start(fsspec.filesystem("file"), str(tmp_path))
+    (tmp_path / tc.INIT_FILE).write_text(json.dumps({"source": "demo:dino-backbone", "steps": 4800, "parts": "decoder",
+                                                      "train_seconds": 1.5, "lr": 0.004}))
+    got = tc.read_start(fsspec.filesystem("file"), str(tmp_path))
+    assert (got.steps, got.parts, got.training) == (4800, "decoder", {"lr": 0.004}) and "conditioning" in got.how
+    assert tc.read_start(fsspec.filesystem("file"), str(tmp_path / "nowhere")) is None
