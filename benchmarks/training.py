@@ -25,6 +25,7 @@ from PIL import Image
 from rcdm.config import (ConditioningDiagnosticConfig, DataConfig, FaithfulnessConfig, GridConfig, InvarianceCheckConfig,
                          LoopConfig, ModelConfig, Named, TrackingConfig, TrainConfig)
 from rcdm.data import TrainStream, open_dataset
+from rcdm.device import training_precision
 from rcdm.diffusion.gaussian import create_diffusion
 from rcdm.encoders import build_encoder
 from rcdm.preprocess import Preprocess, center_crop, load_rgb
@@ -69,17 +70,18 @@ def step_overhead(preset: str, work: Path, batch: int, steps: int) -> dict:
     model = build_unet(preset, info.embed_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = create_diffusion()
+    precision = training_precision(cfg.train.precision, torch.device("cpu"))  # the loop's (bf16 on native-bf16 CPUs)
     x, h = torch.rand(batch, 3, size, size) * 2 - 1, torch.randn(batch, info.embed_dim)
     times = []
     for i in range(3):
         t = torch.randint(0, 1000, (batch,))
         t0 = time.perf_counter()
-        apply_update(model, opt, forward_losses(model, diffusion, x, h, t)["loss"].mean(), 1.0)
+        apply_update(model, opt, forward_losses(model, diffusion, x, h, t, precision=precision)["loss"].mean(), 1.0)
         if i:  # the first is warm-up
             times.append(time.perf_counter() - t0)
     pure_ips = batch / statistics.median(times)
-    return {"preset": preset, "batch": batch, "loop_images_per_s": loop_ips, "pure_update_images_per_s": pure_ips,
-            "ratio": loop_ips / pure_ips}
+    return {"preset": preset, "batch": batch, "precision": precision, "loop_images_per_s": loop_ips,
+            "pure_update_images_per_s": pure_ips, "ratio": loop_ips / pure_ips}
 
 
 def pipeline(work: Path, n: int, image_size: int) -> dict:

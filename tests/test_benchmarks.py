@@ -42,6 +42,7 @@ SMALLEST = {  # each benchmark's command line at its smallest: they run in CI so
     "shard_throughput": ["--images", "4", "--arch", "tiny", "--batch", "2", "--repeats", "1", "--rss-sizes", "8,16"],
     "unet_forward": ["--presets", "tiny", "--repeats", "1"],
     "sampling": ["--images", "2", "--settings", "ddim5,ddim2"],
+    "side_by_side": ["--steps", "2", "--threads", "2"],
 }
 
 
