@@ -15,6 +15,7 @@ from pathlib import Path
 from rcdm.demo_release import DEMO_DIR, export
 from rcdm.findings import read_held_out
 from rcdm.errors import UserError, cli_errors
+from rcdm.stats import Estimate
 
 
 def run_roots(paths: list[str]) -> list[Path]:
@@ -49,8 +50,8 @@ def main() -> None:
             rec = export(str(root), out, args.device)
             f = rec["faithfulness"]
             print(f"{rec['name']}: {rec['training']['steps']} steps, {rec['training']['train_seconds'] / 60:.1f} min "
-                  f"on {rec['training']['device']}; faithfulness MRR {f['mrr']:.3f} "
-                  f"[{f['mrr_ci95'][0]:.3f}, {f['mrr_ci95'][1]:.3f}] -> {out / rec['weights_file']}", flush=True)
+                  f"on {rec['training']['device']}; faithfulness MRR {Estimate.of(f, 'mrr').format(3)} "
+                  f"-> {out / rec['weights_file']}", flush=True)
             names.append(rec["name"])
         for name in names if args.held_out > 0 else []:
             reads = read_held_out(name, out, args.held_out)["factor_reads_held_out"]["factors"]

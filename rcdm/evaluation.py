@@ -27,6 +27,7 @@ from rcdm.preprocess import Preprocess
 from rcdm.sampling import draw
 from rcdm.storage import atomic_open, join, open_fs, read_json, write_json
 from rcdm.tracking import Tracker
+from rcdm.stats import Estimate
 
 log = logging.getLogger(__name__)
 QUARTILES = 4
@@ -262,7 +263,7 @@ class Evaluator:
 def _brief(name: str, result: Result) -> str:
     n = result.numbers
     if name == "faithfulness":
-        return (f"MRR {n['mrr']:.3f} [{n['mrr_ci95'][0]:.3f}, {n['mrr_ci95'][1]:.3f}], top-1 {n['top1']:.3f} "
+        return (f"MRR {Estimate.of(n, 'mrr').format(3)}, top-1 {n['top1']:.3f} "
                 f"(chance MRR {n['chance']['mrr']:.3f})")
     if name == "factor_reads":
         return ", ".join(f"{k} {v['samples']:.2f} (bound {v['bound'] if v['bound'] is None else round(v['bound'], 2)})"

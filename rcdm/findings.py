@@ -25,7 +25,7 @@ from rcdm.grids import cells_png
 from rcdm.report.figures import interval_bars
 from rcdm.sampling import load_with_encoder
 from rcdm.storage import open_fs, write_local
-from rcdm.stats import mean_ci
+from rcdm.stats import Estimate, mean_ci
 from rcdm.config import READER_STEPS
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,7 @@ def _pick(d: dict, *keys: str) -> dict:
 
 
 def _ci(x: float | None, ci: list[float] | None = None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{x:.2f}"
+    return Estimate(x, tuple(ci) if ci else None).format(2)
 
 
 def findings_markdown(f: dict, guidances: list[float]) -> str:

@@ -28,7 +28,7 @@ from rcdm.encoders import zoo
 from rcdm.errors import UserError
 from rcdm.preprocess import IMAGE_SUFFIXES, load_rgb, to_uint8_tensor
 from rcdm.probes import factor_labels, fit_linear_probe
-from rcdm.stats import mean_ci, wilson
+from rcdm.stats import Estimate, mean_ci, wilson
 
 LABEL = "label"  # the one factor of a folder of class sub-folders
 
@@ -194,7 +194,7 @@ def embed_for(encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def fmt(e: dict) -> str:
-    return f"{e['value']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}]"
+    return Estimate(e["value"], tuple(e["ci95"])).format(2)
 
 
 def markdown(table: dict) -> str:

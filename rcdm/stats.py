@@ -3,15 +3,39 @@
 - ``wilson``: a proportion's 95 % Wilson score interval (sound at 0, 1 and small n);
 - ``mean_ci``: a mean and its 95 % percentile-bootstrap interval (resampling the values, torch's seeded generator);
 - ``bootstrap``: the 95 % percentile-bootstrap interval of any statistics of a sample (numpy's seeded generator).
-A fixed seed: the same numbers always give the same interval.
+A fixed seed: the same numbers always give the same interval. ``Estimate`` is a value with its interval, and the
+one way every table, report and log line writes one ("0.61 [0.49, 0.72]").
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value and, where one was computed, its 95 % interval; None where nothing was measured."""
+
+    value: float | None
+    ci95: tuple[float, float] | None = None
+
+    @classmethod
+    def of(cls, record: dict, key: str) -> Estimate:
+        """``record[key]`` with ``record[key + "_ci95"]``, the layout of every analysis's numbers."""
+        ci = record.get(f"{key}_ci95")
+        return cls(record.get(key), tuple(ci) if ci else None)
+
+    def format(self, digits: int = 2) -> str:
+        if self.value is None:
+            return "n/a"
+        v = f"{self.value:.{digits}f}"
+        return f"{v} [{self.ci95[0]:.{digits}f}, {self.ci95[1]:.{digits}f}]" if self.ci95 else v
+
+    __str__ = format
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:

@@ -194,6 +194,22 @@ def test_interval_estimates_live_in_one_module():
                 assert not pattern.search(path.read_text()), path
 
 
+def test_a_value_with_its_interval_is_written_one_way():
+    """rcdm.stats.Estimate.format writes every "value [lo, hi]" (there were four formatters, one per room)."""
+    import re
+
+    from rcdm.stats import Estimate
+
+    assert Estimate(0.6123, (0.49, 0.7249)).format() == "0.61 [0.49, 0.72]" and str(Estimate(0.5)) == "0.50"
+    assert Estimate.of({"mrr": 0.9, "mrr_ci95": [0.8, 0.95]}, "mrr").format(3) == "0.900 [0.800, 0.950]"
+    assert Estimate.of({}, "mrr").format() == "n/a"
+    by_hand = re.compile(r"\[\{[^}]*:\.\d+f\}, \{")
+    for folder in ("rcdm", "pipeline", "sharding", "launch", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path != ROOT / "rcdm" / "stats.py":
+                assert not by_hand.search(path.read_text()), path
+
+
 def test_the_factor_reader_budget_is_set_once():
     """Every reader_steps default is rcdm.config.READER_STEPS (it was the literal 600 in eight places)."""
     import dataclasses

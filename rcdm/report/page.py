@@ -10,6 +10,7 @@ from rcdm.analysis.invariance import FAMILIES
 from rcdm.redaction import scrub
 from rcdm.report.collect import JobRun, Sweep
 from rcdm.report.figures import by_encoder
+from rcdm.stats import Estimate
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -33,8 +34,7 @@ def _num(x, fmt: str = "{:.3f}") -> str:
 
 
 def _ci(d: dict, key: str) -> str:
-    lo, hi = d[f"{key}_ci95"]
-    return f"{d[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+    return Estimate.of(d, key).format(3)
 
 
 def _when(ms: int | None) -> str:
@@ -110,7 +110,7 @@ def factor_table(sweep: Sweep) -> str:
     for r in runs:
         t = r.end["factor_reads"]["factors"]
         rows.append([escape(r.encoder), escape(r.level)] + [
-            f'<td class="num">{t[k]["samples"]:.2f} [{t[k]["samples_ci95"][0]:.2f}, {t[k]["samples_ci95"][1]:.2f}]'
+            f'<td class="num">{Estimate.of(t[k], "samples")}'
             f'<br><span class="meta">bound {_num(t[k]["bound"], "{:.2f}")}</span></td>' if k in t else "–"
             for k in names])
     tables = [r.end["factor_reads"]["factors"] for r in runs]
