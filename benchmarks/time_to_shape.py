@@ -68,6 +68,9 @@ ARMS: dict[str, dict] = {
     # from zero (train.init_parts=decoder); the decoder's own training is paid once, not per job
     "shared_decoder": {"overrides": ["train.init_from=demo:dino-backbone", "train.init_parts=decoder"],
                        "every": 200},
+    # the two levers that moved shape, together
+    "shared_decoder_logit_normal": {"overrides": ["train.init_from=demo:dino-backbone", "train.init_parts=decoder",
+                                                  "recipe.timesteps=logit_normal"], "every": 200},
     # the shared decoder with half the batch: twice the updates per CPU second for the conditioning input to learn
     "shared_decoder_batch16": {"overrides": ["train.init_from=demo:dino-backbone", "train.init_parts=decoder",
                                              "train.batch_size=16"], "every": 400},
