@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -35,10 +35,11 @@ from rcdm.model_card import ModelCard
 from rcdm.preprocess import Preprocess
 from rcdm.presets import preset_config
 from rcdm.provenance import code_version
-from rcdm.redaction import guard_logging, scrub, scrub_tree
-from rcdm.storage import StorageOptions, join, open_fs, recorded_run_id, refuse_linked_entries, write_json
+from rcdm.redaction import guard_logging, scrub
+from rcdm.storage import join, open_fs, recorded_run_id, refuse_linked_entries, write_json
 from rcdm.tracking import PARENT_TAG, Tracker, check_reachable
 from rcdm.unet import RCDMUNet
+from rcdm.train_state import Spent, TrainState, restore
 from rcdm.warm_start import warm_start
 
 log = logging.getLogger(__name__)
@@ -99,57 +100,6 @@ def learning_rate(t: LoopConfig, warmup_steps: int, step: int) -> float:
     if t.lr_schedule == "cosine":
         return t.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, t.steps) / t.steps))
     raise UserError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose constant or cosine")
-
-
-def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[int, dict | None, str | None]:
-    """Load the newest checkpoint under ``run_root`` into model, EMA and optimizer; (step, state, url)."""
-    url = train_checkpoints.latest_path(run_root, storage)
-    if url is None:
-        return 0, None, None
-    state = train_checkpoints.load(url, storage)
-    try:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])  # no RNG state: every step reseeds (step_seed)
-    except (RuntimeError, ValueError, KeyError) as e:
-        was = state.get("meta", {})
-        raise UserError(f"{url} was trained with another model or recipe (preset {was.get('preset')}, recipe "
-                        f"{was.get('recipe', {}).get('name')}, {was.get('embed_dim')}-d conditioning) than this job "
-                        f"asks for, so it cannot resume from it ({' '.join(str(e).split())[:200]}); give this job a "
-                        f"new sweep_id, or the overrides that run had") from None
-    return state["step"], state, url
-
-
-@dataclass
-class Spent:
-    """What a run's training steps have cost (data, update, EMA; no evaluation): wall seconds, and the training
-    process's CPU seconds (all its threads; data-loader worker processes not counted), which other work on the
-    machine disturbs far less than wall time."""
-
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-
-    @classmethod
-    def of(cls, state: dict | None) -> Spent:
-        """From a checkpoint (checkpoints before CPU seconds were recorded: None for them)."""
-        return cls(state.get("train_seconds", 0.0), state.get("train_cpu_seconds")) if state else cls()
-
-
-@dataclass
-class TrainState:
-    """What the loop advances and a checkpoint holds: the weights, their EMA, the optimizer, the step, and what
-    training has cost so far."""
-
-    model: torch.nn.Module
-    ema: torch.nn.Module
-    opt: torch.optim.Optimizer
-    step: int = 0
-    spent: Spent = field(default_factory=Spent)
-
-    def checkpoint(self, cfg: TrainConfig, card: ModelCard, run_id: str | None) -> dict:
-        return {"step": self.step, "train_seconds": self.spent.wall_s, "train_cpu_seconds": self.spent.cpu_s,
-                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "config": scrub_tree(cfg.to_dict()), "mlflow_run_id": run_id, "meta": card.to_dict()}
 
 
 @dataclass

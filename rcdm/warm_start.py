@@ -22,6 +22,10 @@ log = logging.getLogger("rcdm.train")
 
 # the conditioning input: the source's encoder's, never copied by a decoder warm start
 CONDITIONING = ("ssl_emb.", "null_emb", "emb_mean", "emb_std", "emb_white")
+# what may differ between a decoder's source and the job: the conditioning input's width and normalisation
+CONDITIONING_OPTIONS = {"embed_dim", "normalize_embeddings", "whiten_embeddings", "null_embedding"}
+
+
 def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, ema) -> StartRecord:
     """Copy a trained RCDM's EMA weights (its embedding statistics included: its weights were trained on them)
     into ``model`` and ``ema``; refused unless it is the same UNet, for the same encoder weights and level.
@@ -39,8 +43,7 @@ def warm_start(ref: str, cfg: TrainConfig, info: DatasetInfo, unet_cfg, model, e
              "encoder": (card.encoder.name, cfg.encoder.name), "level": (card.encoder.level, cfg.level.name),
              "encoder weights": (have, want) if have and want else (None, None),  # compared where both are known
              "diffusion": (card.process, cfg.process())}  # what its output means: schedule, prediction
-    pairs.update({f"UNet {k}": (v, getattr(unet_cfg, k)) for k, v in asdict(loaded.model.cfg).items()})
-    differ = [f"{k} {a} (this job: {b})" for k, (a, b) in pairs.items() if a != b]
+    differ = [f"{k} {a} (this job: {b})" for k, (a, b) in pairs.items() if a != b] + unet_differences(loaded, unet_cfg)
     if differ:
         raise UserError(f"train.init_from={ref} is another kind of model than this job trains: its " +
                         "; ".join(differ)[:600] + ". Start from a model of the same UNet, recipe options, encoder "
@@ -60,14 +63,20 @@ def _record(ref: str, loaded, parts: str) -> StartRecord:
     return StartRecord.from_dict(d, f"the training record of {loaded.source}")
 
 
-def _decoder_start(ref: str, loaded, cfg: TrainConfig, unet_cfg, model, ema) -> dict:
+def unet_differences(loaded, unet_cfg, free: frozenset | set = frozenset()) -> list[str]:
+    """The UNet options in which ``loaded``'s model differs from the job's, but those in ``free``."""
+    mine = asdict(unet_cfg)
+    return [f"UNet {k} {v} (this job: {mine[k]})" for k, v in asdict(loaded.model.cfg).items()
+            if k not in free and v != mine[k]]
+
+
+def _decoder_start(ref: str, loaded, cfg: TrainConfig, unet_cfg, model, ema) -> StartRecord:
     """Every weight of the source but its conditioning input; refused unless the rest is the same UNet trained for
     the same diffusion (what its output means)."""
     import torch
 
-    card, theirs, mine = loaded.card, asdict(loaded.model.cfg), asdict(unet_cfg)
-    free = {"embed_dim", "normalize_embeddings", "whiten_embeddings", "null_embedding"}  # the conditioning input's
-    differ = [f"UNet {k} {v} (this job: {mine[k]})" for k, v in theirs.items() if k not in free and v != mine[k]]
+    card = loaded.card
+    differ = unet_differences(loaded, unet_cfg, CONDITIONING_OPTIONS)
     if card.process != cfg.process():
         differ.append(f"diffusion {card.process} (this job: {cfg.process()})")
     if differ:
