@@ -115,7 +115,9 @@ def test_shipped_tiny_encoders_are_the_default_and_checksummed(tmp_path):
     schemas.register()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         assert compose("shard").encoder_weights == "released"  # what launch/shard.py runs with
-    assert OmegaConf.load(ROOT / "configs/data/demo.yaml").synthetic.encoder_weights == "released"
+    from rcdm.config import DemoData
+
+    assert DemoData().encoder_weights == "released"  # the demo (configs/data/demo.yaml) keeps the default
     # the manifest says which weights embedded the data
     shard(ShardJob(input="synthetic", output=str(tmp_path / "ds"), synthetic=SyntheticInput(4), encoders=["barlow"],
                    loader_workers=0))
