@@ -98,7 +98,6 @@ def test_pretrain_command_logs_to_mlflow(tmp_path):
 # --- the shipped encoders ------------------------------------------------------------------------------
 
 def test_shipped_tiny_encoders_are_the_default_and_checksummed(tmp_path):
-    from omegaconf import OmegaConf
 
     from rcdm.encoders.weights import sha256sum
     from sharding.config import ShardJob, SyntheticInput
