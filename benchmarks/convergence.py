@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline import schemas
-from pipeline.sweep import ensure_demo_data, train_config
+from pipeline.stages import ensure_demo_data, train_config
 from rcdm.errors import UserError, cli_errors
 from rcdm.provenance import machine
 from rcdm.train import PREEMPT_SIGNAL, train

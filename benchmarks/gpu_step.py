@@ -28,7 +28,7 @@ import torch
 
 from rcdm.device import autocast, describe
 from rcdm.diffusion.gaussian import create_diffusion
-from rcdm.plan import peak_tflops, unet_cost
+from rcdm.cost import peak_tflops, unet_cost
 from rcdm.presets import PRESETS
 from rcdm.provenance import machine
 from rcdm.unet import RCDMUNet

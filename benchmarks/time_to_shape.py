@@ -35,7 +35,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import schemas
-from pipeline.sweep import ensure_demo_data, train_config
+from pipeline.stages import ensure_demo_data, train_config
 from rcdm.errors import UserError, cli_errors
 from rcdm.provenance import machine
 from rcdm.train import PREEMPT_SIGNAL, train

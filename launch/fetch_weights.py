@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from pipeline.sweep import job_configs
+from pipeline.stages import job_configs
 from pipeline.weights_needed import fetch_all, needed
 from rcdm.errors import UserError, cli_errors
 from rcdm.redaction import printable

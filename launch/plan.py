@@ -11,10 +11,10 @@ for), checkpoint size x kept; then totals and the dataset's size (or why it coul
 """
 import sys
 
-from pipeline.sweep import job_configs
+from pipeline.stages import job_configs
 from rcdm.errors import UserError, cli_errors
 from rcdm.manifest import read_manifest
-from rcdm.plan import dataset_bytes, format_plan, plan_job
+from rcdm.cost import dataset_bytes, format_plan, plan_job
 from rcdm.redaction import scrub
 
 PLAN_KEYS = {"plan.device": "", "plan.utilisation": "0.35", "plan.peak_tflops": ""}

@@ -8,8 +8,8 @@ job has ended. The same overrides as the launch/sweep.py command that submitted 
 """
 import sys
 
-from pipeline.status import format_status, reconcile
-from pipeline.sweep import job_configs
+from pipeline.reconcile import format_status, reconcile
+from pipeline.stages import job_configs
 from rcdm.errors import cli_errors
 
 

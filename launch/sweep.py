@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline import schemas
-from pipeline.sweep import train_config
+from pipeline.stages import train_config
 from rcdm.errors import cli_errors
 from rcdm.train import Preempted, train
 

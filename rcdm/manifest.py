@@ -1,4 +1,4 @@
-"""The dataset manifest, the contract between sharding and everything that reads a dataset (docs/design.md).
+"""The dataset manifest, the contract between sharding and everything that reads a dataset (docs/architecture.md).
 
 Written last by the sharding stage (its presence means the dataset is complete), read here by every
 consumer. Version 1 (rcdm 0.1) recorded an encoder's weights as one string beside its sha256; it is

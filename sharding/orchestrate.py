@@ -18,7 +18,7 @@ from rcdm.manifest import read_manifest
 from rcdm.storage import open_fs, remove_stale_temporaries
 from sharding.config import ShardJob
 from sharding.encode import run_part
-from sharding.manifest import check_compatible, finalize
+from sharding.publish import check_compatible, finalize
 
 log = logging.getLogger(__name__)
 

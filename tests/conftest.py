@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from pipeline.local_servers import moto_s3
 
 from pipeline import schemas
-from pipeline.sweep import train_config
+from pipeline.stages import train_config
 from rcdm.storage import StorageOptions, open_fs
 from sharding.config import ShardJob, SyntheticInput
 from sharding.orchestrate import shard

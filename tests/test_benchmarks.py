@@ -30,7 +30,7 @@ def test_gpu_step_runs_reduced_on_cpu_and_records_the_machine(tmp_path):
 
 
 def test_device_peaks_are_matched_on_the_device_name():
-    from rcdm.plan import peak_tflops
+    from rcdm.cost import peak_tflops
 
     names = {"NVIDIA H200": 989.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0,
              "NVIDIA A100-SXM4-80GB": 312.0, "Tesla T4": None}

@@ -116,7 +116,7 @@ def test_plan_of_the_demo_sweep_prints_each_job_and_submits_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_plan_of_an_imagenet_sweep_reads_the_manifest_and_the_measured_step(tmp_path, monkeypatch):
-    from rcdm import plan
+    from rcdm import cost
     from sharding.config import ShardJob, SyntheticInput
     from sharding.orchestrate import shard
 
@@ -138,11 +138,11 @@ def test_plan_of_an_imagenet_sweep_reads_the_manifest_and_the_measured_step(tmp_
     results.write_text(json.dumps({"reduced": False, "device": "cuda: NVIDIA H200 x 1 rank",
                                    "machine": {"gpu": "NVIDIA H200"},
                                    "presets": {"adm128": {"rcdm": {"step_s": 0.5, "batch": 32}}}}))
-    monkeypatch.setattr(plan, "RESULTS", results)
+    monkeypatch.setattr(cost, "RESULTS", results)
     from rcdm.config import TrainConfig
 
     cfg = OmegaConf.to_object(composed(args[:2] + ["level=backbone", f"data.url={data}", "cluster=slurm"]))
     assert isinstance(cfg, TrainConfig)
-    job = plan.plan_job(cfg, 128, "H200", 0.35)
+    job = cost.plan_job(cfg, 128, "H200", 0.35)
     assert job.hours_source.startswith("measured: 0.500 s/step at batch 32 on NVIDIA H200")
     assert job.device_hours == pytest.approx(300_000 * 0.5 * (256 / 16) / 32 * 16 / 3600)

@@ -50,7 +50,7 @@ def _submitted_sweep(typed, tmp_path, jobs, parent_tags=None, record_parent=True
 
 
 def test_status_never_ends_a_run_its_record_does_not_own(typed, tmp_path, monkeypatch):
-    from pipeline import status
+    from pipeline import reconcile
     from rcdm.tracking import Tracker
 
     other = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "another-experiment")
@@ -58,9 +58,9 @@ def test_status_never_ends_a_run_its_record_does_not_own(typed, tmp_path, monkey
     cfg, parent = _submitted_sweep(typed, tmp_path, ["11"])
     rec = json.loads(Path(cfg.submitted_file).read_text())
     Path(cfg.submitted_file).write_text(json.dumps({**rec, "parent_run_id": other.run_id}))
-    monkeypatch.setattr(status, "sacct_states", lambda ids: {i: "COMPLETED" for i in ids})
+    monkeypatch.setattr(reconcile, "sacct_states", lambda ids: {i: "COMPLETED" for i in ids})
     with pytest.raises(UserError, match="not this sweep's parent run"):
-        status.reconcile(cfg)
+        reconcile.reconcile(cfg)
     client = MlflowClient(cfg.tracking.uri)
     assert client.get_run(other.run_id).info.status == "RUNNING"
     assert client.get_run(parent.run_id).info.status == "RUNNING"
@@ -69,16 +69,16 @@ def test_status_never_ends_a_run_its_record_does_not_own(typed, tmp_path, monkey
 def test_a_second_submission_keeps_the_first_jobs_followed(typed, tmp_path, monkeypatch):
     """The same sweep submitted twice without waiting: both submissions stay recorded, and the parent stays
     RUNNING while the first's jobs still train."""
-    from pipeline import status
+    from pipeline import reconcile
 
     cfg, parent = _submitted_sweep(typed, tmp_path, ["11", "12"])
     assert [j["slurm_job_id"] for j in json.loads(Path(cfg.submitted_file).read_text())["jobs"]] == ["11", "12"]
-    monkeypatch.setattr(status, "sacct_states", lambda ids: {"11": "RUNNING", "12": "FAILED"})
-    record = status.reconcile(cfg)
+    monkeypatch.setattr(reconcile, "sacct_states", lambda ids: {"11": "RUNNING", "12": "FAILED"})
+    record = reconcile.reconcile(cfg)
     assert not record["ended"] and MlflowClient(cfg.tracking.uri).get_run(parent.run_id).info.status == "RUNNING"
-    monkeypatch.setattr(status, "sacct_states", lambda ids: {"11": "COMPLETED", "12": "FAILED"})
-    monkeypatch.setattr("pipeline.sweep.report_sweep", lambda *a, **k: None)
-    record = status.reconcile(cfg)
+    monkeypatch.setattr(reconcile, "sacct_states", lambda ids: {"11": "COMPLETED", "12": "FAILED"})
+    monkeypatch.setattr("pipeline.stages.report_sweep", lambda *a, **k: None)
+    record = reconcile.reconcile(cfg)
     assert record["ended"]["status"] == "FAILED"  # no run of the job finished in MLflow
 
 
@@ -87,13 +87,13 @@ def test_a_second_submission_keeps_the_first_jobs_followed(typed, tmp_path, monk
                                            ("[1, 2]", "not a JSON object"),
                                            ({"sweep_id": "main", "parent_run_id": None, "jobs": []}, "records no")])
 def test_a_malformed_submission_record_is_one_error(typed, tmp_path, body, message):
-    from pipeline import status
+    from pipeline import reconcile
 
     cfg, _ = _submitted_sweep(typed, tmp_path, [])
     Path(cfg.submitted_file).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.submitted_file).write_text(body if isinstance(body, str) else json.dumps(body))
     with pytest.raises(UserError, match=message):
-        status.reconcile(cfg)
+        reconcile.reconcile(cfg)
 
 
 def test_the_launcher_records_its_jobs_whatever_the_old_record_holds(tmp_path):
@@ -107,7 +107,7 @@ def test_the_launcher_records_its_jobs_whatever_the_old_record_holds(tmp_path):
 
 
 def test_sacct_is_asked_in_batches_and_status_prints_no_terminal_escapes(tmp_path, monkeypatch):
-    from pipeline import status
+    from pipeline import reconcile
 
     calls = tmp_path / "calls"
     sacct = tmp_path / "bin" / "sacct"
@@ -116,16 +116,16 @@ def test_sacct_is_asked_in_batches_and_status_prints_no_terminal_escapes(tmp_pat
                      'for id in $(echo "$5" | tr , " "); do echo "$id|COMPLETED"; done\n')
     sacct.chmod(0o755)
     monkeypatch.setenv("PATH", f"{sacct.parent}:{os.environ['PATH']}")
-    states = status.sacct_states([str(i) for i in range(2500)])
+    states = reconcile.sacct_states([str(i) for i in range(2500)])
     assert len(states) == 2500 and [int(x) for x in calls.read_text().split()] == [1000, 1000, 500]
-    jobs = [status.JobState("1", ["encoder=\x1b[2J\x1b]0;pwned\x07dino"], "UNKNOWN")]
-    text = status.format_status({"jobs": jobs, "sweep_id": "main", "submitted_at": "t", "parent_run_id": "p",
+    jobs = [reconcile.JobState("1", ["encoder=\x1b[2J\x1b]0;pwned\x07dino"], "UNKNOWN")]
+    text = reconcile.format_status({"jobs": jobs, "sweep_id": "main", "submitted_at": "t", "parent_run_id": "p",
                                  "ended": None})
     assert "\x1b" not in text and "\\x1b[2J" in text and "unknown to SLURM's accounting" in text
 
 
 def test_no_password_reaches_the_console_from_status_or_the_report_warning(typed, tmp_path, capsys, monkeypatch):
-    from pipeline.sweep import report_sweep
+    from pipeline.stages import report_sweep
     from rcdm.config import TrackingConfig
 
     secret = "hunter2pass"
@@ -153,7 +153,7 @@ def test_plan_checks_its_keys_and_names_devices_it_does_not_know():
         import plan as plan_cli
     finally:
         sys.path.remove(str(ROOT / "launch"))
-    from rcdm.plan import peak_tflops
+    from rcdm.cost import peak_tflops
 
     assert peak_tflops("L40") is None and peak_tflops("L40S") == 362.0 and peak_tflops("A10") is None
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("MI300X") is None

@@ -263,7 +263,7 @@ def test_a_demo_dataset_of_earlier_encoders_is_stale_and_refused_with_the_fix(tm
     refuses it, naming the earlier encoders and the fix, and builds nothing over it."""
     import shutil
 
-    from pipeline.sweep import ensure_demo_data
+    from pipeline.stages import ensure_demo_data
 
     shipped = tmp_path / "tiny_weights"
     shipped.mkdir()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rcdm.train as train_module
-from pipeline.sweep import train_config
+from pipeline.stages import train_config
 from rcdm import train_checkpoints
 from rcdm.data import open_dataset, train_loader
 from rcdm.train import Preempted, train

@@ -1,4 +1,4 @@
-"""The sharding stage writes the dataset contract of docs/design.md, on local paths and on a real S3 server."""
+"""The sharding stage writes the dataset contract of docs/architecture.md, on local paths and on a real S3 server."""
 import io
 import json
 import os
@@ -18,7 +18,7 @@ from PIL import Image
 from rcdm.encoders import build_encoder
 from rcdm.errors import UserError
 from sharding.config import ShardJob, SyntheticInput
-from sharding.manifest import TooManyRejected
+from sharding.publish import TooManyRejected
 from sharding.orchestrate import shard
 
 ROOT = Path(__file__).resolve().parents[1]

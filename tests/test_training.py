@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
-from pipeline.sweep import ensure_demo_data, train_config
+from pipeline.stages import ensure_demo_data, train_config
 from rcdm import train_checkpoints
 from rcdm.config import TrainConfig
 from rcdm.diffusion.gaussian import RELEASED, create_diffusion

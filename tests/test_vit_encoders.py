@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from release_files import VIT_WRITERS, write_vit
 
-from pipeline.sweep import train_config
+from pipeline.stages import train_config
 from rcdm.encoders import ENCODERS, build_encoder
 from rcdm.encoders.weights import hub_cache_path
 from rcdm.errors import UserError

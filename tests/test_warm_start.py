@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.sweep import train_config
+from pipeline.stages import train_config
 from rcdm import train_checkpoints
 from rcdm.errors import UserError
 from rcdm.train import train

@@ -83,7 +83,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         """Add the jobs just submitted to ``submitted.json`` in the sweep's run root (pipeline/submitted.py): earlier
         submissions stay recorded, so status follows every job that may still run."""
         from pipeline.submitted import SubmittedJob, now, record_submission
-        from pipeline.sweep import train_config
+        from pipeline.stages import train_config
         from rcdm.errors import UserError
         from rcdm.redaction import scrub
         from rcdm.storage import recorded_run_id

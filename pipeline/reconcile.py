@@ -122,7 +122,7 @@ def reconcile(cfg: TrainConfig, now: datetime.datetime | None = None) -> dict:
         now = now or datetime.datetime.now(datetime.timezone.utc)
         record.ended = {"status": status, "at": now.isoformat(timespec="seconds")}
         write_submitted(cfg.submitted_file, record, cfg.storage)
-        from pipeline.sweep import report_sweep
+        from pipeline.stages import report_sweep
 
         report_sweep(TrackingConfig(cfg.tracking.uri, cfg.tracking.experiment), cfg.sweep_id, parent.info.run_id)
     return {**record.to_dict(), "jobs": jobs}
