@@ -9,7 +9,7 @@ job has ended. The same overrides as the launch/sweep.py command that submitted 
 import sys
 
 from pipeline.reconcile import format_status, reconcile
-from pipeline.stages import job_configs
+from pipeline.command_line import job_configs
 from rcdm.errors import cli_errors
 
 

@@ -1,22 +1,59 @@
-"""Register the typed configs as the schemas of the YAML in ``configs/``: each primary config names its
-schema first in its defaults list, so the composed config is typed and an unknown key fails there.
+"""The table of rcdm's commands (``COMMANDS``: launcher, primary YAML, schema, own keys), and the typed configs
+registered as the schemas of the YAML in ``configs/``: each primary config names its schema first in its defaults
+list, so the composed config is typed and an unknown key fails there.
 
 A launcher registers only its own schema: importing every stage's config module (analysis, report, findings,
 sharding, sampling) cost each launch about 5 s of a 2-core CPU before it could even say its input was wrong."""
 import importlib
+from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
+
+@dataclass(frozen=True)
+class Command:
+    """One command: its launcher, its primary YAML in ``configs/``, the schema that YAML names first in its defaults
+    list (``module:class``), and for the commands that read a sweep without launching it, their own keys' prefix and
+    dataclass (``pipeline.command_line``)."""
+    launcher: str
+    config: str
+    schema_name: str
+    schema: str
+    prefix: str = ""
+    options: str = ""
+
+
+# every command of rcdm: the schemas, the configuration reference (pipeline/reference.py) and the tests read this
+COMMANDS = {
+    "sweep": Command("launch/sweep.py", "configs/sweep.yaml", "sweep_schema", "rcdm.config:TrainConfig"),
+    "plan": Command("launch/plan.py", "configs/sweep.yaml", "sweep_schema", "rcdm.config:TrainConfig",
+                    "plan", "rcdm.cost:PlanOptions"),
+    "fetch": Command("launch/fetch_weights.py", "configs/sweep.yaml", "sweep_schema", "rcdm.config:TrainConfig",
+                     "fetch", "pipeline.weights_needed:FetchOptions"),
+    "status": Command("launch/status.py", "configs/sweep.yaml", "sweep_schema", "rcdm.config:TrainConfig"),
+    "shard": Command("launch/shard.py", "configs/shard.yaml", "shard_schema", "sharding.config:ShardJob"),
+    "sample": Command("launch/sample.py", "configs/sample.yaml", "sample_schema", "rcdm.sampling:SampleConfig"),
+    "analyze": Command("launch/analyze.py", "configs/analyze.yaml", "analyze_schema",
+                       "rcdm.analysis.commands:AnalyzeConfig"),
+    "report": Command("launch/report.py", "configs/report.yaml", "report_schema", "rcdm.report:ReportConfig"),
+    "findings": Command("launch/demo_findings.py", "configs/findings.yaml", "findings_schema",
+                        "rcdm.findings:FindingsConfig"),
+    "pretrain": Command("launch/pretrain_encoder.py", "configs/pretrain_encoder.yaml", "pretrain_schema",
+                        "rcdm.ssl.pretrain:PretrainConfig"),
+    "retention": Command("launch/retention.py", "configs/retention.yaml", "retention_schema",
+                         "rcdm.retention:RetentionConfig"),
+}
 # schema name (as the YAML's defaults list names it) -> "module:class"
-SCHEMA_PATHS = {"sweep_schema": "rcdm.config:TrainConfig", "shard_schema": "sharding.config:ShardJob",
-                "pretrain_schema": "rcdm.ssl.pretrain:PretrainConfig", "sample_schema": "rcdm.sampling:SampleConfig",
-                "analyze_schema": "rcdm.analysis.commands:AnalyzeConfig", "report_schema": "rcdm.report:ReportConfig",
-                "findings_schema": "rcdm.findings:FindingsConfig", "retention_schema": "rcdm.retention:RetentionConfig"}
+SCHEMA_PATHS = {c.schema_name: c.schema for c in COMMANDS.values()}
+
+
+def load(path: str) -> type:
+    module, cls = path.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def schema(name: str) -> type:
-    module, cls = SCHEMA_PATHS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load(SCHEMA_PATHS[name])
 
 
 def register(*names: str) -> None:

@@ -46,28 +46,6 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(cfg)
 
 
-def job_configs(args: list[str]) -> list[TrainConfig]:
-    """Every job's config of a sweep command line (its overrides, with or without -m), composed as launch/sweep.py
-    composes them, without launching anything: what launch/plan.py and launch/status.py read."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    from pipeline import schemas
-    from rcdm.provenance import REPO
-
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    schemas.register("sweep_schema")
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
-        (combinations,) = BasicSweeper.split_arguments(parsed, None)
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            return [train_config(compose("sweep", overrides=list(overrides))) for overrides in combinations]
-    except (HydraException, OmegaConfBaseException) as e:  # a key that does not exist, a value of the wrong type
-        raise UserError(f"the overrides do not compose: {' '.join(str(e).split())[:400]}") from None
-
-
 def ensure_demo_data(cfg: TrainConfig) -> None:
     """Build the embedded demo dataset (both splits) where the config asks for it and it is missing."""
     d = cfg.data

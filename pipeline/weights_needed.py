@@ -13,6 +13,12 @@ from rcdm.encoders.zoo import encoder_spec
 from rcdm.manifest import read_manifest
 
 
+@dataclass
+class FetchOptions:
+    """``launch/fetch_weights.py``'s own key (``fetch.download=false``), beside the sweep's overrides."""
+    download: bool = True  # false: only check what the cache holds, download nothing
+
+
 @dataclass(frozen=True)
 class Needed:
     what: str  # "vicreg resnet50", "inception (fidelity)"

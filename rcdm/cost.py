@@ -26,6 +26,23 @@ CHECKPOINT_BYTES_PER_PARAM = 16  # fp32 model, EMA and AdamW's two moments
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_step.json"
 
 
+@dataclass
+class PlanOptions:
+    """``launch/plan.py``'s own keys (``plan.<key>=value``), beside the sweep's overrides."""
+    device: str = ""  # the device to cost on (H100, "NVIDIA H200", L40S): measured step times or its data sheet
+    utilisation: float = 0.35  # the share of the device's bf16 peak the FLOP estimate assumes, in (0, 1]
+    peak_tflops: float | None = None  # the device's dense bf16 TFLOP/s, for a device rcdm has no data sheet for
+
+    def check(self) -> "PlanOptions":
+        u = self.utilisation
+        if not 0 < u <= 1:  # NaN fails too
+            raise UserError(f"plan.utilisation={u} must be a fraction in (0, 1] (0.35: 35 % of the device's peak)")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < 1e6:
+            raise UserError(f"plan.peak_tflops={self.peak_tflops} must be the device's dense bf16 TFLOP/s, a "
+                            f"positive number")
+        return self
+
+
 def _tokens(name: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", name.lower())
 

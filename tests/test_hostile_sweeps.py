@@ -158,11 +158,12 @@ def test_plan_checks_its_keys_and_names_devices_it_does_not_know():
     assert peak_tflops("L40") is None and peak_tflops("L40S") == 362.0 and peak_tflops("A10") is None
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("MI300X") is None
     cases = [(["plan.utilisation=0"], "must be a fraction"), (["plan.utilisation=nan"], "must be a fraction"),
-             (["plan.utilisation=abc"], "must be a fraction"), (["plan.device"], "needs a value"),
-             (["plan.devices=H100"], "unknown key")]
+             (["plan.utilisation=abc"], "wrong type"), (["plan.device"], "do not compose"),
+             (["plan.devices=H100"], "unknown key.*plan.device, plan.utilisation, plan.peak_tflops"),
+             (["plan.device=H100,H200"], "takes one value"), (["plan.peak_tflops=-5"], "positive number")]
     for bad, message in cases:
         with pytest.raises(UserError, match=message):
-            plan_cli.plan_options(bad)
+            plan_cli.main(bad)
     with pytest.raises(UserError, match="plan.peak_tflops"):
         plan_cli.main(["model=adm128", "data=shards", "data.url=/nowhere", "cluster=slurm", "plan.device=MI300X"])
     text = plan_cli.main(["model=adm128", "data=shards", "data.url=/nowhere", "cluster=slurm", "plan.device=MI300X",
@@ -241,10 +242,15 @@ def test_torch_home_as_a_file_and_hydra_spelled_booleans(tmp_path, monkeypatch):
         import fetch_weights
     finally:
         sys.path.remove(str(ROOT / "launch"))
-    assert fetch_weights.download_option(["fetch.download=False", "encoder=dino"]) == (False, ["encoder=dino"])
-    assert fetch_weights.download_option(["fetch.download=true"])[0] is True
-    with pytest.raises(UserError, match="takes true or false"):
-        fetch_weights.download_option(["fetch.download=maybe"])
+    from pipeline.command_line import job_configs
+    from pipeline.weights_needed import FetchOptions
+
+    configs, opts = job_configs(["fetch.download=False", "encoder=dino"], "fetch", FetchOptions)
+    assert opts.download is False and [c.encoder.name for c in configs] == ["dino"]
+    assert job_configs(["fetch.download=no"], "fetch", FetchOptions)[1].download is False  # as Hydra reads booleans
+    assert job_configs([], "fetch", FetchOptions)[1].download is True
+    with pytest.raises(UserError, match="wrong type.*fetch.download"):
+        fetch_weights.main(["fetch.download=maybe"])
 
 
 # ---- the lease ----------------------------------------------------------------------------------------------------
