@@ -2,20 +2,40 @@
 finished runs of configs/demo_release.yaml.
 
     python launch/sweep.py --config-name demo_release -m encoder=vicreg,dino,barlow,simclr level=backbone,projector
-    python launch/export_demo.py runs/rcdm-demo-release/demo-release
-    python launch/export_demo.py --read vicreg-backbone     # only (re)read a shipped model's held-out factors
+    python launch/export_demo.py runs=[runs/rcdm-demo-release/demo-release]
+    python launch/export_demo.py read=[vicreg-backbone]     # only (re)read a shipped model's held-out factors
 
-After each export (or with --read), the factor reads of the float16 file on --held-out images of the demo
+After each export (or with read=), the factor reads of the float16 file on held_out images of the demo
 generator's analysis split go into the record (factor_reads_held_out): the bar tests/test_demo_models.py
 holds the shipped backbones to.
 """
-import argparse
+import sys
 from pathlib import Path
 
-from rcdm.demo_release import DEMO_DIR, export
-from rcdm.findings import read_held_out
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import schemas
+from rcdm.demo_release import DEMO_DIR, ExportConfig, export
 from rcdm.errors import UserError, cli_errors
+from rcdm.findings import read_held_out
 from rcdm.stats import Estimate
+
+schemas.register("export_schema")
+# the spelling before this command was a Hydra app -> the key that replaced it
+OLD_FLAGS = {"--out": "out=<folder>", "--device": "device=<hardware>", "--held-out": "held_out=<images>",
+             "--read": "read=[<name>,...]"}
+
+
+def refuse_old_spelling(argv: list[str]) -> None:
+    """The argparse spelling (``export_demo.py <runs> --out X``) is refused with the Hydra one that replaced it."""
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        if flag in OLD_FLAGS:
+            raise UserError(f"{flag} is spelled {OLD_FLAGS[flag]} now (launch/export_demo.py takes Hydra overrides: "
+                            f"python launch/export_demo.py runs=[<run roots>] {OLD_FLAGS[flag]})")
+        if not a.startswith("-") and "=" not in a:
+            raise UserError(f"{a}: run roots are given as runs=[{a}] now (launch/export_demo.py takes Hydra overrides)")
 
 
 def run_roots(paths: list[str]) -> list[Path]:
@@ -30,34 +50,32 @@ def run_roots(paths: list[str]) -> list[Path]:
     return roots
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="*", help="run roots, or folders holding them (a sweep's runs)")
-    ap.add_argument("--out", default=str(DEMO_DIR), help="where the .pt/.json pairs go (default: %(default)s)")
-    ap.add_argument("--device", default=None,
-                    help="the hardware that trained the runs, for runs whose checkpoint does not record it")
-    ap.add_argument("--held-out", type=int, default=256,
-                    help="images of the analysis split the exported file's factors are read on (0: none)")
-    ap.add_argument("--read", nargs="+", default=[], metavar="NAME",
-                    help="no export: read these models of --out (vicreg-backbone ...) on --held-out images")
-    args = ap.parse_args()
+def run(cfg: ExportConfig) -> None:
+    out = Path(cfg.out) if cfg.out else DEMO_DIR
+    if not cfg.runs and not cfg.read:
+        raise UserError("give run roots to export, runs=[<folder>,...], or read=[<model name>] to re-read a model's "
+                        "held-out factors")
+    names = list(cfg.read)
+    for root in run_roots(cfg.runs) if cfg.runs else []:
+        rec = export(str(root), out, cfg.device)
+        f = rec["faithfulness"]
+        print(f"{rec['name']}: {rec['training']['steps']} steps, {rec['training']['train_seconds'] / 60:.1f} min "
+              f"on {rec['training']['device']}; faithfulness MRR {Estimate.of(f, 'mrr').format(3)} "
+              f"-> {out / rec['weights_file']}", flush=True)
+        names.append(rec["name"])
+    for name in names if cfg.held_out > 0 else []:
+        reads = read_held_out(name, out, cfg.held_out)["factor_reads_held_out"]["factors"]
+        print(f"{name} on {cfg.held_out} held-out images: " + ", ".join(
+            f"{k} {v['samples']:.2f} (bound {v['bound']:.2f})" for k, v in reads.items()), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="export_demo")
+def main(cfg: DictConfig) -> None:
     with cli_errors():
-        out = Path(args.out)
-        if not args.runs and not args.read:
-            raise UserError("give run roots to export, or --read <model name> to re-read a model's held-out factors")
-        names = list(args.read)
-        for root in run_roots(args.runs) if args.runs else []:
-            rec = export(str(root), out, args.device)
-            f = rec["faithfulness"]
-            print(f"{rec['name']}: {rec['training']['steps']} steps, {rec['training']['train_seconds'] / 60:.1f} min "
-                  f"on {rec['training']['device']}; faithfulness MRR {Estimate.of(f, 'mrr').format(3)} "
-                  f"-> {out / rec['weights_file']}", flush=True)
-            names.append(rec["name"])
-        for name in names if args.held_out > 0 else []:
-            reads = read_held_out(name, out, args.held_out)["factor_reads_held_out"]["factors"]
-            print(f"{name} on {args.held_out} held-out images: " + ", ".join(
-                f"{k} {v['samples']:.2f} (bound {v['bound']:.2f})" for k, v in reads.items()), flush=True)
+        run(OmegaConf.to_object(cfg))
 
 
 if __name__ == "__main__":
+    with cli_errors():
+        refuse_old_spelling(sys.argv[1:])
     main()

@@ -40,6 +40,8 @@ COMMANDS = {
                         "rcdm.findings:FindingsConfig"),
     "pretrain": Command("launch/pretrain_encoder.py", "configs/pretrain_encoder.yaml", "pretrain_schema",
                         "rcdm.ssl.pretrain:PretrainConfig"),
+    "export": Command("launch/export_demo.py", "configs/export_demo.yaml", "export_schema",
+                      "rcdm.demo_release:ExportConfig"),
     "retention": Command("launch/retention.py", "configs/retention.yaml", "retention_schema",
                          "rcdm.retention:RetentionConfig"),
 }

@@ -19,6 +19,7 @@ import json
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +35,16 @@ DEMO_DIR = Path(__file__).parent / "demo_models"
 PREFIX = "demo:"
 NAME = re.compile(r"^(?P<encoder>[a-z0-9]+)-(?P<level>backbone|projector)$")
 RECORD_FORMAT = 1
+
+
+@dataclass
+class ExportConfig:
+    """``launch/export_demo.py``'s schema (``configs/export_demo.yaml``)."""
+    runs: list[str] = field(default_factory=list)  # run roots, or folders holding them (a sweep's runs)
+    out: str | None = None  # where the .pt/.json pairs go; null: rcdm/demo_models
+    device: str | None = None  # the hardware that trained the runs, for runs whose checkpoint does not record it
+    held_out: int = 256  # images of the analysis split the exported file's factors are read on (0: none)
+    read: list[str] = field(default_factory=list)  # no export: re-read these models of `out` (vicreg-backbone ...)
 
 
 def is_demo_ref(ref) -> bool:

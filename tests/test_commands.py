@@ -9,13 +9,11 @@ import pytest
 from pipeline.schemas import COMMANDS, load
 
 ROOT = Path(__file__).resolve().parents[1]
-# launchers outside the table, with why: export_demo.py writes the shipped files from run roots (argparse)
-NOT_HYDRA = {"launch/export_demo.py"}
 
 
 def test_every_launcher_is_in_the_command_table_with_a_schema_and_a_config():
     launchers = {str(p.relative_to(ROOT)) for p in (ROOT / "launch").glob("*.py")}
-    assert launchers - NOT_HYDRA == {c.launcher for c in COMMANDS.values()}
+    assert launchers == {c.launcher for c in COMMANDS.values()}
     for c in COMMANDS.values():
         assert (ROOT / c.config).is_file() and c.schema_name in (ROOT / c.config).read_text(), c
         load(c.schema)
@@ -59,3 +57,15 @@ def test_sweep_values_expand_in_the_basic_sweepers_order():
     assert [(c.encoder.name, c.level.name) for c in configs] == [
         ("vicreg", "backbone"), ("vicreg", "projector"), ("dino", "backbone"), ("dino", "projector")]
     assert [c.train.steps for c in job_configs(["train.steps=range(10,30,10)"])] == [10, 20]
+
+
+def test_export_demo_refuses_its_old_spelling_naming_the_new_one():
+    import subprocess
+    import sys
+
+    for argv, message in ((["runs/x"], "runs=\\[runs/x\\]"), (["--out", "y"], "out=<folder>"),
+                          (["--held-out=8"], "held_out=<images>"), (["--read", "vicreg-backbone"], "read=\\[")):
+        r = subprocess.run([sys.executable, str(ROOT / "launch" / "export_demo.py"), *argv], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and re.search(message, r.stderr + r.stdout), (argv, r.stderr[-500:])
+        assert "Traceback" not in r.stderr

@@ -122,8 +122,8 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     train(cfg)
     run_root = tmp_path / "runs" / "rcdm-demo" / "main" / "simclr-projector-tiny"
     out = tmp_path / "models"
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "export_demo.py"), str(tmp_path / "runs"),
-                        "--out", str(out), "--held-out", "8"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "export_demo.py"), f"runs=[{tmp_path / 'runs'}]",
+                        f"out={out}", "held_out=8"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "simclr-projector: 3 steps" in r.stdout
     rec = json.loads((out / "simclr-projector.json").read_text())
