@@ -29,8 +29,12 @@ OLD_FLAGS = {"--out": "out=<folder>", "--device": "device=<hardware>", "--held-o
 
 def refuse_old_spelling(argv: list[str]) -> None:
     """The argparse spelling (``export_demo.py <runs> --out X``) is refused with the Hydra one that replaced it."""
-    for a in argv:
+    takes_value = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir",
+                   "-cd", "--info", "--experimental-rerun"}  # Hydra's own flags and their values pass
+    for before, a in zip(["", *argv], argv):
         flag = a.split("=", 1)[0]
+        if before in takes_value:
+            continue
         if flag in OLD_FLAGS:
             raise UserError(f"{flag} is spelled {OLD_FLAGS[flag]} now (launch/export_demo.py takes Hydra overrides: "
                             f"python launch/export_demo.py runs=[<run roots>] {OLD_FLAGS[flag]})")
