@@ -19,7 +19,7 @@ from rcdm import demo_release, synthetic
 from rcdm.analysis import ANALYSES
 from rcdm.analysis.base import Inputs, Result, Sampling
 from rcdm.analysis.commands import AnalyzeConfig, run_analysis, write_result
-from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT, load_inputs
+from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT
 from rcdm.device import pick_device
 from rcdm.grids import cells_png
 from rcdm.report.figures import interval_bars
@@ -66,12 +66,8 @@ class Runner:
 
     def inputs(self, names: list[str], images, guidance: float) -> Inputs:
         (loaded, encoder), others = self.model(names[0]), [self.model(n) for n in names[1:]]
-        imgs = load_inputs(images, loaded.model.cfg.image_size)
-        inputs = Inputs(loaded, encoder, torch.empty(0), torch.empty(0), imgs.names,
-                        Sampling(self.cfg.steps, None, guidance), self.device, imgs.factors, imgs.pils, others,
-                        download=False)
-        inputs.embeddings, inputs.images = inputs.encode(imgs.pils)
-        return inputs
+        return Inputs.of_images(loaded, encoder, images, Sampling(self.cfg.steps, None, guidance), self.device, others,
+                                download=False)
 
     def run(self, part: str, analysis: str, models: list[str], images, guidance: float, **options) -> dict:
         module = ANALYSES[analysis]

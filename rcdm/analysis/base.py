@@ -61,6 +61,20 @@ class Inputs:
     download: bool = True  # may fetch weights (the Inception features) from the network
     _own: torch.Tensor | None = None
 
+    @classmethod
+    def of_images(cls, loaded: LoadedRCDM, encoder, spec, sampling: Sampling, device: torch.device,
+                  others: list | tuple = (), download: bool = True) -> "Inputs":
+        """The one way a command builds its inputs: ``spec`` (an ``images=`` value: files, a folder,
+        ``synthetic:N``) read at the model's size and encoded by ``encoder`` at the model's level, complete here."""
+        from rcdm.analysis.images import load_inputs
+        from rcdm.sampling import encode_pil
+
+        size = loaded.model.cfg.image_size
+        imgs = load_inputs(spec, size)
+        h, shown = encode_pil(imgs.pils, encoder, encoder.preprocess, loaded.level, size, device)
+        return cls(loaded, encoder, shown.cpu(), h.cpu(), imgs.names, sampling, device, imgs.factors, imgs.pils,
+                   list(others), download=download)
+
     @property
     def level(self) -> str:
         return self.loaded.level

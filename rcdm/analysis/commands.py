@@ -14,7 +14,6 @@ import torch
 
 from rcdm.analysis import ANALYSES
 from rcdm.analysis.base import Inputs, Result, Sampling
-from rcdm.analysis.images import load_inputs
 from rcdm.device import pick_device
 from rcdm.errors import UserError
 from rcdm.sampling import load_with_encoder
@@ -55,12 +54,9 @@ def inputs_for(cfg, device: torch.device) -> Inputs:
         raise UserError(f"{cfg.analysis} takes one checkpoint, got {len(checkpoints)}")
     loaded, encoder = load_with_encoder(checkpoints[0], device, cfg.download, cfg.endpoint_url, cfg.allow_url)
     others = [load_with_encoder(p, device, cfg.download, cfg.endpoint_url, cfg.allow_url) for p in checkpoints[1:]]
-    images = load_inputs(cfg.images, loaded.model.cfg.image_size)
-    inputs = Inputs(loaded, encoder, torch.empty(0), torch.empty(0), images.names,
-                    Sampling(str(cfg.steps), cfg.sampler, cfg.guidance, cfg.seed, cfg.batch_size), device,
-                    images.factors, images.pils, others, download=cfg.download)
-    inputs.embeddings, inputs.images = inputs.encode(images.pils)
-    return inputs
+    return Inputs.of_images(loaded, encoder, cfg.images,
+                            Sampling(str(cfg.steps), cfg.sampler, cfg.guidance, cfg.seed, cfg.batch_size), device,
+                            others, cfg.download)
 
 
 def run_analysis(cfg) -> dict:
