@@ -16,10 +16,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schemas
+from rcdm.analysis import faithfulness
 from rcdm.demo_release import DEMO_DIR, ExportConfig, export
 from rcdm.errors import UserError, cli_errors
 from rcdm.findings import read_held_out
-from rcdm.stats import Estimate
 
 schemas.register("export_schema")
 # the spelling before this command was a Hydra app -> the key that replaced it
@@ -64,7 +64,7 @@ def run(cfg: ExportConfig) -> None:
         rec = export(str(root), out, cfg.device)
         f = rec["faithfulness"]
         print(f"{rec['name']}: {rec['training']['steps']} steps, {rec['training']['train_seconds'] / 60:.1f} min "
-              f"on {rec['training']['device']}; faithfulness MRR {Estimate.of(f, 'mrr').format(3)} "
+              f"on {rec['training']['device']}; faithfulness {faithfulness.headline(f)} "
               f"-> {out / rec['weights_file']}", flush=True)
         names.append(rec["name"])
     for name in names if cfg.held_out > 0 else []:

@@ -27,7 +27,6 @@ from rcdm.preprocess import Preprocess
 from rcdm.sampling import draw
 from rcdm.storage import atomic_open, join, open_fs, read_json, write_json
 from rcdm.tracking import Tracker
-from rcdm.stats import Estimate
 
 log = logging.getLogger(__name__)
 QUARTILES = 4
@@ -261,11 +260,6 @@ class Evaluator:
 
 
 def _brief(name: str, result: Result) -> str:
-    n = result.numbers
-    if name == "faithfulness":
-        return (f"MRR {Estimate.of(n, 'mrr').format(3)}, top-1 {n['top1']:.3f} "
-                f"(chance MRR {n['chance']['mrr']:.3f})")
-    if name == "factor_reads":
-        return ", ".join(f"{k} {v['samples']:.2f} (bound {v['bound'] if v['bound'] is None else round(v['bound'], 2)})"
-                         for k, v in n["factors"].items())
-    return ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
+    """The analysis's own headline where it has one, else its metrics."""
+    headline = getattr(ANALYSES.get(name), "headline", None)
+    return headline(result.numbers) if headline else ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())

@@ -120,3 +120,9 @@ def run(inputs: Inputs, opts: Options) -> Result:
                "bound": {"method": f"{opts.k}-nearest-neighbour vote, cosine on standardised embeddings",
                          "reference": ref.source, "reference_images": len(ref.factors)}}
     return Result(numbers, flat_metrics(table), {"": samples_png(inputs.images[:16], samples[:16])})
+
+
+def headline(numbers: dict) -> str:
+    """One line for logs and command output: each factor's read of the samples beside its embedding's bound."""
+    return ", ".join(f"{k} {v['samples']:.2f} (bound {v['bound'] if v['bound'] is None else round(v['bound'], 2)})"
+                     for k, v in numbers["factors"].items())

@@ -19,7 +19,7 @@ from PIL import Image
 from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders import embed_in_chunks
 from rcdm.grids import samples_png
-from rcdm.stats import bootstrap
+from rcdm.stats import Estimate, bootstrap
 
 NAME = "faithfulness"
 
@@ -90,6 +90,22 @@ def faithfulness(h: torch.Tensor, generated: torch.Tensor, encoder, level: str, 
     out["ranks"] = r.tolist()
     out["cosine_own"] = float(F.cosine_similarity(h.to(g.device).float(), g).mean())
     return out
+
+
+# the columns this analysis gives a results table (the sweep report), and how its numbers fill them
+TABLE_HEAD = ["faithfulness MRR [95 % CI]", "top-1 [95 % CI]", "chance MRR / top-1", "n"]
+
+
+def table_cells(numbers: dict) -> list[str]:
+    """The cells of ``TABLE_HEAD`` for one run's faithfulness.json."""
+    return [Estimate.of(numbers, "mrr").format(3), Estimate.of(numbers, "top1").format(3),
+            f"{numbers['chance']['mrr']:.3f} / {numbers['chance']['top1']:.3f}", str(int(numbers["n"]))]
+
+
+def headline(numbers: dict) -> str:
+    """One line for logs and command output."""
+    return (f"MRR {Estimate.of(numbers, 'mrr').format(3)}, top-1 {numbers['top1']:.3f} "
+            f"(chance MRR {numbers['chance']['mrr']:.3f})")
 
 
 def flat_metrics(result: dict, prefix: str = "faithfulness_") -> dict[str, float]:

@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 from html import escape
 
+from rcdm.analysis import faithfulness
 from rcdm.analysis.invariance import FAMILIES
 from rcdm.redaction import scrub
 from rcdm.report.collect import JobRun, Sweep
@@ -31,10 +32,6 @@ def _img(png: bytes, alt: str, cls: str = "") -> str:
 
 def _num(x, fmt: str = "{:.3f}") -> str:
     return "–" if x is None else fmt.format(x)
-
-
-def _ci(d: dict, key: str) -> str:
-    return Estimate.of(d, key).format(3)
 
 
 def _when(ms: int | None) -> str:
@@ -70,19 +67,16 @@ def problems_section(sweep: Sweep) -> str:
 def results_table(sweep: Sweep) -> str:
     runs = sweep.runs
     fid = any("fidelity" in r.end for r in runs)
-    head = ["encoder", "level", "status", "faithfulness MRR [95 % CI]", "top-1 [95 % CI]", "chance MRR / top-1",
-            "n", *(f"cond. gain q{k}" for k in range(4))]
+    head = ["encoder", "level", "status", *faithfulness.TABLE_HEAD, *(f"cond. gain q{k}" for k in range(4))]
     head += ["FID", "precision", "recall"] if fid else []
     rows = []
     for r in runs:
         f = r.end.get("faithfulness")
         row = [escape(r.encoder), escape(r.level), _status(r)]
         if f:
-            row += [f'<td class="num">{_ci(f, "mrr")}</td>', f'<td class="num">{_ci(f, "top1")}</td>',
-                    f'<td class="num">{f["chance"]["mrr"]:.3f} / {f["chance"]["top1"]:.3f}</td>',
-                    f'<td class="num">{int(f["n"])}</td>']
+            row += [f'<td class="num">{escape(c)}</td>' for c in faithfulness.table_cells(f)]
         else:
-            row += ["–"] * 4
+            row += ["–"] * len(faithfulness.TABLE_HEAD)
         row += [f'<td class="num">{_num(r.metrics.get(f"cond_gain_q{k}"))}</td>' for k in range(4)]
         if fid:
             d = r.end.get("fidelity", {})
