@@ -19,8 +19,7 @@ import torch
 from rcdm.analysis.images import load_inputs
 from rcdm.analysis.faithfulness import faithfulness
 from rcdm.device import pick_device
-from rcdm.diffusion.schedules import sampler_for
-from rcdm.sampling import draw, encode_pil, load_with_encoder
+from rcdm.sampling import Sampling, draw, encode_pil, load_with_encoder
 from rcdm.provenance import machine
 
 SETTINGS = ("1000", "250", "100", "50", "25", "ddim50", "ddim25")
@@ -43,10 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     h, _ = encode_pil(inputs.pils, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)
     rows = []
     for steps in args.settings.split(","):
-        sampler = sampler_for(steps)
-        gen = torch.Generator(device=device).manual_seed(0)
+        how = Sampling(steps, None, 1.0, 0, len(h))
+        sampler = how.kind
         t0 = time.perf_counter()
-        samples = draw(loaded.model, loaded.process, h, steps, sampler, len(h), gen)
+        samples = draw(loaded.model, loaded.process, h, how)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

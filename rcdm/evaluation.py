@@ -13,18 +13,17 @@ import time
 import torch
 
 from rcdm.analysis import ANALYSES, faithfulness, fidelity, invariance
-from rcdm.analysis.base import Inputs, Reference, Result, Sampling
+from rcdm.analysis.base import Inputs, Reference, Result
 from rcdm.analysis.factors import synthetic_reader
 from rcdm.config import TrainConfig
 from rcdm.data import DatasetInfo, heldout, heldout_factors, labelled_embeddings
 from rcdm.device import autocast
-from rcdm.diffusion.schedules import sampler_for
 from rcdm.encoders import EncoderCard, build_recorded_encoder
 from rcdm.errors import UserError
 from rcdm.grids import samples_png
 from rcdm.model_card import LoadedRCDM, ModelCard
 from rcdm.preprocess import Preprocess
-from rcdm.sampling import draw
+from rcdm.sampling import Sampling, draw
 from rcdm.storage import atomic_open, join, open_fs, read_json, write_json
 from rcdm.tracking import Tracker
 
@@ -227,8 +226,7 @@ class Evaluator:
         self.tracker.log_bytes(json.dumps(obj, indent=2).encode(), name)
 
     def _draw(self, ema, h: torch.Tensor, steps: str, seed: int, guidance: float) -> torch.Tensor:
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        return draw(ema, self.process, h.to(self.device), steps, sampler_for(steps), 64, gen, guidance)
+        return draw(ema, self.process, h.to(self.device), Sampling(steps, None, guidance, seed, 64))
 
     def grid(self, ema, step: int) -> None:
         """Each held-out image beside its samples; the same noise at every step, so grids compare."""

@@ -17,13 +17,13 @@ import torch
 
 from rcdm import demo_release, synthetic
 from rcdm.analysis import ANALYSES
-from rcdm.analysis.base import Inputs, Result, Sampling
+from rcdm.analysis.base import Inputs, Result
 from rcdm.analysis.commands import AnalyzeConfig, run_analysis, write_result
 from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT
 from rcdm.device import pick_device
 from rcdm.grids import cells_png
 from rcdm.report.figures import interval_bars
-from rcdm.sampling import load_with_encoder
+from rcdm.sampling import Sampling, load_with_encoder
 from rcdm.storage import open_fs, write_local
 from rcdm.stats import Estimate, mean_ci
 from rcdm.config import READER_STEPS

@@ -95,17 +95,37 @@ def guided(model: torch.nn.Module, scale: float) -> torch.nn.Module:
     return Guided(model, scale)
 
 
-def draw(model, process: Process, cond: torch.Tensor, steps: str, sampler: str, batch_size: int,
-         generator: torch.Generator, guidance: float = 1.0) -> torch.Tensor:
-    """Samples [len(cond), 3, S, S] in [-1, 1], one per conditioning row, in batches."""
-    diffusion = process.build(steps)
-    net = guided(model, guidance)
+@dataclass
+class Sampling:
+    """How samples are drawn, recorded beside every number they give."""
+
+    steps: str = "ddim25"  # respacing: "100", "ddim50", ...
+    sampler: str | None = None  # ddpm | ddim; None: ddim for "ddimN" steps, else ddpm
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = the plain conditional model
+    seed: int = 0
+    batch_size: int = 64
+
+    @property
+    def kind(self) -> str:
+        return sampler_for(str(self.steps), self.sampler)
+
+    def describe(self) -> dict:
+        return {"steps": str(self.steps), "sampler": self.kind, "guidance": self.guidance, "seed": self.seed}
+
+
+def draw(model, process: Process, cond: torch.Tensor, how: Sampling,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Samples [len(cond), 3, S, S] in [-1, 1], one per conditioning row, in batches of ``how.batch_size``;
+    ``generator``: one seeded with ``how.seed`` on ``cond``'s device unless given."""
+    diffusion = process.build(str(how.steps))
+    net = guided(model, how.guidance)
     size = model.cfg.image_size
+    gen = generator or torch.Generator(device=cond.device).manual_seed(how.seed)
     out = []
     with autocast(cond.device):
-        for chunk in cond.split(batch_size):
-            out.append(diffusion.sample(net, chunk, (len(chunk), 3, size, size), sampler,
-                                        generator=generator).float().clamp(-1, 1))
+        for chunk in cond.split(how.batch_size):
+            out.append(diffusion.sample(net, chunk, (len(chunk), 3, size, size), how.kind,
+                                        generator=gen).float().clamp(-1, 1))
     return torch.cat(out)
 
 
@@ -124,16 +144,15 @@ def sample_grid(cfg: SampleConfig) -> dict:
     """Encode ``cfg.images``, draw ``num_samples`` per image, save the grid; returns a summary."""
     if cfg.num_samples < 1:
         raise UserError("num_samples must be at least 1")
-    sampler = sampler_for(str(cfg.steps), cfg.sampler)
+    how = Sampling(str(cfg.steps), cfg.sampler, cfg.guidance, cfg.seed, cfg.batch_size)
+    sampler = how.kind  # an unknown sampler fails here, before any model is loaded
     paths = find_images(cfg.images)
     device = pick_device(cfg.device)
     loaded, encoder = load_with_encoder(cfg.checkpoint, device, cfg.download, cfg.endpoint_url, cfg.allow_url)
 
     t0 = time.perf_counter()
     h, originals = encode_images(paths, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = draw(loaded.model, loaded.process, h.repeat_interleave(cfg.num_samples, 0), str(cfg.steps), sampler,
-                   cfg.batch_size, generator, cfg.guidance)
+    samples = draw(loaded.model, loaded.process, h.repeat_interleave(cfg.num_samples, 0).to(device), how)
     seconds = time.perf_counter() - t0
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

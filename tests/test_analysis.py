@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from rcdm.analysis.interpolate import embedding_path, sample_fixed_noise
+from rcdm.sampling import Sampling
 from rcdm.analysis.variability import variability
 from rcdm.analysis.faithfulness import chance_levels, faithfulness, ranks, summarise
 from rcdm.diffusion.gaussian import RELEASED
@@ -92,7 +93,7 @@ def test_fixed_noise_along_the_path(sampler, steps):
             p.add_(torch.randn_like(p) * 0.05)
     cond = torch.randn(3, 8)
     cond[2] = cond[0]
-    x = sample_fixed_noise(model, RELEASED, cond, steps, sampler, seed=0)
+    x = sample_fixed_noise(model, RELEASED, cond, Sampling(steps, sampler), seed=0)
     assert torch.equal(x[0], x[2]) and not torch.equal(x[0], x[1])
 
 

@@ -15,7 +15,7 @@ from rcdm.errors import UserError
 from rcdm.model_files import parse_released_name
 from rcdm.preprocess import center_crop
 from rcdm.presets import build_unet
-from rcdm.sampling import draw
+from rcdm.sampling import Sampling, draw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,8 +110,9 @@ def test_same_seed_same_samples():
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     cond = torch.randn(3, 8)
-    a = draw(model, RELEASED, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
-    b = draw(model, RELEASED, cond, "4", "ddpm", 2, torch.Generator().manual_seed(1))
-    c = draw(model, RELEASED, cond, "4", "ddpm", 2, torch.Generator().manual_seed(2))
+    how = Sampling("4", "ddpm", batch_size=2)
+    a = draw(model, RELEASED, cond, how, torch.Generator().manual_seed(1))
+    b = draw(model, RELEASED, cond, how, torch.Generator().manual_seed(1))
+    c = draw(model, RELEASED, cond, how, torch.Generator().manual_seed(2))
     assert a.shape == (3, 3, 32, 32)
     assert torch.equal(a, b) and not torch.equal(a, c)

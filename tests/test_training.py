@@ -19,7 +19,7 @@ from rcdm.config import TrainConfig
 from rcdm.diffusion.gaussian import RELEASED, create_diffusion
 from rcdm.errors import UserError
 from rcdm.presets import build_unet
-from rcdm.sampling import draw
+from rcdm.sampling import Sampling, draw
 from rcdm.train import apply_update, forward_losses, restore, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_one_step_of_each_large_preset_on_cpu(model, size, step_px):
     if size > 128:
         return
     with torch.no_grad():
-        out = draw(net.eval(), RELEASED, h, "ddim2", "ddim", 1, torch.Generator().manual_seed(0))
+        out = draw(net.eval(), RELEASED, h, Sampling("ddim2", "ddim", batch_size=1), torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
 
 

@@ -8,27 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rcdm.diffusion.schedules import sampler_for
 from rcdm.errors import UserError
 from rcdm.model_card import LoadedRCDM
-
-
-@dataclass
-class Sampling:
-    """How samples are drawn, recorded beside every number they give."""
-
-    steps: str = "ddim25"  # respacing: "100", "ddim50", ...
-    sampler: str | None = None  # ddpm | ddim; None: ddim for "ddimN" steps, else ddpm
-    guidance: float = 1.0  # classifier-free guidance scale; 1 = the plain conditional model
-    seed: int = 0
-    batch_size: int = 64
-
-    @property
-    def kind(self) -> str:
-        return sampler_for(str(self.steps), self.sampler)
-
-    def describe(self) -> dict:
-        return {"steps": str(self.steps), "sampler": self.kind, "guidance": self.guidance, "seed": self.seed}
+from rcdm.sampling import Sampling
 
 
 @dataclass
@@ -87,10 +69,8 @@ class Inputs:
         """One sample per row of ``h`` [K, D] (on the CPU, in [-1, 1]), seeded by the sampling's seed."""
         from rcdm.sampling import draw
 
-        lo, s = loaded or self.loaded, self.sampling
-        gen = torch.Generator(device=self.device).manual_seed(s.seed)
-        return draw(lo.model, lo.process, h.to(self.device), str(s.steps), s.kind, s.batch_size, gen,
-                    s.guidance).cpu()
+        lo = loaded or self.loaded
+        return draw(lo.model, lo.process, h.to(self.device), self.sampling).cpu()
 
     def own_samples(self) -> torch.Tensor:
         """One sample per input embedding, drawn once and shared (faithfulness, factor reads, fidelity)."""

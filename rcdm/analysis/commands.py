@@ -13,10 +13,10 @@ from typing import Any, Optional
 import torch
 
 from rcdm.analysis import ANALYSES
-from rcdm.analysis.base import Inputs, Result, Sampling
+from rcdm.analysis.base import Inputs, Result
 from rcdm.device import pick_device
 from rcdm.errors import UserError
-from rcdm.sampling import load_with_encoder
+from rcdm.sampling import Sampling, load_with_encoder
 from rcdm.storage import write_local
 
 log = logging.getLogger(__name__)

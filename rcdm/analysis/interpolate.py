@@ -16,7 +16,7 @@ from rcdm.device import autocast
 from rcdm.diffusion.gaussian import Process
 from rcdm.errors import UserError
 from rcdm.grids import cells_png
-from rcdm.sampling import guided
+from rcdm.sampling import Sampling, guided
 from rcdm.config import READER_STEPS
 
 NAME = "interpolate"
@@ -48,13 +48,15 @@ def embedding_path(h0: torch.Tensor, h1: torch.Tensor, alphas: torch.Tensor, mod
     return direction * ((1 - a) * n0 + a * n1)
 
 
-def sample_fixed_noise(model, process: Process, cond: torch.Tensor, steps: str, sampler: str,
-                       seed: int, batch_size: int = 64, guidance: float = 1.0) -> torch.Tensor:
-    """One sample per row of ``cond`` [K, D], every row from the same noise: the same x_T and, for
-    DDPM, the same per-step noise (each row is drawn with an identically seeded generator)."""
-    diffusion = process.build(steps)
+def sample_fixed_noise(model, process: Process, cond: torch.Tensor, how: Sampling,
+                       seed: int | None = None) -> torch.Tensor:
+    """One sample per row of ``cond`` [K, D], every row from the same noise (seeded by ``seed``, else
+    ``how.seed``): the same x_T and, for DDPM, the same per-step noise (each row is drawn with an identically
+    seeded generator)."""
+    diffusion = process.build(str(how.steps))
     size = model.cfg.image_size
-    model = guided(model, guidance)
+    model = guided(model, how.guidance)
+    sampler, batch_size, seed = how.kind, how.batch_size, how.seed if seed is None else seed
     device = cond.device
     x_t = torch.randn((1, 3, size, size), generator=torch.Generator(device="cpu").manual_seed(seed)).to(device)
     out = []
@@ -72,13 +74,12 @@ def sample_fixed_noise(model, process: Process, cond: torch.Tensor, steps: str, 
 
 
 def interpolate(model, encoder, level: str, process: Process, h0: torch.Tensor, h1: torch.Tensor, points: int,
-                rows: int, mode: str, steps: str, sampler: str, seed: int, guidance: float = 1.0
-                ) -> tuple[torch.Tensor, dict]:
+                rows: int, mode: str, how: Sampling) -> tuple[torch.Tensor, dict]:
     """Samples [rows, points, 3, S, S] along the path (a row = one noise) and the numbers: how similar each
     path point is to both ends, and how similar the re-encoded samples are to both ends."""
     alphas = torch.linspace(0, 1, points)
     path = embedding_path(h0, h1, alphas, mode)
-    grid = torch.stack([sample_fixed_noise(model, process, path, steps, sampler, seed + r, guidance=guidance)
+    grid = torch.stack([sample_fixed_noise(model, process, path, how, how.seed + r)
                         for r in range(rows)])  # [rows, points, 3, S, S]
     g = reencode(encoder, level, grid.flatten(0, 1)).view(rows, points, -1)
     cos = lambda x, y: F.cosine_similarity(x, y.expand_as(x), dim=-1)  # noqa: E731
@@ -126,9 +127,9 @@ def interpolation_png(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor) -> b
 def run(inputs: Inputs, opts: Options) -> Result:
     if len(inputs.names) != 2:
         raise UserError(f"interpolate takes exactly 2 images, got {len(inputs.names)}: images=[a.png,b.png]")
-    h, shown, s = inputs.embeddings.to(inputs.device), inputs.images, inputs.sampling
+    h, shown = inputs.embeddings.to(inputs.device), inputs.images
     grid, numbers = interpolate(inputs.loaded.model, inputs.encoder, inputs.level, inputs.loaded.process, h[0], h[1],
-                                opts.points, opts.rows, opts.mode, str(s.steps), s.kind, s.seed, s.guidance)
+                                opts.points, opts.rows, opts.mode, inputs.sampling)
     metrics = {"interpolate_monotone_fraction": numbers["monotone_fraction"]}
     if inputs.factors is not None:  # read the generative factors off the path's samples
         reader, report = inputs.reader_or(synthetic_reader, opts.reader_steps)
