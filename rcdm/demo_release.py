@@ -219,6 +219,9 @@ def _export(run_root: str, directory: Path, device: str | None, storage, state: 
         "training": {"steps": steps, "batch_size": t["batch_size"], "lr": t["lr"],
                      "lr_schedule": t["lr_schedule"], "ema_decay": t["ema_decay"], "seed": t["seed"],
                      "device": device, "train_seconds": seconds, **({"continued_from": start} if start else {}),
+                     # this run's training process CPU seconds (its threads; a source it started from not included)
+                     **({"run_cpu_seconds": round(state["train_cpu_seconds"], 1)}
+                        if isinstance(state.get("train_cpu_seconds"), (int, float)) else {}),
                      "run": {"experiment": cfg["tracking"]["experiment"], "sweep_id": cfg["sweep_id"],
                              "job_name": cfg["job_name"]},  # which run: the release sweep's, or a benchmark's
                      "data": _data_digest(cfg["data"]["url"], cfg["data"]["split"], card.encoder.name, storage)},

@@ -78,3 +78,31 @@ def test_export_demo_refuses_its_old_spelling_naming_the_new_one():
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "export_demo.py"), "--out", "y"], capture_output=True,
                        text=True, timeout=120)  # one line, the CLI's exit status, no traceback
     assert r.returncode == 2 and "out=<folder>" in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def test_every_other_launchers_docstring_examples_compose():
+    """The examples in each launcher's docstring compose against its primary config and type-check against its
+    schema (placeholders such as <folder> or ... stand for any value; [key=value] marks an optional key)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline import schemas
+
+    schemas.register()
+    checked = 0
+    for c in COMMANDS.values():
+        if c.config == "configs/sweep.yaml":  # the sweep family: composed per job above
+            continue
+        import ast
+
+        doc = ast.get_docstring(ast.parse((ROOT / c.launcher).read_text())) or ""
+        for line in doc.replace("\\\n", " ").splitlines():
+            if f"python {c.launcher}" not in line:
+                continue
+            text = re.sub(r"<[^>]*>", "x", line.split(c.launcher, 1)[1].split("#")[0]).replace("=...", "=x")
+            args = [re.sub(r"^\[(\w[\w.]*=[^\]]*)\]$", r"\1", a) for a in shlex.split(text) if a != "-m"]
+            with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+                cfg = compose(Path(c.config).stem, overrides=args)
+            OmegaConf.to_object(cfg)  # the schema's types and checks
+            checked += 1
+    assert checked >= 15
