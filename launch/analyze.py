@@ -10,26 +10,10 @@ manipulation, invariance and adversarial probes, FID / IS / precision-recall.
     python launch/analyze.py analysis=adversarial checkpoint=... images=synthetic:128
     python launch/analyze.py analysis=fidelity checkpoint=... images=<folder> [fidelity.features=encoder]
 """
-import logging
-
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline import schemas
+from pipeline.schemas import hydra_app
 from rcdm.analysis.commands import run_analysis
-from rcdm.errors import cli_errors
 
-log = logging.getLogger("rcdm.analyze")
-
-schemas.register("analyze_schema")
-
-
-@hydra.main(version_base="1.3", config_path="../configs", config_name="analyze")
-def main(cfg: DictConfig) -> None:
-    with cli_errors():
-        out = run_analysis(OmegaConf.to_object(cfg))
-    print(f"wrote {out['png']} and {out['json']}")
-
+main = hydra_app("analyze", run_analysis, lambda out, cfg: print(f"wrote {out['png']} and {out['json']}"))
 
 if __name__ == "__main__":
     main()

@@ -6,26 +6,11 @@ figure and table of docs/findings.md, written to docs/demo/.
 
 Each part prints the launch/analyze.py command it runs; RCDM_DEMO_MODELS points at another set of models.
 """
-import logging
-
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline import schemas
-from rcdm.errors import cli_errors
+from pipeline.schemas import hydra_app
 from rcdm.findings import run_findings
 
-log = logging.getLogger("rcdm.findings")
-schemas.register("findings_schema")
-
-
-@hydra.main(version_base="1.3", config_path="../configs", config_name="findings")
-def main(cfg: DictConfig) -> None:
-    with cli_errors():
-        cfg = OmegaConf.to_object(cfg)
-        run_findings(cfg)
-    print(f"wrote {cfg.output}/findings.md, findings.json and the figures")
-
+main = hydra_app("findings", run_findings,
+                 lambda _, cfg: print(f"wrote {cfg.output}/findings.md, findings.json and the figures"))
 
 if __name__ == "__main__":
     main()

@@ -12,16 +12,12 @@ holds the shipped backbones to.
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline import schemas
+from pipeline.schemas import hydra_app
 from rcdm.analysis import faithfulness
 from rcdm.demo_release import DEMO_DIR, ExportConfig, export
 from rcdm.errors import UserError, cli_errors
 from rcdm.findings import read_held_out
 
-schemas.register("export_schema")
 # the spelling before this command was a Hydra app -> the key that replaced it
 OLD_FLAGS = {"--out": "out=<folder>", "--device": "device=<hardware>", "--held-out": "held_out=<images>",
              "--read": "read=[<name>,...]"}
@@ -73,11 +69,7 @@ def run(cfg: ExportConfig) -> None:
             f"{k} {v['samples']:.2f} (bound {v['bound']:.2f})" for k, v in reads.items()), flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="export_demo")
-def main(cfg: DictConfig) -> None:
-    with cli_errors():
-        run(OmegaConf.to_object(cfg))
-
+main = hydra_app("export", run)
 
 if __name__ == "__main__":
     with cli_errors():

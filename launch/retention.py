@@ -10,31 +10,27 @@ neighbour vote with 95 % intervals, the invariance index per SSL augmentation, e
 """
 import json
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline import schemas
-from rcdm.errors import cli_errors
+from pipeline.schemas import hydra_app
 from rcdm.retention import fmt, markdown, retention, ship_tiny
 from rcdm.storage import write_local
 
-schemas.register("retention_schema")
+
+def run(cfg) -> dict:
+    table = ship_tiny(cfg) if cfg.ship_from else retention(cfg)
+    write_local(cfg.output, json.dumps(table, indent=2) + "\n")
+    if cfg.markdown:
+        write_local(cfg.markdown, markdown(table))
+    return table
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="retention")
-def main(cfg: DictConfig) -> dict:
-    with cli_errors():
-        typed = OmegaConf.to_object(cfg)
-        table = ship_tiny(typed) if typed.ship_from else retention(typed)
-        write_local(cfg.output, json.dumps(table, indent=2) + "\n")
-        if cfg.markdown:
-            write_local(cfg.markdown, markdown(table))
+def show(table: dict, cfg) -> None:
     for name, e in table["encoders"].items():
         for level, row in e["levels"].items():
             print(f"{name} {level}: " + ", ".join(f"{f} {fmt(v['knn'])}" for f, v in row.items()), flush=True)
     print(f"k-NN estimates above (probes and invariance in the file): {cfg.output}")
-    return table
 
+
+main = hydra_app("retention", run, show)
 
 if __name__ == "__main__":
     main()

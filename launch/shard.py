@@ -4,27 +4,17 @@
     python launch/shard.py input=/datasets/imagenet/train output=s3://bucket/imagenet128 arch=resnet50 \
         encoder_weights=released image_size=128 workers=64 cluster=slurm
 """
-import logging
-
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline import schemas
-from rcdm.errors import cli_errors
+from pipeline.schemas import hydra_app
 from sharding.orchestrate import shard
 
-log = logging.getLogger("rcdm.shard")
-schemas.register("shard_schema")
 
-
-@hydra.main(version_base="1.3", config_path="../configs", config_name="shard")
-def main(cfg: DictConfig) -> None:
-    with cli_errors():
-        s = shard(OmegaConf.to_object(cfg))
+def show(s: dict, cfg) -> None:
     print(f"{s['samples']} samples in split {s['split']} ({s['rejected']} rejected), "
           f"{s['processed_now']} processed now at {s['images_per_s']:.1f} images/s, "
           f"{s['bytes_written'] / 1e6:.1f} MB written in {s['seconds']:.1f} s -> {s['output']}/manifest.json")
 
+
+main = hydra_app("shard", shard, show)
 
 if __name__ == "__main__":
     main()

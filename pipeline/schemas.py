@@ -6,6 +6,8 @@ A launcher registers only its own schema: importing every stage's config module 
 sharding, sampling) cost each launch about 5 s of a 2-core CPU before it could even say its input was wrong."""
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from hydra.core.config_store import ConfigStore
 
@@ -23,6 +25,7 @@ class Command:
     options: str = ""
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # every command of rcdm: the schemas, the configuration reference (pipeline/reference.py) and the tests read this
 COMMANDS = {
     "sweep": Command("launch/sweep.py", "configs/sweep.yaml", "sweep_schema", "rcdm.config:TrainConfig"),
@@ -68,3 +71,26 @@ def register(*names: str) -> None:
 def all_schemas() -> dict[str, type]:
     """{schema name: class}, every stage imported: for the config reference and its tests."""
     return {n: schema(n) for n in SCHEMA_PATHS}
+
+
+def hydra_app(name: str, run: Callable[[Any], Any], show: Callable[[Any, Any], None] | None = None):
+    """The Hydra app of command ``name`` (``COMMANDS``), the one way a launcher is made: its schema registered, its
+    primary config composed and typed, ``run(typed config)`` with any UserError as one line, then ``show(result,
+    typed config)`` to print what was done. Hydra names the job after the launcher (its log file, its folder)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from rcdm.errors import cli_errors
+
+    command = COMMANDS[name]
+    register(command.schema_name)
+
+    def task(cfg) -> None:
+        with cli_errors():
+            typed = OmegaConf.to_object(cfg)
+            out = run(typed)
+            if show:
+                show(out, typed)
+
+    task.__module__ = Path(command.launcher).stem  # Hydra's job name: the launcher's, as when it held the function
+    return hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=Path(command.config).stem)(task)
