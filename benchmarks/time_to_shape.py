@@ -63,9 +63,10 @@ ARMS: dict[str, dict] = {
     # logit-normal timesteps (Esser et al. 2024, SD3): the middle of the noise range, where the object is decided,
     # drawn more often than its ends
     "logit_normal": {"overrides": ["recipe.timesteps=logit_normal"], "every": 400},
-    # a warm start from one shared demo decoder (the shipped DINO backbone model: 4800 steps on the demo images,
-    # conditioned on the earlier DINO encoder): every weight but the conditioning input, which the job learns
-    # from zero (train.init_parts=decoder); the decoder's own training is paid once, not per job
+    # a warm start from one shared demo decoder (the shipped DINO backbone model: every weight but the conditioning
+    # input, which the job learns from zero, train.init_parts=decoder); the decoder's own training is paid once, not
+    # per job. The results in benchmarks/results/time_to_shape.json were measured from the v1 model (4800 steps,
+    # earlier DINO encoder, sha256 5352b360...ba08e); demo:dino-backbone names the model rebuilt from it since
     "shared_decoder": {"overrides": ["train.init_from=demo:dino-backbone", "train.init_parts=decoder"],
                        "every": 200},
     # the two levers that moved shape, together

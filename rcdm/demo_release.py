@@ -1,5 +1,5 @@
 """The demo RCDMs that ship with rcdm (``rcdm/demo_models/``): one tiny RCDM per demo encoder and level,
-trained on the embedded demo far past the sweep's budget (``configs/demo_release.yaml``).
+trained on the embedded demo from one shared decoder, far past the sweep's budget (``configs/demo_release.yaml``).
 
 Each model is two files: ``<encoder>-<level>.pt``, the EMA weights as float16 tensors (a plain state dict,
 read with ``torch.load(weights_only=True)``: nothing is unpickled), and ``<encoder>-<level>.json``, its

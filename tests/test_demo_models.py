@@ -21,10 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {f"{e}-{lv}" for e in ("vicreg", "dino", "barlow", "simclr") for lv in ("backbone", "projector")}
 
 
-# where a shipped backbone misses the bar on its 256-image read, by how much (docs/sampling.md says so and what the
-# curve says it takes): DINO's 4800-step model reads shape 0.48 against its goal 0.55 (bound 0.60 - 0.05); the same
-# run at 6000 steps read 0.58 (benchmarks/results/demo_backbones_continued.json), not shipped yet
-SHORT_ON_256 = {"dino-backbone": 0.08}
+# faithfulness MRR (64 held-out images) at least this, per level: below what the shipped files measured (backbones
+# 0.78-0.92, projectors 0.58-0.69; docs/sampling.md, "The demo models"), far above chance (0.07): a file that no
+# longer follows its conditioning fails
+MRR_FLOOR = {"backbone": 0.7, "projector": 0.5}
+
+
+def rec_backbone_colour(projector: str) -> float:
+    """The held-out colour read of the backbone model of the same encoder."""
+    name = projector.replace("-projector", "-backbone")
+    return demo_release.record(name)["factor_reads_held_out"]["factors"]["colour"]["samples"]
 
 
 def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
@@ -50,15 +56,22 @@ def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
         assert f["mrr"] > 2 * f["chance"]["mrr"]  # they follow their conditioning
         assert "cond_gain_q3" in rec["conditioning_gains"]
         assert rec["factor_reads"]["images"] == 64  # what its samples keep, read on the run's 64 held-out images
-        if loaded.level == "backbone":  # the bar the shipped backbones were trained to (docs/training.md)
-            assert f["mrr"] >= 0.9, name
-            held = rec["factor_reads_held_out"]  # this very file, read on 256 images of the analysis split
-            assert held["images"] >= 256 and held["weights_sha256"] == rec["sha256"], name
-            for reads, short in ((rec["factor_reads"]["factors"], 0.0), (held["factors"], SHORT_ON_256.get(name, 0))):
+        assert f["mrr"] >= MRR_FLOOR[loaded.level], name
+        held = rec["factor_reads_held_out"]  # this very file, read on 256 images of the analysis split
+        assert held["images"] >= 256 and held["weights_sha256"] == rec["sha256"], name
+        if loaded.level == "backbone":  # the bar the shipped backbones are held to (docs/sampling.md)
+            for reads in (rec["factor_reads"]["factors"], held["factors"]):
                 shape = reads["shape"]
-                assert shape["samples"] >= min(0.7, shape["bound"] - 0.05) - short, (name, shape)
+                assert shape["samples"] >= min(0.7, shape["bound"] - 0.05), (name, shape)
                 assert shape["samples_ci95"][0] > shape["chance"], name  # it draws the object, beyond doubt
-                assert reads["colour"]["samples"] >= 0.9 and reads["background"]["samples"] >= 0.9, name
+                for factor in ("colour", "background"):  # as far as the embedding holds it: a sample cannot draw
+                    v = reads[factor]                      # what its embedding lost
+                    assert v["samples"] >= min(0.9, v["bound"] - 0.05), (name, factor, v)
+        else:  # the paper's picture: the projector keeps the object's shape and lets its colour go
+            shape, colour = held["factors"]["shape"], held["factors"]["colour"]
+            if shape["bound"] >= 0.5:  # DINO's projector embedding holds shape at 0.40 (docs/encoders.md): not there
+                assert shape["samples_ci95"][0] > shape["chance"], name
+            assert colour["samples"] < rec_backbone_colour(name), (name, colour)
         with torch.no_grad():  # the fp16 weights come back as a float32 model that runs
             h = torch.randn(2, loaded.model.cfg.embed_dim)
             out = loaded.model(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), h)
