@@ -10,14 +10,14 @@ import sys
 
 import torch
 
-from pipeline.command_line import job_configs
-from pipeline.weights_needed import FetchOptions, fetch_all, needed
+from pipeline.command_line import sweep_command
+from pipeline.weights_needed import fetch_all, needed
 from rcdm.errors import cli_errors
 from rcdm.redaction import printable
 
 
 def main(argv: list[str]) -> list[dict]:
-    configs, opts = job_configs(list(argv), "fetch", FetchOptions)
+    configs, opts = sweep_command("fetch", list(argv))
     files, notes = [], []
     for cfg in configs:
         f, n = needed(cfg)

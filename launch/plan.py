@@ -11,15 +11,15 @@ for), checkpoint size x kept; then totals and the dataset's size (or why it coul
 """
 import sys
 
-from pipeline.command_line import job_configs
-from rcdm.cost import PlanOptions, dataset_bytes, format_plan, plan_job
+from pipeline.command_line import sweep_command
+from rcdm.cost import dataset_bytes, format_plan, plan_job
 from rcdm.errors import UserError, cli_errors
 from rcdm.manifest import read_manifest
 from rcdm.redaction import scrub
 
 
 def main(argv: list[str]) -> str:
-    configs, opts = job_configs(list(argv), "plan", PlanOptions)
+    configs, opts = sweep_command("plan", list(argv))
     opts = opts.check()
     jobs, data, unreadable = [], None, None
     for cfg in configs:

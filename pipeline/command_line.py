@@ -47,7 +47,7 @@ def command_options(prefix: str, options: type, overrides: list[Override]):
     names = ", ".join(f"{prefix}.{f.name}" for f in dataclasses.fields(options))
     for o in overrides:
         key = o.get_key_element().removeprefix(f"{prefix}.")
-        if o.is_sweep_override() or o.is_delete() or o.value() is None and "=" not in o.input_line:
+        if o.is_sweep_override() or o.is_delete():
             raise UserError(f"{o.input_line}: {prefix}.<key> takes one value ({prefix}.<key>=<value>); this command's "
                             f"own keys are {names}")
         try:
@@ -59,10 +59,22 @@ def command_options(prefix: str, options: type, overrides: list[Override]):
     return OmegaConf.to_object(node)
 
 
-def job_configs(args: list[str], prefix: str = "", options: type | None = None):
+def sweep_command(name: str, args: list[str]) -> tuple[list[TrainConfig], object | None]:
+    """(every job's config, the command's own options or None) of command ``name``'s command line: its own keys'
+    prefix and dataclass come from ``pipeline.schemas.COMMANDS``."""
+    from pipeline.schemas import COMMANDS, load
+
+    c = COMMANDS[name]
+    return _read(args, c.prefix, load(c.options) if c.options else None)
+
+
+def job_configs(args: list[str]) -> list[TrainConfig]:
     """Every job's config of a sweep command line (its overrides, with or without -m), composed as launch/sweep.py
-    composes them, without launching anything. With ``options``, the ``<prefix>.*`` keys are the command's own and
-    the return is ``(configs, options instance)``."""
+    composes them, without launching anything."""
+    return _read(args, "", None)[0]
+
+
+def _read(args: list[str], prefix: str, options: type | None) -> tuple[list[TrainConfig], object | None]:
     from hydra import compose, initialize_config_dir
 
     from pipeline import schemas
@@ -82,4 +94,4 @@ def job_configs(args: list[str], prefix: str = "", options: type | None = None):
                                           for c in combinations([o for o in parsed if o not in own])]
     except (HydraException, OmegaConfBaseException) as e:  # a key that does not exist, a value of the wrong type
         raise _fail(e) from None
-    return (configs, opts) if options else configs
+    return configs, opts

@@ -32,14 +32,14 @@ def docstring_commands(launcher: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("name", ["sweep", "plan", "fetch", "status"])
 def test_the_sweep_commands_docstring_examples_compose_with_their_own_keys(name):
-    from pipeline.command_line import job_configs
+    from pipeline.command_line import sweep_command
 
     c = COMMANDS[name]
     examples = docstring_commands(c.launcher)
     assert examples, c.launcher
     for args in examples:
         own = {a.split("=")[0] for a in args if c.prefix and a.startswith(c.prefix + ".")}
-        configs = job_configs(args, c.prefix, load(c.options))[0] if c.options else job_configs(args)
+        configs = sweep_command(name, args)[0]
         assert configs
         if c.options:
             assert own <= {f"{c.prefix}.{f}" for f in load(c.options).__dataclass_fields__}

@@ -242,13 +242,12 @@ def test_torch_home_as_a_file_and_hydra_spelled_booleans(tmp_path, monkeypatch):
         import fetch_weights
     finally:
         sys.path.remove(str(ROOT / "launch"))
-    from pipeline.command_line import job_configs
-    from pipeline.weights_needed import FetchOptions
+    from pipeline.command_line import sweep_command
 
-    configs, opts = job_configs(["fetch.download=False", "encoder=dino"], "fetch", FetchOptions)
+    configs, opts = sweep_command("fetch", ["fetch.download=False", "encoder=dino"])
     assert opts.download is False and [c.encoder.name for c in configs] == ["dino"]
-    assert job_configs(["fetch.download=no"], "fetch", FetchOptions)[1].download is False  # as Hydra reads booleans
-    assert job_configs([], "fetch", FetchOptions)[1].download is True
+    assert sweep_command("fetch", ["fetch.download=no"])[1].download is False  # as Hydra reads booleans
+    assert sweep_command("fetch", [])[1].download is True
     with pytest.raises(UserError, match="wrong type.*fetch.download"):
         fetch_weights.main(["fetch.download=maybe"])
 

@@ -49,13 +49,11 @@ class Inputs:
         """The one way a command builds its inputs: ``spec`` (an ``images=`` value: files, a folder,
         ``synthetic:N``) read at the model's size and encoded by ``encoder`` at the model's level, complete here."""
         from rcdm.analysis.images import load_inputs
-        from rcdm.sampling import encode_pil
 
-        size = loaded.model.cfg.image_size
-        imgs = load_inputs(spec, size)
-        h, shown = encode_pil(imgs.pils, encoder, encoder.preprocess, loaded.level, size, device)
-        return cls(loaded, encoder, shown.cpu(), h.cpu(), imgs.names, sampling, device, imgs.factors, imgs.pils,
-                   list(others), download=download)
+        imgs = load_inputs(spec, loaded.model.cfg.image_size)
+        h, shown = _encode(imgs.pils, encoder, loaded, device)
+        return cls(loaded, encoder, shown, h, imgs.names, sampling, device, imgs.factors, imgs.pils, list(others),
+                   download=download)
 
     @property
     def level(self) -> str:
@@ -80,10 +78,7 @@ class Inputs:
 
     def encode(self, pils: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Further images as the inputs were encoded -> (embeddings [K, D], images [K, 3, S, S])."""
-        from rcdm.sampling import encode_pil
-
-        h, shown = encode_pil(pils, self.encoder, self.encoder.preprocess, self.level, self.image_size, self.device)
-        return h.cpu(), shown.cpu()
+        return _encode(pils, self.encoder, self.loaded, self.device)
 
     def reader_or(self, make, steps: int):
         """(reader, its report): the one given, else ``make(image_size, steps)`` (the synthetic-factor reader)."""
@@ -100,6 +95,14 @@ class Inputs:
             raise UserError(f"{what} needs images whose generative factors are known: images=synthetic:N (the demo's "
                             f"generator), or a dataset that records them")
         return self.factors
+
+
+def _encode(pils: list, encoder, loaded: LoadedRCDM, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images encoded at the model's level and shown at its size -> (embeddings [K, D], images [K, 3, S, S])."""
+    from rcdm.sampling import encode_pil
+
+    h, shown = encode_pil(pils, encoder, encoder.preprocess, loaded.level, loaded.model.cfg.image_size, device)
+    return h.cpu(), shown.cpu()
 
 
 @dataclass
