@@ -5,6 +5,7 @@ finished, else FAILED) and the sweep report is written. Safe to run any number o
 from __future__ import annotations
 
 import datetime
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -44,14 +45,44 @@ class JobState:
 SACCT_BATCH = 1000  # job ids per sacct call: thousands in one argument list overflow it
 
 
+def _array_tasks(job: str) -> list[str]:
+    """``7_[1-3,5%2]`` (the pending tasks of an array, one accounting record) -> ``7_1 7_2 7_3 7_5``; else [job]."""
+    m = re.fullmatch(r"(\d+)_\[([\d,:\-]+)(?:%\d+)?\]", job)
+    if not m:
+        return [job]
+    tasks = []
+    for part in m.group(2).split(","):
+        lo, _, rest = part.partition("-")
+        hi, _, step = rest.partition(":")
+        tasks += range(int(lo), int(hi or lo) + 1, int(step or 1))
+    return [f"{m.group(1)}_{t}" for t in tasks]
+
+
+def _queued(job_ids: list[str]) -> set[str]:
+    """The jobs the controller still holds (pending, running, or ended within MinJobAge), arrays one task a line."""
+    held = set()
+    for i in range(0, len(job_ids) if shutil.which("squeue") else 0, SACCT_BATCH):
+        p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids[i:i + SACCT_BATCH]), "-o", "%i|%T"],
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:  # the controller did not answer: nothing is concluded from its silence
+            return set(job_ids)
+        held |= {line.split("|", 1)[0] for line in p.stdout.splitlines() if "|" in line}
+    return held
+
+
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
-    """The current State of each job in SLURM's accounting (``CANCELLED by 0`` -> ``CANCELLED``)."""
+    """The current State of each job in SLURM's accounting (``CANCELLED by 0`` -> ``CANCELLED``). An array task
+    cancelled while still pending leaves no record of its own (measured, slurm-wlm 22-24): it is reported CANCELLED
+    once its array is in the accounting, the array's pending record no longer lists it and the controller's
+    queue does not hold it."""
     if not shutil.which("sacct"):
         raise UserError("sacct was not found: run launch/status.py where SLURM's client commands are (the login node)")
     states = {}
     ids = list(dict.fromkeys(job_ids))
-    for i in range(0, len(ids), SACCT_BATCH):
-        p = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids[i:i + SACCT_BATCH]), "-o", "JobID,State"],
+    arrays = {i.split("_")[0] for i in ids if "_" in i}
+    asked = ids + sorted(arrays - set(ids))  # the array itself: its pending tasks are one record, 7_[1-3]
+    for i in range(0, len(asked), SACCT_BATCH):
+        p = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(asked[i:i + SACCT_BATCH]), "-o", "JobID,State"],
                            capture_output=True, text=True, timeout=120)
         if p.returncode != 0:
             raise UserError(f"sacct failed ({printable(p.stderr.strip())[:300]}); SLURM's accounting (slurmdbd) "
@@ -59,8 +90,19 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
         for line in p.stdout.splitlines():
             if "|" in line:
                 job, state = line.split("|", 1)
-                states[job] = state.split()[0] if state.strip() else "UNKNOWN"
-    return states
+                state = state.split()[0] if state.strip() else "UNKNOWN"
+                for task in _array_tasks(job):
+                    # a task's own record wins: the pending record lags a task that has started (seen: 5_1
+                    # RUNNING beside 5_[1,3%1] PENDING)
+                    if task == job or task not in states:
+                        states[task] = state
+    known = {j.split("_")[0] for j in states}
+    gone = [i for i in ids if i not in states and "_" in i and i.split("_")[0] in known]
+    queued = _queued(gone)
+    for i in gone:
+        if i not in queued:
+            states[i] = "CANCELLED"
+    return {i: states[i] for i in ids if i in states}
 
 
 def _own_parent(cfg: TrainConfig, client: MlflowClient, record: Submitted):

@@ -124,6 +124,29 @@ def test_sacct_is_asked_in_batches_and_status_prints_no_terminal_escapes(tmp_pat
     assert "\x1b" not in text and "\\x1b[2J" in text and "unknown to SLURM's accounting" in text
 
 
+def test_an_array_task_cancelled_while_pending_ends_and_a_started_one_keeps_its_own_state(tmp_path, monkeypatch):
+    """What slurm-wlm's accounting printed for a 4-task array (%1) with task 2 cancelled while pending: no record for
+    5_2 at all, and a pending record that still lists 5_1 after 5_1 started. Before, 5_2 stayed UNKNOWN forever
+    and the sweep never ended (CI, stop 44)."""
+    from pipeline import reconcile
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (tmp_path / "accounting").write_text("5_0|COMPLETED\n5_[1,3%1]|PENDING\n5_1|RUNNING\n")
+    (bin_ / "sacct").write_text(f'#!/bin/sh\ncase "$5" in *5*) cat {tmp_path / "accounting"};; esac\n')
+    (bin_ / "squeue").write_text('#!/bin/sh\necho "$4" >> %s\n' % (tmp_path / "asked"))
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    states = reconcile.sacct_states(["5_0", "5_1", "5_2", "5_3", "9_0"])
+    assert states == {"5_0": "COMPLETED", "5_1": "RUNNING", "5_2": "CANCELLED", "5_3": "PENDING"}
+    assert (tmp_path / "asked").read_text().split() == ["5_2"]  # the controller is asked before concluding
+    (bin_ / "squeue").write_text('#!/bin/sh\necho "5_2|PENDING"\n')  # still queued: not concluded
+    assert "5_2" not in reconcile.sacct_states(["5_2"])
+    (bin_ / "squeue").write_text("#!/bin/sh\nexit 1\n")  # the controller did not answer: nothing concluded
+    assert "5_2" not in reconcile.sacct_states(["5_2"])
+
+
 def test_no_password_reaches_the_console_from_status_or_the_report_warning(typed, tmp_path, capsys, monkeypatch):
     from pipeline.stages import report_sweep
     from rcdm.config import TrackingConfig
