@@ -1,6 +1,7 @@
 """Every weight file a training job needs from the internet, for nodes that have none: the encoder the job
-re-encodes its samples with (the one its dataset was embedded with, as the manifest records it) and, with
-``fidelity.features=inception``, torch-fidelity's Inception-v3. ``fetch_all`` puts each into the torch.hub cache
+re-encodes its samples with (the one its dataset was embedded with, as the manifest records it), the released RCDM
+a job starts from (``train.init_from=rcdm_ema_dino_trunk.pt``) and, with ``fidelity.features=inception``,
+torch-fidelity's Inception-v3. ``fetch_all`` puts each into the torch.hub cache
 (``$TORCH_HOME/hub/checkpoints``: point TORCH_HOME at a shared filesystem) and checks it against the sha256 the
 manifest records and the prefix its URL publishes."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ from rcdm.config import TrainConfig
 from rcdm.encoders.weights import fetch, hub_cache_path, published_prefix
 from rcdm.encoders.zoo import encoder_spec
 from rcdm.manifest import read_manifest
+from rcdm.model_files import RELEASE_URL, RELEASED_NAME
 
 
 @dataclass
@@ -49,6 +51,9 @@ def needed(cfg: TrainConfig) -> tuple[list[Needed], list[str]]:
         files.append(Needed(f"{name} {arch}", encoder_spec(name).url, sha))
     elif kind == "random":
         notes.append(f"{name}: random weights, nothing to fetch")
+    start = cfg.train.init_from
+    if start and "/" not in start and RELEASED_NAME.match(start):  # a released decoder to start from, by name
+        files.append(Needed(f"init_from {start}", RELEASE_URL + start, None))
     if cfg.fidelity.features == "inception":
         from rcdm.analysis.fidelity import INCEPTION_URL
 

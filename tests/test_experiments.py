@@ -89,7 +89,9 @@ def test_every_cluster_sweep_in_the_docs_composes_to_its_experiments_budget():
         c = composed(overrides)
         exp = next((a.split("=", 1)[1] for a in overrides if a.startswith("experiment=")), None)
         assert exp in IMAGENET, f"a cluster sweep without an ImageNet experiment: {overrides}"
-        assert c.train.steps == OmegaConf.load(ROOT / "configs" / "experiment" / f"{exp}.yaml").train.steps
+        given = next((int(a.split("=", 1)[1]) for a in overrides if a.startswith("train.steps=")), None)
+        budget = OmegaConf.load(ROOT / "configs" / "experiment" / f"{exp}.yaml").train.steps
+        assert c.train.steps == (budget if given is None else given), overrides  # the command line wins
 
 
 def run_plan(args, cwd):
@@ -146,3 +148,41 @@ def test_plan_of_an_imagenet_sweep_reads_the_manifest_and_the_measured_step(tmp_
     job = cost.plan_job(cfg, 128, "H200", 0.35)
     assert job.hours_source.startswith("measured: 0.500 s/step at batch 32 on NVIDIA H200")
     assert job.device_hours == pytest.approx(300_000 * 0.5 * (256 / 16) / 32 * 16 / 3600)
+
+
+@pytest.mark.slow
+def test_the_warm_experiment_starts_any_encoders_job_from_the_released_decoder(tmp_path, monkeypatch):
+    """experiment=imagenet128_warm: launch/fetch_weights.py lists the released RCDM it starts from, and a job of
+    another encoder (DINOv2's 768-d CLS token) takes every weight of a file in the release's layout (an adm128 state
+    dict conditioned on 2048-d ResNet-50 embeddings) but the conditioning input, which starts at zero."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.weights_needed import needed
+    from rcdm.presets import build_unet, preset_config
+    from rcdm.warm_start import CONDITIONING, warm_start
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = OmegaConf.to_object(composed(["experiment=imagenet128_warm", "encoder=dinov2_vitb14", "level=backbone",
+                                        f"data.url={tmp_path / 'not-sharded-yet'}"]))
+    assert (cfg.train.steps, cfg.model.name, cfg.recipe.name) == (100_000, "adm128", "adm")
+    files = [f for f in needed(cfg)[0] if f.what.startswith("init_from")]
+    assert [f.url for f in files] == ["https://dl.fbaipublicfiles.com/rcdm/rcdm_ema_dino_trunk.pt"]
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_unet("adm128", 2048).state_dict(), hub / "rcdm_ema_dino_trunk.pt")
+    unet_cfg = preset_config("adm128", 768, **cfg.recipe.unet_options())
+    model, ema = build_unet("adm128", 768), build_unet("adm128", 768)
+    info = SimpleNamespace(encoder_record=SimpleNamespace(weights=SimpleNamespace(sha256=None)))
+    record = warm_start(cfg.train.init_from, cfg, info, unet_cfg, model, ema)
+    assert record.parts == "decoder" and record.source_encoder == "dino backbone"
+    source = torch.load(hub / "rcdm_ema_dino_trunk.pt", weights_only=True)
+    for name, w in model.state_dict().items():
+        if name == "ssl_emb.weight":
+            assert w.shape == (source[name].shape[0], 768) and not w.any()
+        elif not name.startswith(CONDITIONING):
+            assert torch.equal(w, source[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))
