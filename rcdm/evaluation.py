@@ -13,7 +13,7 @@ import time
 import torch
 
 from rcdm.analysis import ANALYSES, faithfulness, fidelity, invariance
-from rcdm.analysis.base import Inputs, Reference, Result
+from rcdm.analysis.base import Inputs, Labels, Reference, Result
 from rcdm.analysis.factors import synthetic_reader
 from rcdm.config import TrainConfig
 from rcdm.data import DatasetInfo, heldout, heldout_factors, labelled_embeddings
@@ -157,10 +157,11 @@ class Evaluator:
         cfg, todo = self.cfg, []
         if cfg.faithfulness.images:
             inputs = self._inputs(ema, encoder, cfg.faithfulness.images,
-                                  Sampling(cfg.faithfulness.steps, None, cfg.faithfulness.guidance, cfg.train.seed + 1))
+                                  Sampling(cfg.faithfulness.steps, None, cfg.faithfulness.guidance, cfg.train.seed + 1),
+                                  labelled=cfg.factor_reads.enabled)
             if len(inputs.names) >= 2:
                 todo.append(("faithfulness", faithfulness.Options(), inputs))
-                if cfg.factor_reads.enabled and self._with_factors(inputs):
+                if inputs.reference is not None:
                     todo.append(("factor_reads", cfg.factor_reads, inputs))
                 if cfg.fidelity.features:
                     todo.append(("fidelity", fidelity.Options(cfg.fidelity.features), inputs))
@@ -172,26 +173,28 @@ class Evaluator:
                 todo.append(("invariance", invariance.Options(sample=False), inputs))
         return todo
 
-    def _inputs(self, ema, encoder, count: int, sampling: Sampling) -> Inputs:
+    def _inputs(self, ema, encoder, count: int, sampling: Sampling, labelled: bool = False) -> Inputs:
+        """The first ``count`` held-out images; ``labelled``: with their factors, labelled reference embeddings and
+        a reader where the dataset records the demo generator's factors (``_labels``)."""
         x, h, keys = self._first(count)
         loaded = LoadedRCDM(ema, self.card, self.cfg.run_root)
-        return Inputs(loaded, encoder, x, h, keys, sampling, self.device)
+        labels = self._labels(len(keys)) if labelled and len(keys) >= 2 else None
+        return Inputs(loaded, encoder, x, h, keys, sampling, self.device, labels)
 
-    def _with_factors(self, inputs: Inputs) -> bool:
-        """Give ``inputs`` the held-out images' factors, a reader and labelled reference embeddings, where the
-        dataset records the demo generator's factors; False where it does not."""
+    def _labels(self, count: int) -> Labels | None:
+        """The first ``count`` held-out images' factors, the reference and the reader, where the dataset records the
+        demo generator's factors; None where it does not."""
         source = self.held.manifest.splits[self.held.split].source
         if source.get("kind") != "synthetic":
-            return False
-        factors = heldout_factors(self.held, len(inputs.names), self.cfg.storage)
+            return None
+        factors = heldout_factors(self.held, count, self.cfg.storage)
         train = self.held.with_split(self.cfg.data.split)
         ref = labelled_embeddings(train, self.cfg.factor_reads.reference_images, self.cfg.storage)
         if factors is None or ref is None:
-            return False
-        inputs.factors = factors
-        inputs.reference = Reference(*ref, f"the first {len(ref[1])} images of split {train.split}")
-        inputs.reader, inputs.reader_report = synthetic_reader(inputs.image_size, self.cfg.factor_reads.reader_steps)
-        return True
+            return None
+        reader, report = synthetic_reader(self.card.image_size, self.cfg.factor_reads.reader_steps)
+        return Labels(factors, Reference(*ref, f"the first {len(ref[1])} images of split {train.split}"), reader,
+                      report)
 
     def diagnose(self, ema: torch.nn.Module, step: int) -> dict:
         """The conditioning gains (``conditioning_gains``) of the EMA model on the fixed held-out batch."""

@@ -240,3 +240,29 @@ def test_the_factor_reader_budget_is_set_once():
     assert len(options) >= 4
     for cls in (*options, FactorReadOptions, FindingsConfig):
         assert {f.name: f.default for f in dataclasses.fields(cls)}["reader_steps"] == READER_STEPS, cls
+
+
+def test_analysis_inputs_are_complete_at_construction():
+    """An analysis' Inputs and their Labels (factors, reference, reader) are built whole: nothing assigns a field of
+    them afterwards (the evaluation used to fill in factors, reference and reader after construction), and labels
+    for another number of images than the inputs hold are refused."""
+    import dataclasses
+    import re
+
+    import pytest
+    import torch
+
+    from rcdm.analysis.base import Inputs, Labels
+
+    fields = "|".join(f.name for cls in (Inputs, Labels) for f in dataclasses.fields(cls) if f.name != "_own")
+    target = rf"[a-z_]\w*(?:\.\w+)*\.(?:{fields})"  # an assignment to such a field of anything but self
+    late = re.compile(rf"^\s*(?!self\.){target}\s*(?:,\s*{target}\s*)?=(?!=)")
+    for folder in ("rcdm", "pipeline", "launch", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for line in path.read_text().splitlines():
+                assert not late.search(line), f"{path}: {line}"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Labels([{}]).factors = []
+    with pytest.raises(ValueError, match="1 images' factors for 2 images"):
+        Inputs(None, None, torch.zeros(2, 3, 4, 4), torch.zeros(2, 3), ["a", "b"], None, torch.device("cpu"),
+               Labels([{}]))

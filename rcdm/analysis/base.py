@@ -23,9 +23,21 @@ class Reference:
     source: str  # where they come from, for the record
 
 
+@dataclass(frozen=True)
+class Labels:
+    """What is known of the analysed images beyond their pixels: their generative factors and, where the caller has
+    them, labelled reference embeddings (the factor reads' bound) and the reader that reads factors off images
+    (else each analysis trains or loads the synthetic-factor reader)."""
+
+    factors: list[dict]  # one per analysed image
+    reference: Reference | None = None
+    reader: object | None = None  # rcdm.analysis.factors.FactorNet
+    reader_report: dict | None = None
+
+
 @dataclass
 class Inputs:
-    """A model and the images it is analysed on."""
+    """A model and the images it is analysed on, complete at construction."""
 
     loaded: LoadedRCDM
     encoder: object  # rcdm.encoders.SSLEncoder, frozen, on ``device``
@@ -34,14 +46,23 @@ class Inputs:
     names: list[str]
     sampling: Sampling
     device: torch.device
-    factors: list[dict] | None = None  # generative factors per image, where known
+    labels: Labels | None = None  # where the images' generative factors are known
     pils: list | None = None  # the images as given (analyses that edit and re-encode them)
     others: list[tuple[LoadedRCDM, object]] = field(default_factory=list)  # invariance: more levels
-    reference: Reference | None = None
-    reader: object | None = None  # reads the factors off images (rcdm.analysis.factors.FactorNet)
-    reader_report: dict | None = None
     download: bool = True  # may fetch weights (the Inception features) from the network
     _own: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.labels is not None and len(self.labels.factors) != len(self.names):
+            raise ValueError(f"{len(self.labels.factors)} images' factors for {len(self.names)} images")
+
+    @property
+    def factors(self) -> list[dict] | None:
+        return self.labels.factors if self.labels else None
+
+    @property
+    def reference(self) -> Reference | None:
+        return self.labels.reference if self.labels else None
 
     @classmethod
     def of_images(cls, loaded: LoadedRCDM, encoder, spec, sampling: Sampling, device: torch.device,
@@ -52,7 +73,8 @@ class Inputs:
 
         imgs = load_inputs(spec, loaded.model.cfg.image_size)
         h, shown = _encode(imgs.pils, encoder, loaded, device)
-        return cls(loaded, encoder, shown, h, imgs.names, sampling, device, imgs.factors, imgs.pils, list(others),
+        labels = Labels(imgs.factors) if imgs.factors is not None else None
+        return cls(loaded, encoder, shown, h, imgs.names, sampling, device, labels, imgs.pils, list(others),
                    download=download)
 
     @property
@@ -82,8 +104,8 @@ class Inputs:
 
     def reader_or(self, make, steps: int):
         """(reader, its report): the one given, else ``make(image_size, steps)`` (the synthetic-factor reader)."""
-        if self.reader is not None:
-            return self.reader, self.reader_report or {}
+        if self.labels is not None and self.labels.reader is not None:
+            return self.labels.reader, self.labels.reader_report or {}
         return make(self.image_size, steps)
 
     def need(self, n: int, what: str) -> None:
