@@ -240,6 +240,7 @@ def _run(args, work: Path) -> dict:
               f"tracking.uri=sqlite:///{work / 'm.db'}", "tracking.experiment=time_to_shape", "train.progress=false",
               "train.sample_every=100000", "train.checkpoint_every=100000", "train.log_every=100000",
               "faithfulness.images=0", "invariance.images=0", "diagnostic.images=0", "grid.images=0",
+              "train.init_from=null",  # from scratch unless the arm names its start (the demo's own jobs do)
               *args.overrides.split()]
     old = json.loads(out.read_text()) if out.exists() else {}
     if old and (old.get("encoder"), old.get("level")) != (args.encoder, args.level):

@@ -81,7 +81,8 @@ def _decoder_start(ref: str, loaded, cfg: TrainConfig, unet_cfg, model, ema) -> 
         differ.append(f"diffusion {card.process} (this job: {cfg.process()})")
     if differ:
         raise UserError(f"train.init_from={ref} (train.init_parts=decoder) is another decoder than this job trains: "
-                        + "; ".join(differ)[:600] + ". Start from a model of the same UNet preset and recipe")
+                        + "; ".join(differ)[:600] + ". Start from a model of the same UNet preset and recipe, or train from "
+                        "scratch with train.init_from=null")
     source_sd, target = loaded.model.state_dict(), model.state_dict()
     with torch.no_grad():
         target.update({k: v for k, v in source_sd.items() if not k.startswith(CONDITIONING)})

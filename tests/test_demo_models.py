@@ -128,7 +128,7 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     make_dataset(tmp_path / "ds", train=32, val=4, encoders=("simclr",),
                  encoder_weights=str(zoo.shipped_tiny("simclr", shipped)))
     cfg = typed("sweep", ["data=shards", f"data.url={tmp_path / 'ds'}", "encoder=simclr", "level=projector",
-                          "train.steps=3", "train.batch_size=4", "train.loader_workers=0", "train.log_every=3",
+                          "train.init_from=null", "train.steps=3", "train.batch_size=4", "train.loader_workers=0", "train.log_every=3",
                           "grid.images=1", "grid.samples=1", "grid.steps=ddim2", "faithfulness.images=4",
                           "faithfulness.steps=ddim2", f"storage.run_root={tmp_path / 'runs'}",
                           f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
@@ -164,7 +164,8 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
 
     # a run continued from a shipped model (train.init_from): its record adds the source's steps and seconds
     more = typed("sweep", ["data=shards", f"data.url={tmp_path / 'ds'}", "encoder=simclr", "level=projector",
-                           "sweep_id=continued", "train.init_from=demo:simclr-projector", "train.steps=1",
+                           "sweep_id=continued", "train.init_from=demo:simclr-projector", "train.init_parts=all",
+                           "train.steps=1",
                            "recipe.whiten_embeddings=true",
                            "train.batch_size=4", "train.loader_workers=0", "grid.images=1", "grid.samples=1",
                            "grid.steps=ddim2", "faithfulness.images=4", "faithfulness.steps=ddim2",

@@ -31,10 +31,16 @@ def test_the_experiments_are_there_and_levels_carry_no_budget():
 
 
 def test_the_demo_keeps_its_per_level_budget():
-    for level, steps in (("backbone", 240), ("projector", 60)):
+    for level, steps in (("backbone", 480), ("projector", 120)):
         c = composed([f"level={level}"])
         assert (c.train.steps, c.train.checkpoint_every, c.model.name, c.tracking.experiment) == (
             steps, 80, "tiny", "rcdm-demo")
+        # every job starts from a shipped decoder, on whitened embeddings (configs/start/demo_tiny_vpred.yaml)
+        assert (c.train.init_from, c.train.init_parts, c.recipe.whiten_embeddings) == (
+            "demo:dino-backbone", "decoder", True)
+    for other in ("recipe=adm", "model=adm128"):  # a decoder the shipped one is not: from scratch
+        c = composed(["level=backbone", other])
+        assert (c.train.init_from, c.train.init_parts, c.recipe.whiten_embeddings) == (None, "all", False), other
     assert composed(["level=projector", "train.steps=7"]).train.steps == 7  # the command line wins
 
 
@@ -110,7 +116,7 @@ def test_plan_of_the_demo_sweep_prints_each_job_and_submits_nothing(tmp_path):
     assert sorted(row[0] for row in rows) == sorted(f"{e}-{lv}-tiny" for e in ("vicreg", "dino", "barlow", "simclr")
                                                     for lv in ("backbone", "projector"))
     for row in rows:
-        steps = 240 if "backbone" in row[0] else 60
+        steps = 480 if "backbone" in row[0] else 120
         assert (row[3], row[4], row[5]) == (str(steps), "32", f"{steps * 32:,}")
     assert "CPU hours, measured here" in r.stdout and "nothing was submitted" in r.stdout
     assert not any(tmp_path.iterdir())  # no data built, no run folder, no MLflow store

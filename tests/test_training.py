@@ -277,9 +277,9 @@ SWEEP_ENCODERS = ("vicreg",)  # of the README's four: simclr and dino train in t
 @pytest.mark.slow
 def test_the_embedded_default_sweep(tmp_path):
     """The README's main command on a fresh working directory, on one of its four encoders (both levels, the
-    demo's own budget): demo data, 2 jobs, 2 finished runs, the report. All eight jobs took 34 minutes of a 2-core
-    AMD EPYC (training at 24 images/s), four of them 17: CI's machines differ by 1.5x, and one CI run of the
-    suite with four did not end in its 90 minutes. The other encoders train in the cluster tests; all eight jobs'
+    demo's own budget, each job from the shipped decoder): demo data, 2 jobs, 2 finished runs, the report. All eight
+    jobs took 17 min 40 s of a 2-core AMD EPYC with nothing else running (README); CI's machines differ by 1.5x,
+    and one CI run of the suite with four encoders did not end in its 90 minutes. The other encoders train in the cluster tests; all eight jobs'
     composition is tests/test_experiments.py's plan test."""
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", f"encoder={','.join(SWEEP_ENCODERS)}",
                         "level=backbone,projector"], cwd=tmp_path, capture_output=True, text=True, timeout=3000)
@@ -300,13 +300,18 @@ def test_the_embedded_default_sweep(tmp_path):
         assert c.info.status == "FINISHED"
         backbone = c.data.tags["level"] == "backbone"
         losses = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "loss"), key=lambda m: m.step)]
-        assert len(losses) == (6 if backbone else 2) and losses[-1] < losses[0]  # a falling loss curve
+        assert len(losses) == (12 if backbone else 3) and losses[-1] < losses[0]  # a falling loss curve
         for key in ("mse", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_s", "data_wait_fraction",
                     "train_seconds", *(f"cond_gain_q{k}" for k in range(4)), "null_gain_q3"):
             assert key in c.data.metrics, key
         grids = [a.path for a in client.list_artifacts(c.info.run_id, "samples")]
-        assert grids == (["samples/step-000000120.png", "samples/step-000000240.png"] if backbone
-                         else ["samples/step-000000060.png"])
+        assert grids == ([f"samples/step-{s:09d}.png" for s in (120, 240, 360, 480)] if backbone
+                         else ["samples/step-000000120.png"])
+        # it started from the shipped decoder, its own conditioning input learned from zero
+        start = json.loads((tmp_path / "runs" / "rcdm-demo" / "main" / f"{c.data.tags['encoder']}-"
+                            f"{c.data.tags['level']}-tiny" / "init_from.json").read_text())
+        assert (start["source"], start["parts"], start["source_encoder"]) == (
+            "demo:dino-backbone", "decoder", "dino backbone")
         assert c.data.params["encoder.name"] == c.data.tags["encoder"] and c.data.params["recipe.name"] == "vpred"
         # the faithfulness protocol ran at the end, on the 64 held-out embeddings, and beat chance
         faith = json.loads((tmp_path / "runs" / "rcdm-demo" / "main" / f"{c.data.tags['encoder']}-"

@@ -50,7 +50,7 @@ def test_init_from_starts_a_new_run_from_a_trained_model_and_refuses_another_kin
     base = ["data=shards", f"data.url={dataset}", "encoder=dino", f"storage.run_root={tmp_path / 'runs'}",
             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "train.loader_workers=0", "train.sample_every=1000",
             "train.batch_size=4", "grid.images=1", "grid.samples=1", "grid.steps=ddim2", "faithfulness.images=2",
-            "faithfulness.steps=ddim2"]
+            "faithfulness.steps=ddim2", "train.init_from=null", "train.init_parts=all"]  # the demo's start: not here
     first = train_config(compose_sweep(base + ["sweep_id=first", "train.steps=2"]))
     train(first)
     source = train_checkpoints.load(train_checkpoints.latest_path(first.run_root))
