@@ -58,13 +58,12 @@ def run(cfg: ExportConfig) -> None:
     names = list(cfg.read)
     for root in run_roots(cfg.runs) if cfg.runs else []:
         rec = export(str(root), out, cfg.device)
-        f = rec["faithfulness"]
-        print(f"{rec['name']}: {rec['training']['steps']} steps, {rec['training']['train_seconds'] / 60:.1f} min "
-              f"on {rec['training']['device']}; faithfulness {faithfulness.headline(f)} "
-              f"-> {out / rec['weights_file']}", flush=True)
-        names.append(rec["name"])
+        print(f"{rec.name}: {rec.training.steps} steps, {rec.training.train_seconds / 60:.1f} min "
+              f"on {rec.training.device}; faithfulness {faithfulness.headline(rec.faithfulness)} "
+              f"-> {out / rec.weights_file}", flush=True)
+        names.append(rec.name)
     for name in names if cfg.held_out > 0 else []:
-        reads = read_held_out(name, out, cfg.held_out)["factor_reads_held_out"]["factors"]
+        reads = read_held_out(name, out, cfg.held_out).factor_reads_held_out["factors"]
         print(f"{name} on {cfg.held_out} held-out images: " + ", ".join(
             f"{k} {v['samples']:.2f} (bound {v['bound']:.2f})" for k, v in reads.items()), flush=True)
 

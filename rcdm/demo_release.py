@@ -79,8 +79,8 @@ def available(directory: Path | None = None) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.json") if NAME.match(p.stem))
 
 
-def record(name: str, directory: Path | None = None) -> dict:
-    """The JSON record of demo model ``name`` (``vicreg-backbone`` or ``demo:vicreg-backbone``)."""
+def record(name: str, directory: Path | None = None) -> DemoRecord:
+    """The record of demo model ``name`` (``vicreg-backbone`` or ``demo:vicreg-backbone``)."""
     directory = directory or demo_dir()
     name = name.removeprefix(PREFIX)
     path = directory / f"{name}.json"
@@ -94,7 +94,7 @@ def record(name: str, directory: Path | None = None) -> dict:
     if not isinstance(rec, dict):
         raise UserError(f"{path} is not a demo model record (not a JSON object); restore it with git checkout -- "
                         f"rcdm/demo_models")
-    return rec
+    return DemoRecord.from_dict(rec, str(path))
 
 
 def card_of(rec: dict, where: str = "a demo record") -> ModelCard:
@@ -117,27 +117,112 @@ def load_demo(ref: str, directory: Path | None = None) -> LoadedRCDM:
     directory = directory or demo_dir()
     name = ref.removeprefix(PREFIX)
     rec = record(name, directory)
-    if rec.get("weights_file") != f"{name}.pt" or not isinstance(rec.get("sha256"), str):
-        raise UserError(f"{directory / name}.json names weights file {str(rec.get('weights_file'))[:80]!r} (a demo "
+    if rec.weights_file != f"{name}.pt":
+        raise UserError(f"{directory / name}.json names weights file {rec.weights_file[:80]!r} (a demo "
                         f"record names its own, {name}.pt, with its sha256): the record was altered; restore it with "
                         f"git checkout -- rcdm/demo_models")
-    path = directory / rec["weights_file"]
+    path = directory / rec.weights_file
     if not path.exists():
         raise UserError(f"{path} is missing (the record {name}.json is there): restore rcdm/demo_models/ from "
                         f"the repository (git checkout -- rcdm/demo_models) or reinstall rcdm")
     digest = sha256sum(path)
-    if digest != rec["sha256"]:
-        raise UserError(f"{path} does not match the sha256 in {name}.json ({digest} != {rec['sha256']}): the file "
+    if digest != rec.sha256:
+        raise UserError(f"{path} does not match the sha256 in {name}.json ({digest} != {rec.sha256}): the file "
                         f"is damaged or was replaced; restore it with git checkout -- rcdm/demo_models")
     state = safe_load.load(path)
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a state dict of tensors: restore it with git checkout -- rcdm/demo_models")
-    card = card_of(rec, f"{directory / name}.json")
-    model = card.build_for({k: v.float() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, str(path))
-    t = rec.get("training", {})
-    return LoadedRCDM(model.eval(), card, f"{PREFIX}{name} ({path})",
-                      {"steps": t.get("steps"), "train_seconds": t.get("train_seconds"), "sha256": rec["sha256"],
-                       "device": t.get("device")})
+    model = rec.card.build_for({k: v.float() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+                               str(path))
+    t = rec.training
+    return LoadedRCDM(model.eval(), rec.card, f"{PREFIX}{name} ({path})",
+                      {"steps": t.steps, "train_seconds": t.train_seconds, "sha256": rec.sha256, "device": t.device})
+
+
+@dataclass
+class DemoTraining:
+    """How a demo model was made. ``steps`` and ``train_seconds`` include the model it continued from
+    (``continued_from``: the start record of ``train.init_from`` with this run's own share); ``run_cpu_seconds``
+    is this run's training process alone."""
+    steps: int
+    batch_size: int
+    lr: float
+    lr_schedule: str
+    ema_decay: float
+    seed: int
+    device: str
+    train_seconds: float
+    run: dict  # experiment, sweep_id, job_name: which run
+    data: dict  # the split's URL, count, source and the sha256 of its images and embeddings
+    continued_from: dict | None = None
+    run_cpu_seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("steps", "batch_size", "lr", "lr_schedule", "ema_decay", "seed",
+                                           "device", "train_seconds")}
+        d.update({k: v for k, v in (("continued_from", self.continued_from),
+                                    ("run_cpu_seconds", self.run_cpu_seconds)) if v is not None})
+        return {**d, "run": self.run, "data": self.data}
+
+
+@dataclass
+class DemoRecord:
+    """``<encoder>-<level>.json``: the record of one shipped demo model, read (``record``) and written
+    (``write_record``) here alone. Its weights file is trusted for its tensors after its sha256 matches."""
+    name: str
+    weights_file: str
+    sha256: str
+    parameters: int
+    card: ModelCard
+    training: DemoTraining
+    faithfulness: dict
+    conditioning_gains: dict
+    factor_reads: dict | None  # the run's end-of-run reads (64 validation images); None without factors
+    evaluated_on: str
+    factor_reads_held_out: dict | None = None  # the shipped file's reads on the analysis split (findings.py)
+    format: int = RECORD_FORMAT
+    dtype: str = "float16"
+    weights: str = "EMA"
+
+    def to_dict(self) -> dict:
+        d = {"format": self.format, "name": self.name, "weights_file": self.weights_file, "sha256": self.sha256,
+             "dtype": self.dtype, "weights": self.weights, "parameters": self.parameters,
+             "card": self.card.to_dict(), "training": self.training.to_dict(), "faithfulness": self.faithfulness,
+             "conditioning_gains": self.conditioning_gains, "factor_reads": self.factor_reads,
+             "evaluated_on": self.evaluated_on}
+        return {**d, **({"factor_reads_held_out": self.factor_reads_held_out}
+                        if self.factor_reads_held_out is not None else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "DemoRecord":
+        def obj(v, what: str, empty_ok: bool = False):
+            if not isinstance(v, dict) and not (empty_ok and v is None):
+                raise TypeError(f"{what} is not an object")
+            return v
+
+        try:
+            t = obj(d["training"], "training")
+            training = DemoTraining(int(t["steps"]), int(t["batch_size"]), float(t["lr"]), str(t["lr_schedule"]),
+                                    float(t["ema_decay"]), int(t["seed"]), str(t["device"]),
+                                    float(t["train_seconds"]), obj(t.get("run", {}), "training.run"),
+                                    obj(t.get("data", {}), "training.data"),
+                                    obj(t.get("continued_from"), "training.continued_from", True),
+                                    t.get("run_cpu_seconds"))
+            rec = cls(str(d["name"]), str(d["weights_file"]), str(d["sha256"]), int(d["parameters"]),
+                      card_of(d, where), training, obj(d["faithfulness"], "faithfulness"),
+                      obj(d["conditioning_gains"], "conditioning_gains"),
+                      obj(d.get("factor_reads"), "factor_reads", True), str(d.get("evaluated_on", "")),
+                      obj(d.get("factor_reads_held_out"), "factor_reads_held_out", True),
+                      int(d.get("format", RECORD_FORMAT)), str(d.get("dtype", "float16")),
+                      str(d.get("weights", "EMA")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where} is not a demo model record ({type(e).__name__}: {str(e)[:120]}); restore it "
+                            f"with git checkout -- rcdm/demo_models") from None
+        return rec
+
+
+def write_record(directory: Path, rec: DemoRecord) -> None:
+    write_atomic(Path(directory) / f"{rec.name}.json", (json.dumps(rec.to_dict(), indent=2) + "\n").encode())
 
 
 def _data_digest(url: str, split: str, encoder: str, storage) -> dict:
@@ -160,7 +245,7 @@ def _data_digest(url: str, split: str, encoder: str, storage) -> dict:
     return out
 
 
-def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None, storage=None) -> dict:
+def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None, storage=None) -> DemoRecord:
     """Write ``<encoder>-<level>.pt`` (float16 EMA weights) and its JSON record from a finished training run
     (one of ``configs/demo_release.yaml``, or another run of the same data, such as a kept arm of
     ``benchmarks/convergence.py --work``; the record names the run); returns the record."""
@@ -175,7 +260,7 @@ def export(run_root: str, directory: Path = DEMO_DIR, device: str | None = None,
                         f"checkpoint or result files; nothing was written") from None
 
 
-def _export(run_root: str, directory: Path, device: str | None, storage, state: dict) -> dict:
+def _export(run_root: str, directory: Path, device: str | None, storage, state: dict) -> DemoRecord:
     card, cfg = ModelCard.from_dict(state["meta"]), state["config"]
     if state["step"] != cfg["train"]["steps"]:
         raise UserError(f"{run_root} stopped at step {state['step']} of {cfg['train']['steps']}: finish the run "
@@ -212,31 +297,26 @@ def _export(run_root: str, directory: Path, device: str | None, storage, state: 
         steps, seconds = steps + begun.steps, round(seconds + begun.train_seconds, 1)
         start = {**begun.to_dict(), "run_steps": state["step"], "run_train_seconds": round(state["train_seconds"], 1),
                  "how": begun.how}
-    rec = {
-        "format": RECORD_FORMAT, "name": name, "weights_file": weights.name, "sha256": digest,
-        "dtype": "float16", "weights": "EMA", "parameters": sum(v.numel() for v in state["ema"].values()),
-        "card": card.to_dict(),
-        "training": {"steps": steps, "batch_size": t["batch_size"], "lr": t["lr"],
-                     "lr_schedule": t["lr_schedule"], "ema_decay": t["ema_decay"], "seed": t["seed"],
-                     "device": device, "train_seconds": seconds, **({"continued_from": start} if start else {}),
+    rec = DemoRecord(
+        name, weights.name, digest, sum(v.numel() for v in state["ema"].values()), card,
+        DemoTraining(steps, t["batch_size"], t["lr"], t["lr_schedule"], t["ema_decay"], t["seed"], device, seconds,
+                     # which run: the release sweep's, or a benchmark's
+                     {"experiment": cfg["tracking"]["experiment"], "sweep_id": cfg["sweep_id"],
+                      "job_name": cfg["job_name"]},
+                     _data_digest(cfg["data"]["url"], cfg["data"]["split"], card.encoder.name, storage), start,
                      # this run's training process CPU seconds (its threads; a source it started from not included)
-                     **({"run_cpu_seconds": round(state["train_cpu_seconds"], 1)}
-                        if isinstance(state.get("train_cpu_seconds"), (int, float)) else {}),
-                     "run": {"experiment": cfg["tracking"]["experiment"], "sweep_id": cfg["sweep_id"],
-                             "job_name": cfg["job_name"]},  # which run: the release sweep's, or a benchmark's
-                     "data": _data_digest(cfg["data"]["url"], cfg["data"]["split"], card.encoder.name, storage)},
-        "faithfulness": {k: f[k] for k in ("n", "mrr", "mrr_ci95", "top1", "top1_ci95", "mean_rank",
-                                           "mean_rank_ci95", "cosine_own", "chance", "split", "steps", "guidance")},
-        "conditioning_gains": results["conditioning.json"]["final"],
+                     round(state["train_cpu_seconds"], 1)
+                     if isinstance(state.get("train_cpu_seconds"), (int, float)) else None),
+        {k: f[k] for k in ("n", "mrr", "mrr_ci95", "top1", "top1_ci95", "mean_rank", "mean_rank_ci95", "cosine_own",
+                           "chance", "split", "steps", "guidance")},
+        results["conditioning.json"]["final"],
         # what its samples keep, factor by factor, against the originals and the embedding's k-NN bound
-        "factor_reads": shorten_factor_reads(fs, root),
-        "evaluated_on": "the run's float32 EMA weights at its last step; launch/analyze.py re-measures the "
-                        "float16 files",
-    }
+        shorten_factor_reads(fs, root),
+        "the run's float32 EMA weights at its last step; launch/analyze.py re-measures the float16 files")
     # every refusal above comes before the first write: a refused export leaves --out as it was
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(weights, buf.getvalue())
-    write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
+    write_record(directory, rec)
     return rec
 
 

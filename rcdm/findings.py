@@ -128,7 +128,7 @@ def run_findings(cfg: FindingsConfig) -> dict:
     encs, g0, images = list(cfg.encoders), cfg.guidance[0], f"synthetic:{cfg.images}"
     findings: dict = {"encoders": encs, "steps": cfg.steps, "guidance": g0,
                       "images": f"{cfg.images} held-out images (synthetic split {SYNTHETIC_SPLIT!r})",
-                      "models": {n: demo_release.record(n)["training"] for n in demo_release.available()}}
+                      "models": {n: demo_release.record(n).training.to_dict() for n in demo_release.available()}}
     write_local(out / "samples.png", samples_figure(run, encs, min(cfg.images, 12), g0))
 
     faith = findings["faithfulness"] = {}
@@ -313,7 +313,7 @@ HELD_OUT_COMMAND = ("python launch/analyze.py analysis=factor_reads checkpoint=d
                     "steps=ddim25 guidance=1")
 
 
-def read_held_out(name: str, directory: Path, images: int = 256) -> dict:
+def read_held_out(name: str, directory: Path, images: int = 256) -> demo_release.DemoRecord:
     """Read what the shipped file ``<directory>/<name>.pt`` keeps, factor by factor, on ``images`` images of the
     demo generator's ``analysis`` split (no model trained on it; its own k-NN bound), exactly as the analysis
     command does, and keep it in the record as ``factor_reads_held_out``: the bar the shipped backbones are held
@@ -326,7 +326,7 @@ def read_held_out(name: str, directory: Path, images: int = 256) -> dict:
                                    download=False))
         fs, root = open_fs(tmp)
         reads = demo_release.shorten_factor_reads(fs, root)
-    rec["factor_reads_held_out"] = {**reads, "images": images, "split": "analysis", "weights_sha256": rec["sha256"],
-                                    "command": HELD_OUT_COMMAND.format(name=name, images=images)}
-    demo_release.write_atomic(directory / f"{name}.json", (json.dumps(rec, indent=2) + "\n").encode())
+    rec.factor_reads_held_out = {**reads, "images": images, "split": "analysis", "weights_sha256": rec.sha256,
+                                 "command": HELD_OUT_COMMAND.format(name=name, images=images)}
+    demo_release.write_record(directory, rec)
     return rec

@@ -30,7 +30,7 @@ MRR_FLOOR = {"backbone": 0.7, "projector": 0.5}
 def rec_backbone_colour(projector: str) -> float:
     """The held-out colour read of the backbone model of the same encoder."""
     name = projector.replace("-projector", "-backbone")
-    return demo_release.record(name)["factor_reads_held_out"]["factors"]["colour"]["samples"]
+    return demo_release.record(name).factor_reads_held_out["factors"]["colour"]["samples"]
 
 
 def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
@@ -38,8 +38,8 @@ def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
     total = 0
     for name in sorted(EXPECTED):
         rec = demo_release.record(name)
-        path = demo_release.DEMO_DIR / rec["weights_file"]
-        assert sha256sum(path) == rec["sha256"]
+        path = demo_release.DEMO_DIR / rec.weights_file
+        assert sha256sum(path) == rec.sha256
         total += path.stat().st_size + (demo_release.DEMO_DIR / f"{name}.json").stat().st_size
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing unpickled
         assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
@@ -47,20 +47,20 @@ def test_every_shipped_demo_model_loads_by_name_and_matches_its_checksum():
         assert (loaded.card.encoder.name, loaded.level) == tuple(name.split("-"))
         assert loaded.process.prediction == "v" and loaded.model.cfg.normalize_embeddings
         # the record says how it was made: recipe, steps, device, data and encoder digests, its faithfulness
-        t, card = rec["training"], demo_release.card_of(rec)
-        assert card.recipe["name"] == "vpred" and t["steps"] >= 1000 and t["device"] and t["train_seconds"] > 0
-        assert len(t["data"]["images_sha256"]) == 64 and len(card.encoder.weights.sha256) == 64
+        t, card = rec.training, rec.card
+        assert card.recipe["name"] == "vpred" and t.steps >= 1000 and t.device and t.train_seconds > 0
+        assert len(t.data["images_sha256"]) == 64 and len(card.encoder.weights.sha256) == 64
         assert card.encoder.weights.sha256 == encoder.weights_sha256
-        f = rec["faithfulness"]
+        f = rec.faithfulness
         assert f["n"] == 64 and f["mrr_ci95"][0] <= f["mrr"] <= f["mrr_ci95"][1]
         assert f["mrr"] > 2 * f["chance"]["mrr"]  # they follow their conditioning
-        assert "cond_gain_q3" in rec["conditioning_gains"]
-        assert rec["factor_reads"]["images"] == 64  # what its samples keep, read on the run's 64 held-out images
+        assert "cond_gain_q3" in rec.conditioning_gains
+        assert rec.factor_reads["images"] == 64  # what its samples keep, read on the run's 64 held-out images
         assert f["mrr"] >= MRR_FLOOR[loaded.level], name
-        held = rec["factor_reads_held_out"]  # this very file, read on 256 images of the analysis split
-        assert held["images"] >= 256 and held["weights_sha256"] == rec["sha256"], name
+        held = rec.factor_reads_held_out  # this very file, read on 256 images of the analysis split
+        assert held["images"] >= 256 and held["weights_sha256"] == rec.sha256, name
         if loaded.level == "backbone":  # the bar the shipped backbones are held to (docs/sampling.md)
-            for reads in (rec["factor_reads"]["factors"], held["factors"]):
+            for reads in (rec.factor_reads["factors"], held["factors"]):
                 shape = reads["shape"]
                 assert shape["samples"] >= min(0.7, shape["bound"] - 0.05), (name, shape)
                 assert shape["samples_ci95"][0] > shape["chance"], name  # it draws the object, beyond doubt
@@ -124,11 +124,12 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     from rcdm.encoders import zoo
 
     # embedded with the encoder file the shipped simclr-projector was trained with (continued from it below)
-    shipped = demo_release.record("simclr-projector")["card"]["encoder"]["weights"]["sha256"]
+    shipped = demo_release.record("simclr-projector").card.encoder.weights.sha256
     make_dataset(tmp_path / "ds", train=32, val=4, encoders=("simclr",),
                  encoder_weights=str(zoo.shipped_tiny("simclr", shipped)))
     cfg = typed("sweep", ["data=shards", f"data.url={tmp_path / 'ds'}", "encoder=simclr", "level=projector",
-                          "train.init_from=null", "train.steps=3", "train.batch_size=4", "train.loader_workers=0", "train.log_every=3",
+                          "train.init_from=null", "train.steps=3", "train.batch_size=4", "train.loader_workers=0",
+                          "train.log_every=3",
                           "grid.images=1", "grid.samples=1", "grid.steps=ddim2", "faithfulness.images=4",
                           "faithfulness.steps=ddim2", f"storage.run_root={tmp_path / 'runs'}",
                           f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
@@ -165,22 +166,22 @@ def test_export_writes_float16_weights_and_a_record_that_load_back(tmp_path, mak
     # a run continued from a shipped model (train.init_from): its record adds the source's steps and seconds
     more = typed("sweep", ["data=shards", f"data.url={tmp_path / 'ds'}", "encoder=simclr", "level=projector",
                            "sweep_id=continued", "train.init_from=demo:simclr-projector", "train.init_parts=all",
-                           "train.steps=1",
-                           "recipe.whiten_embeddings=true",
+                           "train.steps=1", "recipe.whiten_embeddings=true",
                            "train.batch_size=4", "train.loader_workers=0", "grid.images=1", "grid.samples=1",
                            "grid.steps=ddim2", "faithfulness.images=4", "faithfulness.steps=ddim2",
                            f"storage.run_root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
     train(more)
     rec = demo_release.export(more.run_root, tmp_path / "continued")
     src = demo_release.record("simclr-projector")
-    t = rec["training"]
-    assert t["steps"] == src["training"]["steps"] + 1 and t["continued_from"]["run_steps"] == 1
-    assert t["continued_from"]["sha256"] == src["sha256"] and t["continued_from"]["source"] == "demo:simclr-projector"
-    assert t["train_seconds"] > src["training"]["train_seconds"]
-    assert t["continued_from"]["parts"] == "all" and t["continued_from"]["how"].startswith("this run's online and EMA")
+    t = rec.training
+    assert t.steps == src.training.steps + 1 and t.continued_from["run_steps"] == 1
+    assert t.continued_from["sha256"] == src.sha256 and t.continued_from["source"] == "demo:simclr-projector"
+    assert t.train_seconds > src.training.train_seconds
+    assert t.continued_from["parts"] == "all" and t.continued_from["how"].startswith("this run's online and EMA")
     # the shipped file's factors on held-out images of the analysis split go into its record
     rec = findings.read_held_out("simclr-projector", tmp_path / "continued", images=4)
-    held = rec["factor_reads_held_out"]
-    assert held["images"] == 4 and held["weights_sha256"] == rec["sha256"] and "images=synthetic:4" in held["command"]
+    held = rec.factor_reads_held_out
+    assert held["images"] == 4 and held["weights_sha256"] == rec.sha256 and "images=synthetic:4" in held["command"]
     assert {"shape", "colour", "background"} <= set(held["factors"]) and "bound" in held["factors"]["shape"]
-    assert json.loads((tmp_path / "continued" / "simclr-projector.json").read_text()) == rec
+    assert json.loads((tmp_path / "continued" / "simclr-projector.json").read_text()) == rec.to_dict()
+    assert demo_release.record("simclr-projector", tmp_path / "continued") == rec  # read back as written

@@ -267,6 +267,12 @@ def test_a_demo_record_naming_another_models_file_is_refused(tmp_path):
                                                               "sha256": vic["sha256"]}))
     with pytest.raises(UserError, match="names weights file 'vicreg-backbone.pt'"):
         load_demo("demo:dino-projector", tmp_path)
+    # a record whose fields are not of their types is refused by name, before any file it names is opened
+    for broken in ({**rec, "training": {**rec["training"], "steps": "many"}}, {**rec, "faithfulness": [1]},
+                   {k: v for k, v in rec.items() if k != "sha256"}):
+        (tmp_path / "dino-projector.json").write_text(json.dumps(broken))
+        with pytest.raises(UserError, match=r"dino-projector.json is not a demo model record \((Value|Type|Key)Error"):
+            load_demo("demo:dino-projector", tmp_path)
 
 
 @pytest.mark.parametrize("record,why", [([1, 2], "no source"), ({"steps": 3}, "no source"),
