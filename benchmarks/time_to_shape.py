@@ -72,6 +72,10 @@ ARMS: dict[str, dict] = {
     # the two levers that moved shape, together
     "shared_decoder_logit_normal": {"overrides": ["train.init_from=demo:dino-backbone", "train.init_parts=decoder",
                                                   "recipe.timesteps=logit_normal"], "every": 200},
+    # the shared decoder sampled from its raw weights: does the EMA's warm-up, (1 + step) / (10 + step), help or lag
+    # at a budget of a few thousand steps?
+    "shared_decoder_no_ema": {"overrides": ["train.init_from=demo:dino-backbone", "train.init_parts=decoder",
+                                            "train.ema_decay=0"], "every": 400},
     # the shared decoder with half the batch: twice the updates per CPU second for the conditioning input to learn
     "shared_decoder_batch16": {"overrides": ["train.init_from=demo:dino-backbone", "train.init_parts=decoder",
                                              "train.batch_size=16"], "every": 400},
