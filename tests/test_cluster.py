@@ -283,14 +283,14 @@ def test_sweep_that_does_not_wait(stack, dataset, tmp_path):
         return {next(o for o in j["overrides"] if o.startswith("encoder=")): j["slurm_job_id"] for j in jobs}
 
     def status_until_ended() -> str:
-        deadline = time.monotonic() + 1200
+        deadline = time.monotonic() + 600  # the whole test takes about 2.5 minutes on a 2-core AMD EPYC
         while time.monotonic() < deadline:
             p = _run(status, stack, tmp_path, 300)
             out = p.stdout + p.stderr
             if "parent MLflow run" in p.stdout and " ended " in p.stdout.splitlines()[-1]:
                 return out
             time.sleep(3)
-        raise AssertionError(f"the sweep did not end in 20 minutes:\n{out}")
+        raise AssertionError(f"the sweep did not end in 10 minutes:\n{out}")
 
     p = _run(sweep + ["encoder=vicreg,dino"], stack, tmp_path, 600)
     assert "launch/status.py" in p.stdout, p.stdout
