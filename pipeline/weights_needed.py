@@ -12,7 +12,7 @@ from rcdm.config import TrainConfig
 from rcdm.encoders.weights import fetch, hub_cache_path, published_prefix
 from rcdm.encoders.zoo import encoder_spec
 from rcdm.manifest import read_manifest
-from rcdm.model_files import RELEASE_URL, RELEASED_NAME
+from rcdm.model_files import released_url
 
 
 @dataclass
@@ -51,9 +51,9 @@ def needed(cfg: TrainConfig) -> tuple[list[Needed], list[str]]:
         files.append(Needed(f"{name} {arch}", encoder_spec(name).url, sha))
     elif kind == "random":
         notes.append(f"{name}: random weights, nothing to fetch")
-    start = cfg.train.init_from
-    if start and "/" not in start and RELEASED_NAME.match(start):  # a released decoder to start from, by name
-        files.append(Needed(f"init_from {start}", RELEASE_URL + start, None))
+    start = released_url(cfg.train.init_from or "")  # a released decoder to start from, by name
+    if start:
+        files.append(Needed(f"init_from {cfg.train.init_from}", start, None))
     if cfg.fidelity.features == "inception":
         from rcdm.analysis.fidelity import INCEPTION_URL
 

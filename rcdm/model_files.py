@@ -30,15 +30,21 @@ def parse_released_name(name: str) -> tuple[str, str]:
     return m["encoder"], PART_TO_LEVEL[m["part"]]
 
 
+def released_url(ref: str) -> str | None:
+    """Where a released file named bare (``rcdm_ema_dino_trunk.pt``, no folder) is fetched from; None for a path."""
+    return RELEASE_URL + ref if Path(ref).name == ref and RELEASED_NAME.match(ref) else None
+
+
 def resolve(ref: str, download: bool = True) -> Path:
     """A path as given, else a released file name looked up (and fetched) in the torch.hub cache."""
     path = Path(ref).expanduser()
     if path.exists():
         return path
-    if path.name != ref or not RELEASED_NAME.match(ref):
+    url = released_url(ref)
+    if url is None:
         raise UserError(f"checkpoint {ref!r} not found; give a path, or a released file name such as "
                         f"rcdm_ema_dino_trunk.pt placed in the torch.hub cache")
-    return fetch(RELEASE_URL + ref, download=download)
+    return fetch(url, download=download)
 
 
 def load_released_rcdm(ref: str, download: bool = True) -> LoadedRCDM:
