@@ -59,6 +59,9 @@ class ClusterConfig:
     max_num_timeout: int = 3  # requeues after a time limit or preemption
     signal_delay_s: int = 120  # USR2 this long before the time limit: time to checkpoint
     wait: bool = True  # training on SLURM: false = submit, record the jobs (submitted.json), return
+    # local sweep: jobs trained at once, each with its share of the cores (0: chosen by pipeline/local_jobs.py;
+    # 1: one after another in the launching process)
+    jobs_at_once: int = 0
 
 
 @dataclass
@@ -285,7 +288,8 @@ class TrainConfig:
             if not 0 <= guidance < math.inf:
                 raise UserError(f"{key}.guidance={guidance} must be a finite number >= 0 (1 = the plain conditional "
                                 f"model)")
-        checks = {"train.loader_workers": t.loader_workers >= 0, "train.weight_decay": t.weight_decay >= 0,
+        checks = {"cluster.jobs_at_once": self.cluster.jobs_at_once >= 0,
+                  "train.loader_workers": t.loader_workers >= 0, "train.weight_decay": t.weight_decay >= 0,
                   "train.ema_decay": 0 <= t.ema_decay < 1, "train.lease_s": 0 <= t.lease_s < math.inf,
                   "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
                   "train.precision": t.precision in ("auto", "fp32", "bf16"),
