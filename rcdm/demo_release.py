@@ -97,7 +97,7 @@ def record(name: str, directory: Path | None = None) -> DemoRecord:
     return DemoRecord.from_dict(rec, str(path))
 
 
-def card_of(rec: dict, where: str = "a demo record") -> ModelCard:
+def _card_of(rec: dict, where: str = "a demo record") -> ModelCard:
     """The model card of a demo record (records before cards kept its parts under ``model`` and ``encoder``)."""
     if "card" in rec:
         return ModelCard.from_dict(rec["card"], where)
@@ -209,7 +209,7 @@ class DemoRecord:
                                     obj(t.get("continued_from"), "training.continued_from", True),
                                     t.get("run_cpu_seconds"))
             rec = cls(str(d["name"]), str(d["weights_file"]), str(d["sha256"]), int(d["parameters"]),
-                      card_of(d, where), training, obj(d["faithfulness"], "faithfulness"),
+                      _card_of(d, where), training, obj(d["faithfulness"], "faithfulness"),
                       obj(d["conditioning_gains"], "conditioning_gains"),
                       obj(d.get("factor_reads"), "factor_reads", True), str(d.get("evaluated_on", "")),
                       obj(d.get("factor_reads_held_out"), "factor_reads_held_out", True),

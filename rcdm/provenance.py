@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import functools
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import rcdm
 
 REPO = Path(rcdm.__file__).resolve().parents[1]
+
+
+@dataclass
+class Spent:
+    """What training has cost: wall seconds, and the training process's CPU seconds (all its threads; data-loader
+    worker processes not counted), which other work on the machine disturbs far less than wall time. ``cpu_s`` is
+    None for a run resumed from a checkpoint made before CPU seconds were recorded."""
+
+    wall_s: float = 0.0
+    cpu_s: float | None = 0.0
+
+    @classmethod
+    def of(cls, state: dict | None) -> Spent:
+        """From a checkpoint (checkpoints before CPU seconds were recorded: None for them)."""
+        return cls(state.get("train_seconds", 0.0), state.get("train_cpu_seconds")) if state else cls()
+
+    @staticmethod
+    def clock() -> tuple[float, float]:
+        """Now on both clocks: (wall, this process's CPU)."""
+        return time.perf_counter(), time.process_time()
+
+    def since(self, clock: tuple[float, float]) -> Spent:
+        """This, plus what both clocks have counted since ``clock`` was read."""
+        wall, cpu = Spent.clock()
+        return Spent(self.wall_s + wall - clock[0], None if self.cpu_s is None else self.cpu_s + cpu - clock[1])
+
+    def add_since(self, clock: tuple[float, float]) -> None:
+        now = self.since(clock)
+        self.wall_s, self.cpu_s = now.wall_s, now.cpu_s
 
 
 @functools.lru_cache(maxsize=1)

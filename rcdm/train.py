@@ -34,12 +34,12 @@ from rcdm.lease import Lease, slurm_job_id
 from rcdm.model_card import ModelCard
 from rcdm.preprocess import Preprocess
 from rcdm.presets import preset_config
-from rcdm.provenance import code_version
+from rcdm.provenance import Spent, code_version
 from rcdm.redaction import guard_logging, scrub
 from rcdm.storage import join, open_fs, recorded_run_id, refuse_linked_entries, write_json
 from rcdm.tracking import PARENT_TAG, Tracker, check_reachable
 from rcdm.unet import RCDMUNet
-from rcdm.train_state import Spent, TrainState, restore
+from rcdm.train_state import TrainState, restore
 from rcdm.warm_start import warm_start
 
 log = logging.getLogger(__name__)
@@ -280,9 +280,9 @@ def _loop(job: _Job, run: TrainState) -> dict:
         while step < t.steps:
             if lease:
                 lease.check()  # another launch took this run root: stop before writing anything more
-            t0, c0 = time.perf_counter(), time.process_time()
+            clock = Spent.clock()
             x, h = next(batches)
-            wait_s += time.perf_counter() - t0
+            wait_s += time.perf_counter() - clock[0]
             x, h = x.to(device, non_blocking=True), h.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -301,9 +301,7 @@ def _loop(job: _Job, run: TrainState) -> dict:
             grad_norm = apply_update(model, opt, losses["loss"].mean(), t.grad_clip)
             step = run.step = step + 1
             _ema_update(ema, model, min(t.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
-            spent.wall_s += time.perf_counter() - t0  # data, update and EMA: what the run's length costs
-            if spent.cpu_s is not None:
-                spent.cpu_s += time.process_time() - c0
+            spent.add_since(clock)  # data, update and EMA: what the run's length costs
             for k in losses:
                 window.setdefault(k, []).append(losses[k].detach().float().cpu())
             window["t"].append(ts.cpu())

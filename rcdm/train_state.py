@@ -10,6 +10,7 @@ from rcdm import train_checkpoints
 from rcdm.config import TrainConfig
 from rcdm.errors import UserError
 from rcdm.model_card import ModelCard
+from rcdm.provenance import Spent
 from rcdm.redaction import scrub_tree
 from rcdm.storage import StorageOptions
 
@@ -31,21 +32,6 @@ def restore(run_root: str, storage: StorageOptions, model, ema, opt) -> tuple[in
                         f"asks for, so it cannot resume from it ({' '.join(str(e).split())[:200]}); give this job a "
                         f"new sweep_id, or the overrides that run had") from None
     return state["step"], state, url
-
-
-@dataclass
-class Spent:
-    """What a run's training steps have cost (data, update, EMA; no evaluation): wall seconds, and the training
-    process's CPU seconds (all its threads; data-loader worker processes not counted), which other work on the
-    machine disturbs far less than wall time."""
-
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-
-    @classmethod
-    def of(cls, state: dict | None) -> Spent:
-        """From a checkpoint (checkpoints before CPU seconds were recorded: None for them)."""
-        return cls(state.get("train_seconds", 0.0), state.get("train_cpu_seconds")) if state else cls()
 
 
 @dataclass

@@ -21,7 +21,7 @@ from rcdm.encoders.layouts import to_release_layout
 from rcdm.encoders.weights import sha256sum
 from rcdm.errors import UserError
 from rcdm.preprocess import to_uint8_tensor
-from rcdm.provenance import cpu_model
+from rcdm.provenance import Spent, cpu_model
 from rcdm.ssl.augment import AugmentConfig, views
 from rcdm.storage import write_local
 from rcdm.ssl.objectives import DINOHead, DINOLoss, barlow_loss, nt_xent, vicreg_loss
@@ -113,10 +113,9 @@ def _resume_path(cfg: PretrainConfig) -> str:
     return cfg.output.rsplit(".", 1)[0] + ".resume.pt"
 
 
-def _save_resume(cfg: PretrainConfig, step: int, spent: tuple[float, float], last: dict, modules: dict, opt,
-                 gen) -> None:
-    state = {"format": 1, "config": _fingerprint(cfg), "step": step, "seconds": spent[0], "cpu_seconds": spent[1],
-             "last": {k: float(v) for k, v in last.items()}, "optimizer": opt.state_dict(),
+def _save_resume(cfg: PretrainConfig, step: int, spent: Spent, last: dict, modules: dict, opt, gen) -> None:
+    state = {"format": 1, "config": _fingerprint(cfg), "step": step, "seconds": spent.wall_s,
+             "cpu_seconds": spent.cpu_s, "last": {k: float(v) for k, v in last.items()}, "optimizer": opt.state_dict(),
              "generator": gen.get_state(), "rng": torch.get_rng_state(),
              "modules": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in modules.items()}}
     buf = io.BytesIO()
@@ -124,13 +123,13 @@ def _save_resume(cfg: PretrainConfig, step: int, spent: tuple[float, float], las
     write_local(_resume_path(cfg), buf.getvalue())
 
 
-def _load_resume(cfg: PretrainConfig, modules: dict, opt, gen) -> tuple[int, float, dict, float]:
-    """(step, seconds, last, CPU seconds) from ``<output>.resume.pt`` when an interrupted run of this config left one, loaded
-    into ``modules``, the optimizer and the generator; (0, 0.0, {}, 0.0) otherwise. A resume point of another config is
-    refused: it would mix two runs."""
+def _load_resume(cfg: PretrainConfig, modules: dict, opt, gen) -> tuple[int, Spent, dict]:
+    """(step, what it had spent, last) from ``<output>.resume.pt`` when an interrupted run of this config left one,
+    loaded into ``modules``, the optimizer and the generator; (0, nothing, {}) otherwise. A resume point of another
+    config is refused: it would mix two runs."""
     path = _resume_path(cfg)
     if not os.path.exists(path):
-        return 0, 0.0, {}, 0.0
+        return 0, Spent(), {}
     state = safe_load.load(path)
     if not isinstance(state, dict) or state.get("format") != 1 or not isinstance(state.get("modules"), dict):
         raise UserError(f"{path} is not a pretraining resume point; delete it to start afresh")
@@ -150,8 +149,8 @@ def _load_resume(cfg: PretrainConfig, modules: dict, opt, gen) -> tuple[int, flo
         raise UserError(f"{path} does not fit this run ({e.__class__.__name__}: {str(e)[:200]}); delete it to start "
                         f"afresh") from None
     log.info("resuming %s pretraining at step %d from %s", cfg.method.name, step, path)
-    return (step, float(state.get("seconds", 0.0)), dict(state.get("last") or {}),
-            float(state.get("cpu_seconds", 0.0)))
+    return (step, Spent(float(state.get("seconds", 0.0)), float(state.get("cpu_seconds", 0.0))),
+            dict(state.get("last") or {}))
 
 
 def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
@@ -180,11 +179,11 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     modules = {"encoder": encoder, **({"student_head": student_head, "teacher": teacher, "teacher_head": teacher_head,
                                        "dino_loss": dino_loss} if name == "dino" else {})}
-    step, before, last, cpu_before = _load_resume(cfg, modules, opt, gen)
+    step, earlier, last = _load_resume(cfg, modules, opt, gen)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if cfg.tracking.uri else None
     if tracker:
         tracker.start(None, f"pretrain-{name}-tiny", {"method": name, "arch": "tiny"}, asdict(cfg))
-    t0, c0 = time.perf_counter(), time.process_time()
+    clock = Spent.clock()
     try:
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -219,21 +218,20 @@ def pretrain(cfg: PretrainConfig, every: int = 0, on_step=None) -> dict:
                 if tracker:
                     tracker.log_metrics(last, step, int(time.time() * 1000))
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_resume(cfg, step, (before + time.perf_counter() - t0, cpu_before + time.process_time() - c0), last,
-                             modules, opt, gen)
+                _save_resume(cfg, step, earlier.since(clock), last, modules, opt, gen)
     except BaseException:
         if tracker:
             tracker.end("FAILED")
         raise
-    seconds = before + time.perf_counter() - t0
+    spent = earlier.since(clock)
     final = (teacher if teacher is not None else encoder).eval()
     extra = {"head.last_layer": teacher_head.last_layer} if teacher_head is not None else {}
     buf = io.BytesIO()
     torch.save(to_release_layout(final, extra), buf)
     write_local(cfg.output, buf.getvalue())
     record = {"method": name, "arch": "tiny", "file": cfg.output.rsplit("/", 1)[-1],
-              "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(seconds, 1),
-              "cpu_seconds": round(cpu_before + time.process_time() - c0, 1),  # this process's, all its threads
+              "sha256": sha256sum(cfg.output), "steps": step, "seconds": round(spent.wall_s, 1),
+              "cpu_seconds": round(spent.cpu_s, 1),  # this process's, all its threads
               "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                          else f"CPU {cpu_model()}, {torch.get_num_threads()} threads"),
               "final": last, "config": asdict(cfg) | {"output": None, "tracking": None}}
