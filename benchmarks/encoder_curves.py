@@ -8,11 +8,13 @@ Each point: the step, the process's CPU seconds and wall seconds of pretraining 
 per level the 10-NN vote and the linear probe of shape and colour (launch/retention.py's estimates, Wilson 95 %
 intervals) on the demo generator's held-out analysis split. The run's final file is written where --output says
 (default: a scratch folder), so the curve's last point is the file a retention table would read.
+``--projector-width`` widens the tiny VICReg or Barlow Twins projector (an experiment on what the backbone keeps).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +39,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-images", type=int, default=512)
     ap.add_argument("--output", default=None, help="the encoder file (default: a scratch folder)")
     ap.add_argument("--out", required=True, help="the curve's JSON")
+    ap.add_argument("--projector-width", type=int, default=None,
+                    help="VICReg / Barlow Twins only: the tiny projector's width (shipped: 256), an experiment on what "
+                         "the backbone keeps; such an encoder is not one rcdm can load afterwards")
     a = ap.parse_args(argv)
+    if a.projector_width:
+        from rcdm.encoders import zoo
+
+        heads = {"vicreg": zoo._vicreg_head, "barlow": zoo._barlow_head}
+        if a.method not in heads or a.projector_width < 1:
+            raise SystemExit("--projector-width takes a positive width, for --method vicreg or barlow")
+        width, head = a.projector_width, heads[a.method]
+        zoo.ENCODERS[a.method].projector["tiny"] = (width, lambda d: head(d, width))  # this process only
     schemas.register("pretrain_schema")
     scratch = tempfile.mkdtemp(prefix="rcdm-curve-")
     output = a.output or f"{scratch}/{a.method}.pt"
@@ -63,8 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from rcdm.ssl.pretrain import pretrain
 
-    record = pretrain(cfg, a.every, on_step)
-    out = {"machine": machine(), "method": a.method,
+    try:
+        record = pretrain(cfg, a.every, on_step)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the default encoder file: the curve is what is kept
+    out = {"machine": machine(), "method": a.method, "projector_width": a.projector_width,
            "overrides": a.overrides.split(), "config": record["config"], "file_sha256": record["sha256"],
            "eval": {"train_images": a.train_images, "test_images": a.test_images,
                     "images": data.source, "estimates": "value [95 % Wilson interval]; knn: 10-NN vote, probe: "

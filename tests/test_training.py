@@ -278,7 +278,7 @@ SWEEP_ENCODERS = ("vicreg",)  # of the README's four: simclr and dino train in t
 def test_the_embedded_default_sweep(tmp_path):
     """The README's main command on a fresh working directory, on one of its four encoders (both levels, the
     demo's own budget, each job from the shipped decoder): demo data, 2 jobs, 2 finished runs, the report. All eight
-    jobs took 17 min 40 s of a 2-core AMD EPYC with nothing else running (README); CI's machines differ by 1.5x,
+    jobs took 15 min 30 s of a 2-core AMD EPYC with nothing else running, two at a time (README); CI's machines differ by 1.5x,
     and one CI run of the suite with four encoders did not end in its 90 minutes. The other encoders train in the cluster tests; all eight jobs'
     composition is tests/test_experiments.py's plan test."""
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "-m", f"encoder={','.join(SWEEP_ENCODERS)}",
