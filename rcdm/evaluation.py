@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,7 @@ from rcdm.grids import samples_png
 from rcdm.model_card import LoadedRCDM, ModelCard
 from rcdm.preprocess import Preprocess
 from rcdm.sampling import Sampling, draw
+from rcdm.stats import finite, mapping
 from rcdm.storage import atomic_open, join, open_fs, read_json, write_json
 from rcdm.tracking import Tracker
 
@@ -68,6 +70,31 @@ def conditioning_gains(model, diffusion, x0: torch.Tensor, h: torch.Tensor, seed
         if null:
             out[f"null_gain_q{k}"] = float(1 - true / losses["null"][m].mean())
     return out
+
+
+@dataclass(frozen=True)
+class Timing:
+    """``timing.json``: where the start that finished a run spent its wall seconds (setup, training, grids, the
+    conditioning diagnostic, each end-of-run analysis); written by the evaluation, read by the sweep report (a
+    malformed file is a ValueError naming the field)."""
+
+    step: int | None
+    seconds: dict[str, float]
+    total: float
+    WHAT = ("wall seconds of the start that finished the run; training excludes the diagnostic and grids, which run "
+            "between steps")
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "seconds": self.seconds, "total": self.total, "what": self.WHAT}
+
+    @classmethod
+    def of(cls, d) -> Timing:
+        d = mapping(d, "timing")
+        try:
+            seconds = {k: finite(v, f"seconds.{k}") for k, v in mapping(d["seconds"], "seconds").items()}
+            return cls(d.get("step"), seconds, finite(d["total"], "total"))
+        except KeyError as e:
+            raise ValueError(f"no {e.args[0]!r}") from None
 
 
 class Evaluator:
@@ -130,11 +157,9 @@ class Evaluator:
         end-of-run analysis), as ``time_<part>_s`` metrics and ``timing.json``; the report shows it per run."""
         parts = {"setup": self.seconds.get("setup", 0.0), "training": train_s,
                  **{k: v for k, v in self.seconds.items() if k != "setup"}}
-        record = {"step": step, "seconds": {k: round(v, 2) for k, v in parts.items()},
-                  "total": round(sum(parts.values()), 2), "what": "wall seconds of the start that finished the run; "
-                  "training excludes the diagnostic and grids, which run between steps"}
-        self._write_json("timing.json", record)
-        metrics = {f"time_{k}_s": v for k, v in record["seconds"].items()}
+        record = Timing(step, {k: round(v, 2) for k, v in parts.items()}, round(sum(parts.values()), 2))
+        self._write_json("timing.json", record.to_json())
+        metrics = {f"time_{k}_s": v for k, v in record.seconds.items()}
         self.tracker.log_metrics(metrics, step, int(time.time() * 1000), once=True)
         return metrics
 

@@ -38,6 +38,37 @@ class Estimate:
     __str__ = format
 
 
+    @classmethod
+    def checked(cls, record: dict, key: str, what: str = "") -> Estimate:
+        """``Estimate.of`` for a record someone else wrote: the value and its interval finite numbers, else a
+        ValueError naming the field."""
+        return cls(finite(record.get(key), f"{what}{key}"), tuple(interval(record.get(f"{key}_ci95"),
+                                                                          f"{what}{key}_ci95")))
+
+
+def finite(x, what: str, optional: bool = False) -> float | None:
+    """``x`` as a finite number (None where ``optional``), else a ValueError naming ``what``."""
+    if optional and x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{what} is not a finite number")
+    return x
+
+
+def interval(x, what: str) -> list:
+    """``x`` as an interval [lo, hi] of finite numbers, else a ValueError naming ``what``."""
+    if not (isinstance(x, list) and len(x) == 2):
+        raise ValueError(f"{what} is not an interval [lo, hi]")
+    return [finite(v, what) for v in x]
+
+
+def mapping(x, what: str) -> dict:
+    """``x`` as a JSON object, else a ValueError naming ``what``."""
+    if not isinstance(x, dict):
+        raise ValueError(f"{what} is not an object")
+    return x
+
+
 def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
     """The Wilson score 95 % interval of ``successes`` out of ``n``."""
     p = successes / n

@@ -155,3 +155,36 @@ def test_a_value_a_hair_outside_its_bootstrap_interval_still_draws():
 
     png = interval_bars({"vicreg\nbackbone": [("faithfulness MRR", 0.75, [0.7500000000000001, 1.0])]}, "MRR")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_end_of_run_json_reads_back_as_the_record_of_the_room_that_writes_it():
+    """The report reads faithfulness, factor reads, invariance, fidelity and timing through the writers' own typed
+    records: what the analyses write reads back whole, and a wrong field is named."""
+    import torch
+
+    from rcdm.analysis.factor_reads import FactorReads
+    from rcdm.analysis.faithfulness import Faithfulness, summarise
+    from rcdm.analysis.fidelity import Fidelity
+    from rcdm.analysis.invariance import Invariance
+    from rcdm.evaluation import Timing
+    from rcdm.report.collect import read_end_json
+    from rcdm.stats import Estimate, wilson
+
+    written = summarise(torch.tensor([1, 2, 1, 4]), boot=50) | {"keys": ["a", "b", "c", "d"]}
+    f = read_end_json("faithfulness", json.loads(json.dumps(written)))
+    assert isinstance(f, Faithfulness) and (f.n, f.keys, f.mrr.value) == (4, ("a", "b", "c", "d"), written["mrr"])
+    assert f.headline().startswith(f"MRR {Estimate.of(written, 'mrr').format(3)}, top-1 0.500")
+    reads = read_end_json("factor_reads", {"factors": {"shape": {"samples": 0.5, "samples_ci95": wilson(2, 4),
+                                                                  "bound": None, "chance": 0.25}}})
+    assert isinstance(reads, FactorReads) and reads.headline() == "shape 0.50 (bound None)"
+    assert read_end_json("invariance", {"families": {"flip": {"invariance_index": 0.9}}}) == Invariance({"flip": 0.9})
+    assert read_end_json("fidelity", {"fid": 3.0, "features": "encoder"}) == Fidelity(3.0, None, None, "encoder")
+    timing = Timing(10, {"setup": 1.0, "training": 2.5}, 3.5)
+    assert read_end_json("timing", json.loads(json.dumps(timing.to_json()))) == timing
+    for key, bad, named in (("faithfulness", written | {"top1_ci95": [0.1]}, "top1_ci95 is not an interval"),
+                            ("factor_reads", {"factors": {"shape": {"samples": "x"}}}, "shape.samples is not a"),
+                            ("invariance", {"families": {"flip": {}}}, "no 'invariance_index'"),
+                            ("fidelity", {"fid": float("nan")}, "fid is not a finite number"),
+                            ("timing", {"seconds": {"setup": 1.0}}, "no 'total'")):
+        with pytest.raises(ValueError, match=named):
+            read_end_json(key, bad)

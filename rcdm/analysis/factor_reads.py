@@ -14,12 +14,14 @@ read as terciles of their range; colour only where the object is coloured.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from rcdm.analysis.base import Inputs, Reference, Result
 from rcdm.analysis.factors import FACTORS, predict, synthetic_reader, true_factors
-from rcdm.stats import wilson
+from rcdm.stats import Estimate, finite, mapping, wilson
 from rcdm.config import FactorReadOptions
 from rcdm.grids import samples_png
 from rcdm.probes import N_BINS
@@ -122,7 +124,40 @@ def run(inputs: Inputs, opts: Options) -> Result:
     return Result(numbers, flat_metrics(table), {"": samples_png(inputs.images[:16], samples[:16])})
 
 
+@dataclass(frozen=True)
+class FactorRead:
+    """One factor of ``factor_reads.json``: the share of samples read as the original's value, what the embedding
+    holds (None where no bound was measured) and chance."""
+
+    samples: Estimate
+    bound: float | None
+    chance: float
+
+
+@dataclass(frozen=True)
+class FactorReads:
+    """What ``factor_reads.json`` says that other rooms read (the run's log line, the sweep report), read in one
+    place; a malformed file is a ValueError naming the field."""
+
+    factors: dict[str, FactorRead]
+
+    @classmethod
+    def of(cls, d) -> FactorReads:
+        d = mapping(d, NAME)
+        try:
+            return cls({name: FactorRead(Estimate.checked(mapping(v, f"factors.{name}"), "samples", f"{name}."),
+                                         finite(v.get("bound"), f"{name}.bound", optional=True),
+                                         finite(v["chance"], f"{name}.chance"))
+                        for name, v in mapping(d["factors"], "factors").items()})
+        except KeyError as e:
+            raise ValueError(f"no {e.args[0]!r}") from None
+
+    def headline(self) -> str:
+        """One line: each factor's read of the samples beside its embedding's bound."""
+        return ", ".join(f"{k} {v.samples.value:.2f} (bound {v.bound if v.bound is None else round(v.bound, 2)})"
+                         for k, v in self.factors.items())
+
+
 def headline(numbers: dict) -> str:
-    """One line for logs and command output: each factor's read of the samples beside its embedding's bound."""
-    return ", ".join(f"{k} {v['samples']:.2f} (bound {v['bound'] if v['bound'] is None else round(v['bound'], 2)})"
-                     for k, v in numbers["factors"].items())
+    """The registry's headline of a run's numbers (rcdm.evaluation's log line)."""
+    return FactorReads.of(numbers).headline()

@@ -19,7 +19,7 @@ from PIL import Image
 from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders import embed_in_chunks
 from rcdm.grids import samples_png
-from rcdm.stats import Estimate, bootstrap
+from rcdm.stats import Estimate, bootstrap, finite, mapping
 
 NAME = "faithfulness"
 
@@ -96,16 +96,47 @@ def faithfulness(h: torch.Tensor, generated: torch.Tensor, encoder, level: str, 
 TABLE_HEAD = ["faithfulness MRR [95 % CI]", "top-1 [95 % CI]", "chance MRR / top-1", "n"]
 
 
-def table_cells(numbers: dict) -> list[str]:
-    """The cells of ``TABLE_HEAD`` for one run's faithfulness.json."""
-    return [Estimate.of(numbers, "mrr").format(3), Estimate.of(numbers, "top1").format(3),
-            f"{numbers['chance']['mrr']:.3f} / {numbers['chance']['top1']:.3f}", str(int(numbers["n"]))]
+@dataclass(frozen=True)
+class Faithfulness:
+    """What ``faithfulness.json`` says that other rooms read (the run's log line, the sweep report, export), read
+    in one place. The file is anyone's word who may log to the run: a malformed one is a ValueError naming the
+    field."""
+
+    mrr: Estimate
+    top1: Estimate
+    chance_mrr: float
+    chance_top1: float
+    n: int
+    keys: tuple[str, ...] = ()  # the held-out images' names, in order
+
+    @classmethod
+    def of(cls, d) -> Faithfulness:
+        d = mapping(d, NAME)
+        try:
+            est = {k: Estimate.checked(d, k) for k in ("mrr", "top1")}
+            chance = {k: finite(mapping(d["chance"], "chance")[k], f"chance.{k}") for k in ("mrr", "top1")}
+            if isinstance(d["n"], bool) or not isinstance(d["n"], int):
+                raise ValueError("n is not a count")
+            keys = d.get("keys", [])
+            if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+                raise ValueError("keys is not a list of names")
+        except KeyError as e:
+            raise ValueError(f"no {e.args[0]!r}") from None
+        return cls(est["mrr"], est["top1"], chance["mrr"], chance["top1"], d["n"], tuple(keys))
+
+    def cells(self) -> list[str]:
+        """The cells of ``TABLE_HEAD``."""
+        return [self.mrr.format(3), self.top1.format(3), f"{self.chance_mrr:.3f} / {self.chance_top1:.3f}",
+                str(self.n)]
+
+    def headline(self) -> str:
+        """One line for logs and command output."""
+        return f"MRR {self.mrr.format(3)}, top-1 {self.top1.value:.3f} (chance MRR {self.chance_mrr:.3f})"
 
 
 def headline(numbers: dict) -> str:
-    """One line for logs and command output."""
-    return (f"MRR {Estimate.of(numbers, 'mrr').format(3)}, top-1 {numbers['top1']:.3f} "
-            f"(chance MRR {numbers['chance']['mrr']:.3f})")
+    """The registry's headline of a run's numbers (rcdm.evaluation's log line)."""
+    return Faithfulness.of(numbers).headline()
 
 
 def flat_metrics(result: dict, prefix: str = "faithfulness_") -> dict[str, float]:

@@ -24,6 +24,7 @@ from rcdm.analysis.base import Inputs, Result
 from rcdm.encoders.weights import fetch, load_file
 from rcdm.errors import UserError
 from rcdm.grids import samples_png
+from rcdm.stats import finite, mapping
 
 NAME = "fidelity"
 
@@ -107,6 +108,24 @@ def fidelity(samples: dict, reference: dict, is_splits: int = 10, neighbourhood:
         out["warning"] = (f"{min(n_s, n_r)} images for {out['feature_dim']}-d features: the covariance is rank "
                           f"deficient and FID is biased upwards; use thousands of images for numbers to compare")
     return out
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """What ``fidelity.json`` says that the sweep report reads, in one place; a malformed file is a ValueError naming
+    the field."""
+
+    fid: float | None
+    precision: float | None
+    recall: float | None
+    features: str | None
+
+    @classmethod
+    def of(cls, d) -> Fidelity:
+        d = mapping(d, NAME)
+        f = d.get("features")
+        return cls(*(finite(d.get(k), k, optional=True) for k in ("fid", "precision", "recall")),
+                   None if f is None else str(f))
 
 
 def run(inputs: Inputs, opts: Options) -> Result:

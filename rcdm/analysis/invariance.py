@@ -25,7 +25,7 @@ from rcdm.errors import UserError
 from rcdm.grids import cells_png
 from rcdm.encoders import embed_in_chunks
 from rcdm.ssl.augment import AugmentConfig, _gray, colour_jitter
-from rcdm.stats import wilson
+from rcdm.stats import finite, mapping, wilson
 from rcdm.config import READER_STEPS
 
 # the factors each augmentation can change
@@ -136,6 +136,23 @@ def factor_table(net, factors: list[dict], originals: torch.Tensor, views: dict[
             entry["shape_and_follows_view"][k], entry["shape_and_follows_view_ci95"][k] = frac(both), ci(both)
         out[family] = entry
     return out
+
+
+@dataclass(frozen=True)
+class Invariance:
+    """What ``invariance.json`` says that the sweep report reads: the embedding invariance index per augmentation
+    family, read in one place; a malformed file is a ValueError naming the field."""
+
+    index: dict[str, float]
+
+    @classmethod
+    def of(cls, d) -> Invariance:
+        d = mapping(d, NAME)
+        try:
+            return cls({name: finite(mapping(v, f"families.{name}")["invariance_index"], f"{name}.invariance_index")
+                        for name, v in mapping(d.get("families", {}), "families").items()})
+        except KeyError as e:
+            raise ValueError(f"no {e.args[0]!r}") from None
 
 
 def run(inputs: Inputs, opts: Options) -> Result:

@@ -22,6 +22,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from rcdm.errors import UserError
+from rcdm.stats import mapping
 from rcdm.tracking import PARENT_TAG
 
 END_JSON = ("faithfulness", "factor_reads", "conditioning", "invariance", "fidelity", "timing")
@@ -38,7 +39,7 @@ class JobRun:
     loss: list[tuple[int, float]] = field(default_factory=list)
     grid: bytes | None = None  # the last sample grid (PNG)
     grid_step: int | None = None
-    end: dict[str, dict] = field(default_factory=dict)  # faithfulness.json, ... that the run logged
+    end: dict[str, object] = field(default_factory=dict)  # faithfulness.json, ... that the run logged, typed
     pictured: bool = True  # its grid and loss history were read (the first PICTURED encoders of a sweep)
     unread: list[str] = field(default_factory=list)  # artifacts listed but not readable (a run still writing them)
 
@@ -187,67 +188,26 @@ def _read_run(client: MlflowClient, run: Run, scratch: Path, pictured: bool) -> 
             if data is None:
                 continue
             try:
-                job.end[key] = checked_end_json(key, json.loads(data))
+                job.end[key] = read_end_json(key, json.loads(data))
             except ValueError as e:  # one malformed artifact costs its own cells, never the report
                 job.unread.append(f"{key}.json ({str(e)[:160]})")
     return job
 
 
-def _number(x, what: str, optional: bool = False) -> None:
-    if optional and x is None:
-        return
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")):
-        raise ValueError(f"{what} is not a finite number")
+def read_end_json(key: str, d):
+    """An end-of-run JSON a run logged, as the typed record of the room that writes it (rcdm.analysis.faithfulness,
+    factor_reads, invariance, fidelity; rcdm.evaluation's timing), which checks the fields the page and figures read
+    (their types and finite numbers): an artifact is anyone's word who may log to the run, so a malformed one
+    raises ValueError naming the field, and the page escapes every string it shows. Others: the JSON object."""
+    from rcdm.analysis.factor_reads import FactorReads
+    from rcdm.analysis.faithfulness import Faithfulness
+    from rcdm.analysis.fidelity import Fidelity
+    from rcdm.analysis.invariance import Invariance
+    from rcdm.evaluation import Timing
 
-
-def _interval(x, what: str) -> None:
-    if not (isinstance(x, list) and len(x) == 2):
-        raise ValueError(f"{what} is not an interval [lo, hi]")
-    for v in x:
-        _number(v, what)
-
-
-def _mapping(x, what: str) -> dict:
-    if not isinstance(x, dict):
-        raise ValueError(f"{what} is not an object")
-    return x
-
-
-def checked_end_json(key: str, d) -> dict:
-    """An end-of-run JSON a run logged, checked for the fields the page and figures read (their types and finite
-    numbers): an artifact is anyone's word who may log to the run, so a malformed one raises ValueError naming the
-    field, and the page escapes every string it shows."""
-    d = _mapping(d, key)
-    try:
-        if key == "faithfulness":
-            for k in ("mrr", "top1"):
-                _number(d[k], k)
-                _interval(d[f"{k}_ci95"], f"{k}_ci95")
-                _number(_mapping(d["chance"], "chance")[k], f"chance.{k}")
-            if isinstance(d["n"], bool) or not isinstance(d["n"], int):
-                raise ValueError("n is not a count")
-            if not (isinstance(d.get("keys", []), list) and all(isinstance(k, str) for k in d.get("keys", []))):
-                raise ValueError("keys is not a list of names")
-        elif key == "factor_reads":
-            for name, v in _mapping(d["factors"], "factors").items():
-                v = _mapping(v, f"factors.{name}")
-                _number(v["samples"], f"{name}.samples")
-                _interval(v["samples_ci95"], f"{name}.samples_ci95")
-                _number(v.get("bound"), f"{name}.bound", optional=True)
-                _number(v["chance"], f"{name}.chance")
-        elif key == "invariance":
-            for name, v in _mapping(d.get("families", {}), "families").items():
-                _number(_mapping(v, f"families.{name}")["invariance_index"], f"{name}.invariance_index")
-        elif key == "fidelity":
-            for k in ("fid", "precision", "recall"):
-                _number(d.get(k), k, optional=True)
-        elif key == "timing":
-            for k, v in _mapping(d["seconds"], "seconds").items():
-                _number(v, f"seconds.{k}")
-            _number(d["total"], "total")
-    except KeyError as e:
-        raise ValueError(f"no {e.args[0]!r}") from None
-    return d
+    records = {"faithfulness": Faithfulness, "factor_reads": FactorReads, "invariance": Invariance,
+               "fidelity": Fidelity, "timing": Timing}
+    return records[key].of(d) if key in records else mapping(d, key)
 
 
 def _read_runs(client: MlflowClient, children: list[Run], scratch: Path, pictured: int) -> list[JobRun]:

@@ -68,10 +68,10 @@ def faithfulness_figure(runs: list[JobRun]) -> bytes | None:
     if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 0.9 * len(rows) + 3), 3.6))
+    f = [r.end["faithfulness"] for r in rows]
     for ax, key, title in zip(axes, ("mrr", "top1"), ("faithfulness MRR", "top-1 rate")):
-        f = [r.end["faithfulness"] for r in rows]
-        interval_bars({f"{r.encoder}\n{r.level}": [(title, x[key], x[f"{key}_ci95"])] for r, x in zip(rows, f)},
-                      title, chance=f[0]["chance"][key], ax=ax)
+        interval_bars({f"{r.encoder}\n{r.level}": [(title, getattr(x, key).value, list(getattr(x, key).ci95))]
+                       for r, x in zip(rows, f)}, title, chance=getattr(f[0], f"chance_{key}"), ax=ax)
     return _png(fig)
 
 
@@ -83,10 +83,10 @@ def factor_figure(runs: list[JobRun]) -> bytes | None:
         return None
     groups = {}
     for r in rows:
-        t = r.end["factor_reads"]["factors"]
-        bars = [(k, t[k]["samples"], t[k]["samples_ci95"]) for k in ("shape", "colour", "background") if k in t]
-        if t.get("shape", {}).get("bound") is not None:
-            bars.append(("shape: embedding bound", t["shape"]["bound"], [t["shape"]["bound"]] * 2))
+        t = r.end["factor_reads"].factors
+        bars = [(k, t[k].samples.value, list(t[k].samples.ci95)) for k in ("shape", "colour", "background") if k in t]
+        if "shape" in t and t["shape"].bound is not None:
+            bars.append(("shape: embedding bound", t["shape"].bound, [t["shape"].bound] * 2))
         if bars:  # a run that reads none of these factors has no bars here (its table row says what it reads)
             groups[f"{r.encoder}\n{r.level}"] = bars
     return interval_bars(groups, "read as the original's (95 % CI)") if groups else None

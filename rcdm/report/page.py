@@ -11,7 +11,6 @@ from rcdm.analysis.invariance import FAMILIES
 from rcdm.redaction import scrub
 from rcdm.report.collect import JobRun, Sweep
 from rcdm.report.figures import by_encoder
-from rcdm.stats import Estimate
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -74,20 +73,21 @@ def results_table(sweep: Sweep) -> str:
         f = r.end.get("faithfulness")
         row = [escape(r.encoder), escape(r.level), _status(r)]
         if f:
-            row += [f'<td class="num">{escape(c)}</td>' for c in faithfulness.table_cells(f)]
+            row += [f'<td class="num">{escape(c)}</td>' for c in f.cells()]
         else:
             row += ["–"] * len(faithfulness.TABLE_HEAD)
         row += [f'<td class="num">{_num(r.metrics.get(f"cond_gain_q{k}"))}</td>' for k in range(4)]
         if fid:
-            d = r.end.get("fidelity", {})
-            row += [f'<td class="num">{_num(d.get(k), "{:.3g}")}</td>' for k in ("fid", "precision", "recall")]
+            d = r.end.get("fidelity")
+            row += [f'<td class="num">{_num(getattr(d, k, None), "{:.3g}")}</td>'
+                    for k in ("fid", "precision", "recall")]
         rows.append(row)
     note = ('<p class="meta">Faithfulness: one sample per held-out embedding, re-encoded by the same frozen '
             'encoder and ranked among all samples by cosine to its embedding (the RCDM protocol); bootstrap 95 % '
             'intervals over images. Conditioning gain: 1 - loss with the true embedding / loss with another '
             "image's, per quartile of the noise level (q3 = most noise, where colour and layout are decided).")
     if fid:
-        feats = {r.end["fidelity"].get("features") for r in runs if "fidelity" in r.end}
+        feats = {r.end["fidelity"].features for r in runs if "fidelity" in r.end}
         note += (f" FID and precision/recall: the faithfulness samples against the same held-out images, "
                  f"features: {escape(', '.join(sorted(map(str, feats))))}.")
     return _table(head, rows, "results") + note + "</p>"
@@ -99,16 +99,15 @@ def factor_table(sweep: Sweep) -> str:
     if not runs:
         return ('<p class="meta">No run logged factor_reads.json: its data records no generative factors (the demo '
                 'does), or factor_reads.enabled=false.</p>')
-    names = list(dict.fromkeys(k for r in runs for k in r.end["factor_reads"]["factors"]))
+    tables = [r.end["factor_reads"].factors for r in runs]
+    names = list(dict.fromkeys(k for t in tables for k in t))
     rows = []
-    for r in runs:
-        t = r.end["factor_reads"]["factors"]
+    for r, t in zip(runs, tables):
         rows.append([escape(r.encoder), escape(r.level)] + [
-            f'<td class="num">{Estimate.of(t[k], "samples")}'
-            f'<br><span class="meta">bound {_num(t[k]["bound"], "{:.2f}")}</span></td>' if k in t else "–"
+            f'<td class="num">{t[k].samples}'
+            f'<br><span class="meta">bound {_num(t[k].bound, "{:.2f}")}</span></td>' if k in t else "–"
             for k in names])
-    tables = [r.end["factor_reads"]["factors"] for r in runs]
-    chance = {k: next(t[k]["chance"] for t in tables if k in t) for k in names}
+    chance = {k: next(t[k].chance for t in tables if k in t) for k in names}
     return (_table(["encoder", "level", *(f"{escape(k)} (chance {chance[k]:.2f})" for k in names)], rows,
                    "factors") +
             '<p class="meta">What the samples keep: one sample per held-out embedding (the faithfulness samples), its '
@@ -120,11 +119,10 @@ def factor_table(sweep: Sweep) -> str:
 def invariance_table(sweep: Sweep) -> str:
     rows = []
     for r in sweep.runs:
-        inv = r.end.get("invariance", {}).get("families")
+        inv = r.end["invariance"].index if "invariance" in r.end else {}
         if inv:
             rows.append([escape(r.encoder), escape(r.level)] +
-                        [f'<td class="num">{inv[f]["invariance_index"]:.3f}</td>' if f in inv else "–"
-                         for f in FAMILIES])
+                        [f'<td class="num">{inv[f]:.3f}</td>' if f in inv else "–" for f in FAMILIES])
     if not rows:
         return ('<p class="meta">No run logged invariance.json (invariance.images=0, or runs from before rcdm '
                 'recorded it).</p>')
@@ -140,10 +138,10 @@ def timing_table(sweep: Sweep) -> str:
     runs = [r for r in sweep.runs if "timing" in r.end]
     if not runs:
         return '<p class="meta">No run logged timing.json (runs from before rcdm recorded it).</p>'
-    parts = list(dict.fromkeys(k for r in runs for k in r.end["timing"]["seconds"]))
+    parts = list(dict.fromkeys(k for r in runs for k in r.end["timing"].seconds))
     rows = [[escape(r.encoder), escape(r.level)] +
-            [f'<td class="num">{_num(r.end["timing"]["seconds"].get(k), "{:.1f}")}</td>' for k in parts] +
-            [f'<td class="num">{r.end["timing"]["total"]:.1f}</td>'] for r in runs]
+            [f'<td class="num">{_num(r.end["timing"].seconds.get(k), "{:.1f}")}</td>' for k in parts] +
+            [f'<td class="num">{r.end["timing"].total:.1f}</td>'] for r in runs]
     return (_table(["encoder", "level", *(escape(k) for k in parts), "total"], rows, "timing") +
             '<p class="meta">Wall seconds of the start that finished each run: setup (dataset, model, embedding '
             'statistics, tracking), training (data, update, EMA), the sample grids and conditioning diagnostic drawn '
@@ -153,7 +151,7 @@ def timing_table(sweep: Sweep) -> str:
 def grids_section(sweep: Sweep) -> str:
     parts = []
     for enc, rs in by_encoder(sweep.pictured).items():
-        keys = {tuple(r.end["faithfulness"]["keys"][:8]) for r in rs if "faithfulness" in r.end}
+        keys = {r.end["faithfulness"].keys[:8] for r in rs if "faithfulness" in r.end}
         same = "" if len(keys) <= 1 else ' <span class="bad">(the runs conditioned on different held-out images)</span>'
         figs = []
         for r in rs:
