@@ -87,6 +87,8 @@ def evaluate(run_root: str, images: int, device: str = "cpu", reference_images: 
     the factor reads (shape, colour, background, with their 10-NN bounds) and the faithfulness MRR."""
     from rcdm.analysis import ANALYSES
     from rcdm.analysis.commands import AnalyzeConfig, inputs_for
+    from rcdm.analysis.factor_reads import FactorReads
+    from rcdm.analysis.faithfulness import Faithfulness
     from rcdm.device import pick_device
 
     cfg = AnalyzeConfig(analysis="factor_reads", checkpoint=run_root, images=f"synthetic:{images}", steps="ddim25",
@@ -94,12 +96,13 @@ def evaluate(run_root: str, images: int, device: str = "cpu", reference_images: 
     cfg.factor_reads.reference_images = reference_images or cfg.factor_reads.reference_images
     cfg.factor_reads.reader_steps = reader_steps or cfg.factor_reads.reader_steps
     inputs = inputs_for(cfg, pick_device(device))
-    reads = ANALYSES["factor_reads"].run(inputs, cfg.factor_reads).numbers["factors"]
-    faith = ANALYSES["faithfulness"].run(inputs, cfg.faithfulness).numbers  # the same samples (inputs caches them)
-    return {"shape": reads["shape"]["samples"], "shape_ci95": reads["shape"]["samples_ci95"],
-            "shape_bound": reads["shape"]["bound"], "colour": reads["colour"]["samples"],
-            "colour_bound": reads["colour"]["bound"], "background": reads["background"]["samples"],
-            "background_bound": reads["background"]["bound"], "mrr": faith["mrr"], "mrr_ci95": faith["mrr_ci95"]}
+    reads = FactorReads.of(ANALYSES["factor_reads"].run(inputs, cfg.factor_reads).numbers).factors
+    # the same samples (inputs caches them)
+    faith = Faithfulness.of(ANALYSES["faithfulness"].run(inputs, cfg.faithfulness).numbers)
+    return {"shape": reads["shape"].samples.value, "shape_ci95": list(reads["shape"].samples.ci95),
+            "shape_bound": reads["shape"].bound, "colour": reads["colour"].samples.value,
+            "colour_bound": reads["colour"].bound, "background": reads["background"].samples.value,
+            "background_bound": reads["background"].bound, "mrr": faith.mrr.value, "mrr_ci95": list(faith.mrr.ci95)}
 
 
 def meets_bar(p: dict) -> bool:
