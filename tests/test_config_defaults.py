@@ -146,5 +146,7 @@ def test_the_group_check_finds_a_repeat_and_keeps_what_matters(tmp_path):
 
     shutil.copytree(CONFIGS, tmp_path / "configs")
     cluster = tmp_path / "configs" / "cluster" / "local.yaml"
-    cluster.write_text(cluster.read_text() + "  mem_gb: 32\n")  # TrainConfig's default: a repeat
+    text = cluster.read_text()
+    assert "\ncluster:\n" in text
+    cluster.write_text(text.replace("\ncluster:\n", "\ncluster:\n  mem_gb: 32\n", 1))  # TrainConfig's default: a repeat
     assert group_repeats("cluster", "local", tmp_path / "configs") == ["cluster.mem_gb"]
