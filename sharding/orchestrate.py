@@ -103,8 +103,7 @@ def shard(job: ShardJob) -> dict:
         results = run_slurm(job, parts, job.cluster)
     else:
         raise UserError(f"unknown cluster {job.cluster.name!r}; choose local or slurm")
-    manifest = finalize(job.output, job.storage, job.split, num_tasks, job.encoders, job.levels, job.image_size,
-                        job.image_format, job.flip, source.describe(), job.max_rejected_fraction)
+    manifest = finalize(job, num_tasks, source.describe())
     seconds = time.perf_counter() - t0
     done = sum(r["images"] for r in results)
     split = manifest.splits[job.split]

@@ -8,7 +8,8 @@ from rcdm.encoders import recorded_weights
 from rcdm.errors import UserError
 from rcdm.manifest import EncoderRecord, Manifest, SplitRecord, read_manifest, write_manifest
 from rcdm.provenance import code_version
-from rcdm.storage import StorageOptions, atomic_open, join, open_fs, read_json
+from rcdm.storage import atomic_open, join, open_fs, read_json
+from sharding.config import ShardJob
 from sharding.writer import progress_path, shard_name
 
 REJECTED = "rejected.jsonl"
@@ -70,22 +71,23 @@ def collect_split(fs, root: str, split: str, num_tasks: int, shard_sets: list[st
     return shards, rejected, encoders
 
 
-def finalize(url: str, storage: StorageOptions, split: str, num_tasks: int, encoder_names: list[str],
-             levels: list[str], image_size: int, image_format: str, flip: bool, source: dict,
-             max_rejected_fraction: float) -> Manifest:
-    """Check every part, then write the rejected list and, last, the manifest (merged with an existing one)."""
+def finalize(job: ShardJob, num_tasks: int, source: dict) -> Manifest:
+    """Check every part of ``job``'s ``num_tasks`` tasks, then write the rejected list and, last, the manifest
+    (merged with an existing one); ``source``: the input's description the split records."""
+    url, storage, split, levels = job.output, job.storage, job.split, job.levels
+    image_size, image_format, flip = job.image_size, job.image_format, job.flip
     fs, root = open_fs(url, storage)
     existing = read_manifest(url, storage)
     check_compatible(existing, image_size, image_format, flip)
-    shards, rejected, encoders = collect_split(fs, root, split, num_tasks, ["images", *encoder_names])
+    shards, rejected, encoders = collect_split(fs, root, split, num_tasks, ["images", *job.encoders])
     count = sum(s["count"] for s in shards)
     total = count + len(rejected)
     if total == 0:
         raise UserError("the input holds no samples")
-    if len(rejected) / total > max_rejected_fraction:
+    if len(rejected) / total > job.max_rejected_fraction:
         reasons = sorted({r["reason"].split(":")[0] for r in rejected})[:5]
         raise TooManyRejected(f"{len(rejected)} of {total} inputs were rejected ({', '.join(reasons)}), more than "
-                              f"max_rejected_fraction={max_rejected_fraction}; fix the input or raise the limit. "
+                              f"max_rejected_fraction={job.max_rejected_fraction}; fix the input or raise the limit. "
                               f"No manifest was written.")
     manifest = existing or Manifest(image_size, image_format, flip)
     prior = manifest.splits.get(split)

@@ -73,15 +73,17 @@ def sample_fixed_noise(model, process: Process, cond: torch.Tensor, how: Samplin
     return torch.cat(out).clamp(-1, 1)
 
 
-def interpolate(model, encoder, level: str, process: Process, h0: torch.Tensor, h1: torch.Tensor, points: int,
-                rows: int, mode: str, how: Sampling) -> tuple[torch.Tensor, dict]:
-    """Samples [rows, points, 3, S, S] along the path (a row = one noise) and the numbers: how similar each
-    path point is to both ends, and how similar the re-encoded samples are to both ends."""
+def interpolate(inputs: Inputs, opts: Options) -> tuple[torch.Tensor, dict]:
+    """Samples [rows, points, 3, S, S] along the path between ``inputs``' two embeddings (a row = one noise) and
+    the numbers: how similar each path point is to both ends, and how similar the re-encoded samples are to both
+    ends."""
+    h0, h1 = inputs.embeddings.to(inputs.device)
+    points, rows, mode, how = opts.points, opts.rows, opts.mode, inputs.sampling
     alphas = torch.linspace(0, 1, points)
     path = embedding_path(h0, h1, alphas, mode)
-    grid = torch.stack([sample_fixed_noise(model, process, path, how, how.seed + r)
+    grid = torch.stack([sample_fixed_noise(inputs.loaded.model, inputs.loaded.process, path, how, how.seed + r)
                         for r in range(rows)])  # [rows, points, 3, S, S]
-    g = reencode(encoder, level, grid.flatten(0, 1)).view(rows, points, -1)
+    g = reencode(inputs.encoder, inputs.level, grid.flatten(0, 1)).view(rows, points, -1)
     cos = lambda x, y: F.cosine_similarity(x, y.expand_as(x), dim=-1)  # noqa: E731
     numbers = {
         "alphas": alphas.tolist(), "mode": mode, "rows": rows,
@@ -127,9 +129,8 @@ def interpolation_png(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor) -> b
 def run(inputs: Inputs, opts: Options) -> Result:
     if len(inputs.names) != 2:
         raise UserError(f"interpolate takes exactly 2 images, got {len(inputs.names)}: images=[a.png,b.png]")
-    h, shown = inputs.embeddings.to(inputs.device), inputs.images
-    grid, numbers = interpolate(inputs.loaded.model, inputs.encoder, inputs.level, inputs.loaded.process, h[0], h[1],
-                                opts.points, opts.rows, opts.mode, inputs.sampling)
+    shown = inputs.images
+    grid, numbers = interpolate(inputs, opts)
     metrics = {"interpolate_monotone_fraction": numbers["monotone_fraction"]}
     if inputs.factors is not None:  # read the generative factors off the path's samples
         reader, report = inputs.reader_or(synthetic_reader, opts.reader_steps)
