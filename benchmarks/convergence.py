@@ -30,6 +30,8 @@ from omegaconf import OmegaConf
 
 from pipeline import schemas
 from pipeline.stages import ensure_demo_data, train_config
+from rcdm.analysis.factor_reads import FactorReads
+from rcdm.analysis.faithfulness import Faithfulness
 from rcdm.errors import UserError, cli_errors
 from rcdm.provenance import machine
 from rcdm.train import PREEMPT_SIGNAL, train
@@ -64,12 +66,13 @@ def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, commo
         # a finished train() ignores the preemption signal (its job has nothing left to save); here the next stop
         # follows, so the signal ends the benchmark between stops, where the stop just made is checkpointed
         signal.signal(PREEMPT_SIGNAL, signal.SIG_DFL)
-        faith = json.loads((Path(cfg.run_root) / "faithfulness.json").read_text())
+        numbers = json.loads((Path(cfg.run_root) / "faithfulness.json").read_text())
+        faith = Faithfulness.of(numbers)
         reads = Path(cfg.run_root) / "factor_reads.json"
-        factors = {k: {"samples": v["samples"], "ci95": v["samples_ci95"], "bound": v["bound"], "chance": v["chance"]}
-                   for k, v in json.loads(reads.read_text())["factors"].items()} if reads.exists() else {}
-        points.append({"factors": factors, "step": steps, "train_seconds": m["train_seconds"], "mrr": faith["mrr"],
-                       "mrr_ci95": faith["mrr_ci95"], "top1": faith["top1"], "guidance": faith["guidance"],
+        factors = {k: {"samples": v.samples.value, "ci95": list(v.samples.ci95), "bound": v.bound, "chance": v.chance}
+                   for k, v in FactorReads.of(json.loads(reads.read_text())).factors.items()} if reads.exists() else {}
+        points.append({"factors": factors, "step": steps, "train_seconds": m["train_seconds"], "mrr": faith.mrr.value,
+                       "mrr_ci95": list(faith.mrr.ci95), "top1": faith.top1.value, "guidance": numbers["guidance"],
                        **{k: m[k] for k in m if k.startswith(("cond_gain", "null_gain"))},
                        "wall_seconds_incl_eval": time.perf_counter() - t0, "machine": machine()})
         print(name, json.dumps(points[-1]), flush=True)
