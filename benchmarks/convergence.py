@@ -69,10 +69,10 @@ def run_arm(name: str, overrides: list[str], stops: list[int], work: Path, commo
         numbers = json.loads((Path(cfg.run_root) / "faithfulness.json").read_text())
         faith = Faithfulness.of(numbers)
         reads = Path(cfg.run_root) / "factor_reads.json"
-        factors = {k: {"samples": v.samples.value, "ci95": list(v.samples.ci95), "bound": v.bound, "chance": v.chance}
+        factors = {k: {"samples": v.samples.value, "ci95": v.samples.ci95, "bound": v.bound, "chance": v.chance}
                    for k, v in FactorReads.of(json.loads(reads.read_text())).factors.items()} if reads.exists() else {}
         points.append({"factors": factors, "step": steps, "train_seconds": m["train_seconds"], "mrr": faith.mrr.value,
-                       "mrr_ci95": list(faith.mrr.ci95), "top1": faith.top1.value, "guidance": numbers["guidance"],
+                       "mrr_ci95": faith.mrr.ci95, "top1": faith.top1.value, "guidance": numbers["guidance"],
                        **{k: m[k] for k in m if k.startswith(("cond_gain", "null_gain"))},
                        "wall_seconds_incl_eval": time.perf_counter() - t0, "machine": machine()})
         print(name, json.dumps(points[-1]), flush=True)

@@ -19,7 +19,7 @@ from rcdm import demo_release, synthetic
 from rcdm.analysis import ANALYSES
 from rcdm.analysis.base import Inputs, Result
 from rcdm.analysis.commands import AnalyzeConfig, run_analysis, write_result
-from rcdm.analysis.factor_reads import FactorReads
+from rcdm.analysis.factor_reads import FactorRead, FactorReads
 from rcdm.analysis.faithfulness import Faithfulness
 from rcdm.analysis.images import SYNTHETIC_SEED, SYNTHETIC_SPLIT
 from rcdm.device import pick_device
@@ -140,20 +140,20 @@ def run_findings(cfg: FindingsConfig) -> dict:
             faith[name] = {str(g): _pick(run.run(f"faithfulness/{name}/guidance{g:g}", "faithfulness", [name],
                                                  images, g), "n", "mrr", "mrr_ci95", "top1", "top1_ci95", "chance")
                            for g in cfg.guidance}
-    mrr = {name: {g: Faithfulness.of(r).mrr for g, r in by_g.items()} for name, by_g in faith.items()}
+    mrr = _faithfulness(faith)
     write_local(out / "faithfulness.png", interval_bars(
-        {f"{e}\n{lv}": [(f"guidance {g:g}", mrr[f"{e}-{lv}"][str(g)].value, list(mrr[f"{e}-{lv}"][str(g)].ci95))
+        {f"{e}\n{lv}": [(f"guidance {g:g}", mrr[f"{e}-{lv}"][str(g)].mrr.value, mrr[f"{e}-{lv}"][str(g)].mrr.ci95)
                         for g in cfg.guidance] for e in encs for lv in LEVELS},
-        "faithfulness MRR (95 % CI)", chance=Faithfulness.of(next(iter(faith.values()))[str(g0)]).chance_mrr))
+        "faithfulness MRR (95 % CI)", chance=next(iter(mrr.values()))[str(g0)].chance_mrr))
 
     reads = findings["factor_reads"] = {}
     for enc in encs:
         for level in LEVELS:
             name = f"{enc}-{level}"
             reads[name] = run.run(f"factor_reads/{name}", "factor_reads", [name], images, g0)["factors"]
-    kept = {name: FactorReads.of({"factors": t}).factors for name, t in reads.items()}
+    kept = _factor_reads(reads)
     write_local(out / "factor_reads.png", interval_bars(
-        {f"{e}\n{lv}": [(k, kept[f"{e}-{lv}"][k].samples.value, list(kept[f"{e}-{lv}"][k].samples.ci95))
+        {f"{e}\n{lv}": [(k, kept[f"{e}-{lv}"][k].samples.value, kept[f"{e}-{lv}"][k].samples.ci95)
                         for k in ("shape", "colour", "background")] for e in encs for lv in LEVELS},
         "share of samples read as the original's factor (95 % CI)"))
 
@@ -222,10 +222,20 @@ def _ci(x: float | None, ci: list[float] | None = None) -> str:
     return Estimate(x, tuple(ci) if ci else None).format(2)
 
 
+def _faithfulness(part: dict) -> dict[str, dict[str, Faithfulness]]:
+    """findings.json's faithfulness part ({model: {guidance: numbers}}) as records, checked."""
+    return {name: {g: Faithfulness.of(r) for g, r in by_g.items()} for name, by_g in part.items()}
+
+
+def _factor_reads(part: dict) -> dict[str, dict[str, FactorRead]]:
+    """findings.json's factor-reads part ({model: {factor: numbers}}) as records, checked."""
+    return {name: FactorReads.of({"factors": t}).factors for name, t in part.items()}
+
+
 def findings_markdown(f: dict, guidances: list[float]) -> str:
     """The tables of docs/demo/findings.md, from findings.json."""
     g0, encs = str(guidances[0]), f["encoders"]
-    faith = {name: {g: Faithfulness.of(r) for g, r in by_g.items()} for name, by_g in f["faithfulness"].items()}
+    faith = _faithfulness(f["faithfulness"])
     chance = next(iter(faith.values()))[g0].chance_mrr
     lines = [f"Images: {f['images']}; sampler {f['steps']}, guidance {f['guidance']:g} unless a column says "
              f"otherwise; 95 % intervals (bootstrap for MRR, Wilson for proportions).", "",
@@ -235,7 +245,7 @@ def findings_markdown(f: dict, guidances: list[float]) -> str:
     for enc in encs:
         rs = [faith[f"{enc}-{lv}"][str(g)] for lv in LEVELS for g in guidances]
         lines.append(f"| {enc} | " + " | ".join(r.mrr.format(2) for r in rs) + " |")
-    reads = {name: FactorReads.of({"factors": t}).factors for name, t in f["factor_reads"].items()}
+    reads = _factor_reads(f["factor_reads"])
     names = list(next(iter(reads.values())))
     lines += ["", "**What the samples keep** (one sample per image; the share read as the original's value, and in "
               "brackets the embedding's bound: a 10-nearest-neighbour vote among 2048 labelled embeddings)", "",
@@ -264,8 +274,8 @@ def findings_markdown(f: dict, guidances: list[float]) -> str:
             kept = " / ".join(_ci(s[lv][fam]["preserved"]["shape"], s[lv][fam]["preserved_ci95"]["shape"])
                               for lv in LEVELS)
             emb = inv["embedding"][fam]
-            bound = " / ".join(_ci(reads[f"{enc}-{lv}"]["shape"].bound if "shape" in reads.get(f"{enc}-{lv}", {})
-                                   else None) for lv in LEVELS)
+            bound = " / ".join(_ci(getattr(reads.get(f"{enc}-{lv}", {}).get("shape"), "bound", None))
+                               for lv in LEVELS)
             lines.append(f"| {enc} | {fam} | {factor} | " + " | ".join(cells) + f" | {kept} | {bound} | "
                          f"{emb['backbone']['invariance_index']:.2f} / {emb['projector']['invariance_index']:.2f} |")
     pair = f["interpolation"]["pair"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -34,7 +35,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def interval_bars(groups: dict[str, list[tuple[str, float, list[float]]]], ylabel: str, chance: float | None = None,
+def interval_bars(groups: dict[str, list[tuple[str, float, Sequence[float]]]], ylabel: str, chance: float | None = None,
                   ax=None) -> bytes | None:
     """Grouped bars with 95 % intervals: {group label: [(series label, value, [lo, hi]), ...]}, the series in the
     same order in every group; chance as a dashed line. The report's and the demo findings' bar charts."""
