@@ -8,7 +8,9 @@ Each point: the step, the process's CPU seconds and wall seconds of pretraining 
 per level the 10-NN vote and the linear probe of shape and colour (launch/retention.py's estimates, Wilson 95 %
 intervals) on the demo generator's held-out analysis split. The run's final file is written where --output says
 (default: a scratch folder), so the curve's last point is the file a retention table would read.
-``--projector-width`` widens the tiny VICReg or Barlow Twins projector (an experiment on what the backbone keeps).
+``--projector-width`` / ``--projector-depth`` widen or deepen the tiny VICReg or Barlow Twins projector and
+``--trunk-blocks`` deepens the tiny trunk (experiments on what the backbone keeps; such encoders are not ones rcdm
+loads afterwards).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,16 +44,40 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="the curve's JSON")
     ap.add_argument("--projector-width", type=int, default=None,
                     help="VICReg / Barlow Twins only: the tiny projector's width (shipped: 256), an experiment on what "
-                         "the backbone keeps; such an encoder is not one rcdm can load afterwards")
+                         "the backbone keeps")
+    ap.add_argument("--projector-depth", type=int, default=None,
+                    help="VICReg / Barlow Twins only: hidden Linear-BN-ReLU layers of the tiny projector (shipped: 2)")
+    ap.add_argument("--trunk-blocks", type=int, default=None,
+                    help="BasicBlocks per stage of the tiny trunk (shipped: 1; ResNet-18's layout: 2), an experiment")
     a = ap.parse_args(argv)
-    if a.projector_width:
+    if a.projector_width or a.projector_depth:
         from rcdm.encoders import zoo
 
-        heads = {"vicreg": zoo._vicreg_head, "barlow": zoo._barlow_head}
-        if a.method not in heads or a.projector_width < 1:
-            raise SystemExit("--projector-width takes a positive width, for --method vicreg or barlow")
-        width, head = a.projector_width, heads[a.method]
-        zoo.ENCODERS[a.method].projector["tiny"] = (width, lambda d: head(d, width))  # this process only
+        # SimCLR's and DINO's heads are fixed by their release layouts (VISSL's two-layer head, DINO's MLP): a deeper
+        # one could be trained but not written as the release file the run ends with
+        if a.method not in ("vicreg", "barlow") or min(a.projector_width or 1, a.projector_depth or 1) < 1:
+            raise SystemExit("--projector-width / --projector-depth take positive numbers, for --method vicreg or barlow")
+        width, depth, bias = a.projector_width or 256, a.projector_depth or 2, a.method == "vicreg"
+
+        def head(d: int) -> nn.Sequential:  # VICReg's / Barlow Twins' head with ``depth`` hidden layers
+            layers, n = [], d
+            for _ in range(depth):
+                layers += [nn.Linear(n, width, bias=bias), nn.BatchNorm1d(width), nn.ReLU(True)]
+                n = width
+            return nn.Sequential(*layers, nn.Linear(n, width, bias=False))
+
+        zoo.ENCODERS[a.method].projector["tiny"] = (width, head)  # this process only
+    if a.trunk_blocks:
+        from rcdm.encoders import backbones
+
+        if a.trunk_blocks < 1:
+            raise SystemExit("--trunk-blocks takes a positive number")
+
+        def trunk() -> tuple[nn.Module, int]:
+            net = backbones.TinyResNet(blocks=a.trunk_blocks)
+            return net, net.out_dim
+
+        backbones.ARCHES["tiny"] = trunk  # this process only
     schemas.register("pretrain_schema")
     scratch = tempfile.mkdtemp(prefix="rcdm-curve-")
     output = a.output or f"{scratch}/{a.method}.pt"
@@ -80,7 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
         record = pretrain(cfg, a.every, on_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the default encoder file: the curve is what is kept
+    from rcdm.encoders import backbones, zoo
+
+    trunk, dim = backbones.ARCHES["tiny"]()  # what this run trained, as built (patched above when asked)
+    sizes = {"trunk": trunk, "projector": zoo.ENCODERS[a.method].projector["tiny"][1](dim)}
     out = {"machine": machine(), "method": a.method, "projector_width": a.projector_width,
+           "projector_depth": a.projector_depth, "trunk_blocks": a.trunk_blocks,
+           "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in sizes.items()},
            "overrides": a.overrides.split(), "config": record["config"], "file_sha256": record["sha256"],
            "eval": {"train_images": a.train_images, "test_images": a.test_images,
                     "images": data.source, "estimates": "value [95 % Wilson interval]; knn: 10-NN vote, probe: "

@@ -44,7 +44,8 @@ SMALLEST = {  # each benchmark's command line at its smallest: they run in CI so
     "sampling": ["--images", "2", "--settings", "ddim5,ddim2"],
     "side_by_side": ["--steps", "2", "--threads", "2"],
     "encoder_curves": ["--method", "vicreg", "--every", "1", "--overrides", "steps=2 images=64 batch_size=16",
-                       "--train-images", "64", "--test-images", "32", "--projector-width", "64"],
+                       "--train-images", "64", "--test-images", "32", "--projector-width", "64",
+                       "--projector-depth", "3", "--trunk-blocks", "2"],
 }
 
 
@@ -62,8 +63,13 @@ def test_every_benchmark_runs_at_its_smallest(name, tmp_path):
     r = json.loads(out.read_text())
     assert (r.get("machine") or r.get("_machine"))["cpu"]
     assert not list(scratch.iterdir())  # its scratch runs and images are removed, not left in /tmp per run
-    if name == "encoder_curves":  # a point per step, each level read; the projector widened as asked
+    if name == "encoder_curves":  # a point per step, each level read; projector and trunk changed as asked
         assert [pt["step"] for pt in r["points"]] == [1, 2] and r["projector_width"] == 64
+        assert r["projector_depth"] == 3 and r["trunk_blocks"] == 2
+        from rcdm.encoders.backbones import TinyResNet
+
+        assert r["parameters"]["trunk"] > sum(p.numel() for p in TinyResNet().parameters())  # the deeper trunk
+        assert r["parameters"]["projector"] == (128 * 64 + 64) + 2 * (64 * 64 + 64) + 3 * 2 * 64 + 64 * 64
         assert set(r["points"][-1]["levels"]) == {"backbone", "projector"}
 
 

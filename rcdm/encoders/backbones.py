@@ -21,7 +21,8 @@ def _resnet50() -> tuple[nn.Module, int]:
 class TinyResNet(nn.Module):
     """A 4-stage BasicBlock ResNet for 32-64 px inputs, named like torchvision's (conv1, bn1, layerK)."""
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), blocks: int = 1):
+        # blocks: BasicBlocks per stage (the shipped encoders: 1; ResNet-18's layout is 2)
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)  # no stem pooling at 32 px
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -32,7 +33,8 @@ class TinyResNet(nn.Module):
             down = None
             if stride != 1 or ch != w:
                 down = nn.Sequential(nn.Conv2d(ch, w, 1, stride=stride, bias=False), nn.BatchNorm2d(w))
-            layers.append(nn.Sequential(BasicBlock(ch, w, stride=stride, downsample=down)))
+            stage = [BasicBlock(ch, w, stride=stride, downsample=down)] + [BasicBlock(w, w) for _ in range(blocks - 1)]
+            layers.append(nn.Sequential(*stage))
             ch = w
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.out_dim = ch
