@@ -8,7 +8,7 @@ Each point: the step, the process's CPU seconds and wall seconds of pretraining 
 per level the 10-NN vote and the linear probe of shape and colour (launch/retention.py's estimates, Wilson 95 %
 intervals) on the demo generator's held-out analysis split. The run's final file is written where --output says
 (default: a scratch folder), so the curve's last point is the file a retention table would read.
-``--projector-width`` / ``--projector-depth`` widen or deepen the tiny VICReg or Barlow Twins projector and
+``--projector-width`` widens the tiny VICReg or Barlow Twins projector, ``--projector-depth`` deepens VICReg's, and
 ``--trunk-blocks`` deepens the tiny trunk (experiments on what the backbone keeps; such encoders are not ones rcdm
 loads afterwards).
 """
@@ -46,17 +46,21 @@ def main(argv: list[str] | None = None) -> dict:
                     help="VICReg / Barlow Twins only: the tiny projector's width (shipped: 256), an experiment on what "
                          "the backbone keeps")
     ap.add_argument("--projector-depth", type=int, default=None,
-                    help="VICReg / Barlow Twins only: hidden Linear-BN-ReLU layers of the tiny projector (shipped: 2)")
+                    help="VICReg only: hidden Linear-BN-ReLU layers of the tiny projector (shipped: 2)")
     ap.add_argument("--trunk-blocks", type=int, default=None,
                     help="BasicBlocks per stage of the tiny trunk (shipped: 1; ResNet-18's layout: 2), an experiment")
     a = ap.parse_args(argv)
     if a.projector_width or a.projector_depth:
         from rcdm.encoders import zoo
 
-        # SimCLR's and DINO's heads are fixed by their release layouts (VISSL's two-layer head, DINO's MLP): a deeper
-        # one could be trained but not written as the release file the run ends with
+        # Only VICReg's layout (its state dict as it is) takes a head of another depth: VISSL's (Barlow Twins, SimCLR)
+        # and DINO's name a fixed number of layers, so a deeper head would train and then fail to be written as the
+        # release file the run ends with
         if a.method not in ("vicreg", "barlow") or min(a.projector_width or 1, a.projector_depth or 1) < 1:
-            raise SystemExit("--projector-width / --projector-depth take positive numbers, for --method vicreg or barlow")
+            raise SystemExit("--projector-width takes a positive width, for --method vicreg or barlow")
+        if a.projector_depth and a.method != "vicreg":
+            raise SystemExit("--projector-depth is for --method vicreg only: Barlow Twins' release layout (VISSL's) "
+                             "names a fixed number of head layers")
         width, depth, bias = a.projector_width or 256, a.projector_depth or 2, a.method == "vicreg"
 
         def head(d: int) -> nn.Sequential:  # VICReg's / Barlow Twins' head with ``depth`` hidden layers
