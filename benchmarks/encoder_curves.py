@@ -50,32 +50,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trunk-blocks", type=int, default=None,
                     help="BasicBlocks per stage of the tiny trunk (shipped: 1; ResNet-18's layout: 2), an experiment")
     a = ap.parse_args(argv)
+    if (a.projector_width is not None and a.projector_width < 1) or (a.projector_depth is not None
+                                                                      and a.projector_depth < 1):
+        ap.error("--projector-width and --projector-depth take positive numbers")
+    if a.trunk_blocks is not None and a.trunk_blocks < 1:
+        ap.error("--trunk-blocks takes a positive number")
+    if a.projector_width and a.method not in ("vicreg", "barlow"):
+        ap.error("--projector-width is for --method vicreg or barlow")
+    # Only VICReg's layout (its state dict as it is) takes a head of another depth: VISSL's (Barlow Twins, SimCLR)
+    # and DINO's name a fixed number of layers, so a deeper head would train and then fail to be written as the
+    # release file the run ends with
+    if a.projector_depth and a.method != "vicreg":
+        ap.error("--projector-depth is for --method vicreg only: Barlow Twins' release layout (VISSL's) names a fixed "
+                 "number of head layers")
     if a.projector_width or a.projector_depth:
         from rcdm.encoders import zoo
 
-        # Only VICReg's layout (its state dict as it is) takes a head of another depth: VISSL's (Barlow Twins, SimCLR)
-        # and DINO's name a fixed number of layers, so a deeper head would train and then fail to be written as the
-        # release file the run ends with
-        if a.method not in ("vicreg", "barlow") or min(a.projector_width or 1, a.projector_depth or 1) < 1:
-            raise SystemExit("--projector-width takes a positive width, for --method vicreg or barlow")
-        if a.projector_depth and a.method != "vicreg":
-            raise SystemExit("--projector-depth is for --method vicreg only: Barlow Twins' release layout (VISSL's) "
-                             "names a fixed number of head layers")
-        width, depth, bias = a.projector_width or 256, a.projector_depth or 2, a.method == "vicreg"
-
-        def head(d: int) -> nn.Sequential:  # VICReg's / Barlow Twins' head with ``depth`` hidden layers
-            layers, n = [], d
-            for _ in range(depth):
-                layers += [nn.Linear(n, width, bias=bias), nn.BatchNorm1d(width), nn.ReLU(True)]
-                n = width
-            return nn.Sequential(*layers, nn.Linear(n, width, bias=False))
-
-        zoo.ENCODERS[a.method].projector["tiny"] = (width, head)  # this process only
+        width, depth = a.projector_width or 256, a.projector_depth or 2
+        head = zoo._barlow_head if a.method == "barlow" else (lambda d, w: zoo._vicreg_head(d, w, depth))
+        zoo.ENCODERS[a.method].projector["tiny"] = (width, lambda d: head(d, width))  # this process only
     if a.trunk_blocks:
         from rcdm.encoders import backbones
-
-        if a.trunk_blocks < 1:
-            raise SystemExit("--trunk-blocks takes a positive number")
 
         def trunk() -> tuple[nn.Module, int]:
             net = backbones.TinyResNet(blocks=a.trunk_blocks)
@@ -93,7 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
     points, spent = [], {"cpu": 0.0, "wall": 0.0}
     mark = {"cpu": time.process_time(), "wall": time.perf_counter()}
 
+    parameters = {}
+
     def on_step(step: int, encoder) -> None:
+        parameters.update({key: sum(p.numel() for p in part.parameters())  # what this run trains, as built
+                           for key, part in (("trunk", encoder.backbone), ("projector", encoder.projector))})
         spent["cpu"] += time.process_time() - mark["cpu"]
         spent["wall"] += time.perf_counter() - mark["wall"]
         feats = {k: v.cpu() for k, v in embed_for(encoder, data.images).items()}
@@ -111,13 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
         record = pretrain(cfg, a.every, on_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the default encoder file: the curve is what is kept
-    from rcdm.encoders import backbones, zoo
-
-    trunk, dim = backbones.ARCHES["tiny"]()  # what this run trained, as built (patched above when asked)
-    sizes = {"trunk": trunk, "projector": zoo.ENCODERS[a.method].projector["tiny"][1](dim)}
     out = {"machine": machine(), "method": a.method, "projector_width": a.projector_width,
            "projector_depth": a.projector_depth, "trunk_blocks": a.trunk_blocks,
-           "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in sizes.items()},
+           "parameters": parameters,
            "overrides": a.overrides.split(), "config": record["config"], "file_sha256": record["sha256"],
            "eval": {"train_images": a.train_images, "test_images": a.test_images,
                     "images": data.source, "estimates": "value [95 % Wilson interval]; knn: 10-NN vote, probe: "

@@ -28,18 +28,18 @@ LEVELS = ("backbone", "patch_mean", "projector")  # patch_mean: ViTs only
 VIT_PREPROCESS = Preprocess(size=224, crop="center", normalize="imagenet", resize=256)  # their eval transform
 
 
-def _vicreg_head(d: int, wide: int) -> nn.Sequential:
-    # Linear-BN-ReLU twice, then a bias-free Linear (VICReg's "8192-8192-8192").
-    return nn.Sequential(nn.Linear(d, wide), nn.BatchNorm1d(wide), nn.ReLU(True),
-                         nn.Linear(wide, wide), nn.BatchNorm1d(wide), nn.ReLU(True),
-                         nn.Linear(wide, wide, bias=False))
+def _vicreg_head(d: int, wide: int, depth: int = 2, bias: bool = True) -> nn.Sequential:
+    # Linear-BN-ReLU ``depth`` times, then a bias-free Linear (VICReg's "8192-8192-8192": depth 2).
+    layers, n = [], d
+    for _ in range(depth):
+        layers += [nn.Linear(n, wide, bias=bias), nn.BatchNorm1d(wide), nn.ReLU(True)]
+        n = wide
+    return nn.Sequential(*layers, nn.Linear(n, wide, bias=False))
 
 
 def _barlow_head(d: int, wide: int) -> nn.Sequential:
     # As VICReg's but every Linear is bias-free (VISSL's Barlow Twins head).
-    return nn.Sequential(nn.Linear(d, wide, bias=False), nn.BatchNorm1d(wide), nn.ReLU(True),
-                         nn.Linear(wide, wide, bias=False), nn.BatchNorm1d(wide), nn.ReLU(True),
-                         nn.Linear(wide, wide, bias=False))
+    return _vicreg_head(d, wide, bias=False)
 
 
 def _dino_head(d: int, hidden: int, out: int) -> nn.Sequential:
